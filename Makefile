@@ -1,0 +1,51 @@
+# Two commands for a newcomer: `make run` and `make test`. Each does all its own set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-stamp
+WHEELS := $(HOME)/.cache/tokenrelay/wheels
+
+.PHONY: run test lint typecheck pytest install web browser test-local test-faults clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+web: install
+	@bash scripts/build-web.sh
+
+run: web
+	@bash scripts/run.sh
+
+browser:
+	@bash scripts/install-browser.sh
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install web browser
+	$(VENV)/bin/pytest -m "not local" $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+test-faults: install
+	$(VENV)/bin/pytest -m faults $(PYTEST_ARGS)
+
+test-local: web
+	@bash scripts/install-local.sh
+	$(VENV)/bin/pytest -m local $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) src/tokenrelay/gateway/static web/node_modules

@@ -1,0 +1,5 @@
+import sys
+
+from tokenrelay.cli import main
+
+sys.exit(main())

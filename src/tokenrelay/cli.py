@@ -1,0 +1,130 @@
+"""The `tokenrelay` command: serve (gateway + workers) and worker (workers alone)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from tokenrelay.errors import TokenRelayError
+from tokenrelay.settings import Settings, load_settings
+
+DESCRIPTION = """\
+tokenrelay streams LLM answers to browsers and programs through Redis Streams.
+Settings come from the environment or a .env file (REDIS_URL, OPENAI_API_KEY,
+OPENAI_BASE_URL, OPENAI_MODEL, TOKENRELAY_*); see README.md for the full table.
+With no REDIS_URL, an embedded Valkey keeps its data in TOKENRELAY_DATA_DIR."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenrelay",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway (web page, Socket.IO, HTTP/SSE) with in-process workers",
+        description="Run the gateway: the web page at /, Socket.IO, the HTTP API and SSE "
+        "(OpenAPI at /docs), plus TOKENRELAY_WORKERS in-process workers.",
+    )
+    serve.add_argument("--host", help="bind address (TOKENRELAY_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (TOKENRELAY_PORT, default 8000)")
+    serve.add_argument(
+        "--workers", type=int, help="in-process workers; 0 for a gateway only (TOKENRELAY_WORKERS)"
+    )
+
+    worker = sub.add_parser(
+        "worker",
+        help="run workers only (scale them as separate processes)",
+        description="Answer questions from the request stream through the consumer group, "
+        "with TOKENRELAY_WORKER_CONCURRENCY answers at once.",
+    )
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        help="answers at once (TOKENRELAY_WORKER_CONCURRENCY, default 64)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides: dict[str, object] = {}
+    for flag, field in (
+        ("host", "host"),
+        ("port", "port"),
+        ("workers", "workers"),
+        ("concurrency", "worker_concurrency"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[field] = value
+    try:
+        settings = load_settings(**overrides)
+        if args.command == "serve":
+            return _serve(settings)
+        return asyncio.run(_work(settings))
+    except TokenRelayError as e:
+        print(f"tokenrelay: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    from tokenrelay.gateway import create_app
+    from tokenrelay.providers.select import resolve_provider_name
+
+    if settings.workers:
+        resolve_provider_name(settings)  # fail now, in one line, when no model is usable
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.grace_period_s),
+    )
+    server = uvicorn.Server(config)
+    print(
+        f"tokenrelay: open http://{settings.host}:{settings.port}/ (API docs at /docs)", flush=True
+    )
+    server.run()
+    return 0 if server.started else 1
+
+
+async def _work(settings: Settings) -> int:
+    from tokenrelay.services import open_services
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with open_services(settings, gateway=False, workers=1) as services:
+        worker = services.workers[0]
+        print(
+            f"tokenrelay: worker {worker.name} answering with "
+            f"{services.provider.name if services.provider else '?'}",
+            flush=True,
+        )
+        await stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The one root exception and its family."""
+
+from __future__ import annotations
+
+
+class TokenRelayError(Exception):
+    """Root of every error tokenrelay raises on purpose."""
+
+
+class ConfigError(TokenRelayError, ValueError):
+    """A setting is missing or has a value tokenrelay cannot use."""
+
+
+class InvalidInput(TokenRelayError, ValueError):
+    """A client sent something tokenrelay will not accept; the message says what."""
+
+
+class NotFound(TokenRelayError, LookupError):
+    """No question with that id (never existed, or expired)."""
+
+
+class StoreError(TokenRelayError, RuntimeError):
+    """Redis did not do what the data model needs (connection lost, NOGROUP, ...)."""
+
+
+class ProviderError(TokenRelayError, RuntimeError):
+    """The model provider failed; `kind` names how, the message says what to do.
+
+    `retryable` marks failures worth another try before the first token
+    (rate limits, server errors, connection trouble).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+
+class EmbeddedServerError(TokenRelayError, RuntimeError):
+    """The embedded Valkey could not be started or stopped."""

@@ -1,0 +1,123 @@
+"""The ASGI app factory and its one lifespan, which owns every resource."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import socketio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tokenrelay.errors import InvalidInput, NotFound, StoreError
+from tokenrelay.gateway.http import router
+from tokenrelay.gateway.sockets import SocketGateway
+from tokenrelay.services import Services, open_services
+from tokenrelay.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 256 * 1024
+
+
+class BodyLimit:
+    """413 for bodies over the limit, before anything parses them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                    response = JSONResponse(
+                        {"error": f"request body over {self.limit} bytes"}, status_code=413
+                    )
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def _first_problem(exc: RequestValidationError) -> str:
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        return f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg"))
+    return "invalid request"
+
+
+def create_app(settings: Settings, *, workers: int | None = None) -> ASGIApp:
+    """The gateway (plus `workers` in-process workers; default from settings)."""
+    worker_count = settings.workers if workers is None else workers
+    origins = list(settings.cors_origins)
+    sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins=origins or None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_services(settings, gateway=True, workers=worker_count) as services:
+            app.state.services = services
+            log.info(
+                "tokenrelay gateway ready (redis %s, %d in-process workers)",
+                services.redis_url.split("@")[-1],
+                worker_count,
+            )
+            yield
+
+    api = FastAPI(
+        title="tokenrelay",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Stream LLM answers through Redis Streams, resumable.",
+    )
+    api.include_router(router)
+
+    def current() -> Services:
+        svc: Services = api.state.services
+        return svc
+
+    api.state.sockets = SocketGateway(sio, current)
+
+    @api.exception_handler(InvalidInput)
+    async def invalid(_: Request, exc: InvalidInput) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=422)
+
+    @api.exception_handler(NotFound)
+    async def not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @api.exception_handler(StoreError)
+    async def store_error(_: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"error": f"storage unavailable: {exc}"}, status_code=503)
+
+    @api.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": _first_problem(exc)}, status_code=422)
+
+    @api.get("/", include_in_schema=False)
+    async def page() -> Any:
+        index = STATIC_DIR / "index.html"
+        if not index.exists():
+            return JSONResponse(
+                {"error": "the web page is not built; run `make web`"}, status_code=503
+            )
+        return FileResponse(index)
+
+    api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+    if origins:
+        api.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Authorization", "Last-Event-ID"],
+        )
+    api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    asgi: ASGIApp = socketio.ASGIApp(sio, other_asgi_app=api)
+    return asgi

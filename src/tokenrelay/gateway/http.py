@@ -1,0 +1,164 @@
+"""HTTP: the JSON API, Server-Sent Events, health, and the seed's "Without Stream" route."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from tokenrelay.gateway.answers import whole_answer
+from tokenrelay.gateway.inputs import ask_input, question_id
+from tokenrelay.services import Services
+from tokenrelay.store import answer_text
+from tokenrelay.wire import EntryType, dumps, parse_cursor
+
+router = APIRouter()
+SSE_PING_S = 15
+
+
+class AskBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    topic: str = Field(default="Redis", description="what the model is an expert on")
+    question: str
+    stream: bool = Field(default=True, description="false: wait and return the whole answer")
+
+
+class SeedAskBody(BaseModel):
+    model_config = ConfigDict(strict=True)
+    topic: str
+    topicQuestion: str  # the seed's field name
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+def error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+@router.post("/api/questions", status_code=202, tags=["questions"])
+async def ask(body: AskBody, request: Request) -> Any:
+    """Ask a question. `stream: true` answers at once with the id; watch it over SSE or
+    Socket.IO. `stream: false` waits and returns the whole answer."""
+    svc = services(request)
+    asked = ask_input(body.model_dump(), svc.settings)
+    record = await svc.store.ask(asked.topic, asked.question)
+    qid = record.id
+    if asked.stream:
+        return {
+            "id": qid,
+            "status": record.status.value,
+            "events_url": f"/api/questions/{qid}/events",
+            "url": f"/api/questions/{qid}",
+        }
+    assert svc.relay is not None
+    try:
+        whole = await whole_answer(svc.relay, qid)
+    except TimeoutError:
+        return error(504, "the answer did not finish in time; it keeps going, watch it", id=qid)
+    if not whole.ok:
+        return _failed(qid, whole.last.type, whole.last.text)
+    return JSONResponse(
+        {
+            "id": qid,
+            "status": "done",
+            "output": whole.text,
+            "question": (await svc.store.record(qid)).public(),
+        }
+    )
+
+
+def _failed(qid: str, kind: EntryType, message: str) -> JSONResponse:
+    if kind is EntryType.CANCELLED:
+        return error(409, "the answer was cancelled", id=qid)
+    return error(502, message or "the model failed to answer", id=qid)
+
+
+@router.post("/askQuestionWithoutStream", tags=["seed"])
+async def ask_without_stream(body: SeedAskBody, request: Request) -> Any:
+    """The seed page's "Without Stream": `{topic, topicQuestion}` in, `{output}` out."""
+    svc = services(request)
+    asked = ask_input(body.model_dump(), svc.settings, question_field="topicQuestion")
+    record = await svc.store.ask(asked.topic, asked.question)
+    assert svc.relay is not None
+    try:
+        whole = await whole_answer(svc.relay, record.id)
+    except TimeoutError:
+        return error(504, "the answer did not finish in time", id=record.id)
+    if not whole.ok:
+        return _failed(record.id, whole.last.type, whole.last.text)
+    return {"output": whole.text}
+
+
+@router.get("/api/questions", tags=["questions"])
+async def history(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Any:
+    """Recent questions, newest first."""
+    records = await services(request).store.history(limit)
+    return {"questions": [r.public() for r in records]}
+
+
+@router.get("/api/questions/{qid}", tags=["questions"])
+async def question(qid: str, request: Request) -> Any:
+    """The question record and its answer so far."""
+    store = services(request).store
+    record = await store.record(question_id(qid))
+    entries = await store.read_all(record.id)
+    return {
+        "question": record.public(),
+        "answer": answer_text(entries),
+        "entries": [e.event(record.id) for e in entries],
+    }
+
+
+@router.post("/api/questions/{qid}/cancel", status_code=202, tags=["questions"])
+async def cancel(qid: str, request: Request) -> Any:
+    """Ask the worker to stop this answer; it ends with a `cancelled` entry."""
+    record = await services(request).store.request_cancel(question_id(qid))
+    return {
+        "id": record.id,
+        "status": record.status.value,
+        "cancelling": record.status.value in ("queued", "streaming"),
+    }
+
+
+@router.get("/api/questions/{qid}/events", tags=["questions"], response_class=EventSourceResponse)
+async def events(
+    qid: str,
+    request: Request,
+    after: Annotated[str | None, Query(description="resume after this entry ID")] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Any:
+    """Server-Sent Events: `id:` is the entry ID, `event:` its type, `data:` the same JSON
+    as the Socket.IO `answer` event. Reconnect with `Last-Event-ID` or `?after=`."""
+    svc = services(request)
+    record = await svc.store.record(question_id(qid))
+    cursor = parse_cursor(last_event_id if last_event_id is not None else after)
+    assert svc.relay is not None
+    relay = svc.relay
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        async for entry in relay.follow(record.id, cursor):
+            yield ServerSentEvent(
+                data=dumps(entry.event(record.id)), event=entry.type.value, id=entry.entry_id
+            )
+
+    return EventSourceResponse(stream(), ping=SSE_PING_S)
+
+
+@router.get("/healthz", tags=["operations"])
+async def healthz(request: Request) -> Any:
+    svc = services(request)
+    ok = await svc.store.ping()
+    body = {
+        "status": "ok" if ok else "redis unavailable",
+        "workers": len(svc.workers),
+        "answers_in_progress": sum(w.busy for w in svc.workers),
+        "viewers": svc.relay.viewers if svc.relay else 0,
+    }
+    return JSONResponse(body, status_code=200 if ok else 503)

@@ -1,0 +1,76 @@
+"""Checks on what clients send, shared by both protocols. Each failure says what to fix."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from tokenrelay.errors import InvalidInput
+from tokenrelay.keys import is_question_id
+from tokenrelay.settings import Settings
+from tokenrelay.wire import parse_cursor
+
+
+@dataclass(frozen=True, slots=True)
+class AskInput:
+    topic: str
+    question: str
+    stream: bool = True
+
+
+def _text(
+    payload: Mapping[str, object], name: str, limit: int, *, default: str | None = None
+) -> str:
+    value = payload.get(name, default)
+    if value is None:
+        raise InvalidInput(f"'{name}' is required")
+    if not isinstance(value, str):
+        raise InvalidInput(f"'{name}' must be a string, not {type(value).__name__}")
+    value = value.strip()
+    if not value:
+        raise InvalidInput(f"'{name}' must not be empty")
+    if len(value) > limit:
+        raise InvalidInput(f"'{name}' is {len(value)} characters; the limit is {limit}")
+    if "\x00" in value:
+        raise InvalidInput(f"'{name}' must not contain NUL characters")
+    return value
+
+
+def _mapping(payload: object) -> Mapping[str, object]:
+    if not isinstance(payload, Mapping):
+        raise InvalidInput(f"expected a JSON object, got {type(payload).__name__}")
+    return payload
+
+
+def ask_input(
+    payload: object,
+    settings: Settings,
+    *,
+    question_field: str = "question",
+    default_topic: str | None = "Redis",
+) -> AskInput:
+    data = _mapping(payload)
+    stream = data.get("stream", True)
+    if not isinstance(stream, bool):
+        raise InvalidInput("'stream' must be true or false")
+    return AskInput(
+        _text(data, "topic", settings.max_topic_chars, default=default_topic),
+        _text(data, question_field, settings.max_question_chars),
+        stream,
+    )
+
+
+def question_id(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"'id' must be a string, not {type(value).__name__}")
+    if not is_question_id(value):
+        raise InvalidInput(f"{value[:40]!r} is not a question id")
+    return value
+
+
+def watch_input(payload: object) -> tuple[str, str]:
+    data = _mapping(payload)
+    after = data.get("after")
+    if after is not None and not isinstance(after, str):
+        raise InvalidInput("'after' must be an entry ID string like '1700000000000-0'")
+    return question_id(data.get("id")), parse_cursor(after)

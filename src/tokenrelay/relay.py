@@ -1,0 +1,214 @@
+"""The per-process multiplexed reader: one blocking XREAD over every watched answer.
+
+However many viewers a gateway has, it holds one reading connection. New
+answers join the read by waking the blocked XREAD (CLIENT UNBLOCK from the pool)
+so it re-arms with the new key set. Entries fan out in memory to bounded
+per-viewer buffers; a viewer that falls behind is not queued for without end:
+it is told it overflowed and catches up from the stream itself (XRANGE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from tokenrelay.store import XRANGE_PAGE, Store
+from tokenrelay.wire import Entry, entry_id_after
+
+log = logging.getLogger(__name__)
+
+XREAD_COUNT = 512
+
+
+class Subscription:
+    """A viewer's bounded buffer of live entries for one answer."""
+
+    __slots__ = ("_limit", "buffer", "key", "overflowed", "ready")
+
+    def __init__(self, key: str, limit: int) -> None:
+        self.key = key
+        self._limit = limit
+        self.buffer: deque[Entry] = deque()
+        self.overflowed = False
+        self.ready = asyncio.Event()
+
+    def push(self, entries: list[Entry]) -> None:
+        if self.overflowed:
+            return
+        if len(self.buffer) + len(entries) > self._limit:
+            # Drop rather than grow: the viewer re-reads these from Redis.
+            self.buffer.clear()
+            self.overflowed = True
+        else:
+            self.buffer.extend(entries)
+        self.ready.set()
+
+
+class Relay:
+    def __init__(self, store: Store, reader: Redis, *, block_ms: int, buffer_limit: int) -> None:
+        self._store = store
+        self._reader = reader
+        self._block_ms = block_ms
+        self._buffer_limit = buffer_limit
+        self._cursors: dict[str, str] = {}  # answer key -> last entry id read
+        self._subs: dict[str, set[Subscription]] = {}
+        self._version = 0  # bumps whenever a key joins the read
+        self._armed_version = -1
+        self._has_keys = asyncio.Event()
+        self._reader_id: int | None = None
+        self._waking: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.rearms = 0
+
+    @property
+    def watched(self) -> int:
+        return len(self._cursors)
+
+    @property
+    def viewers(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="tokenrelay-relay")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._task, self._waking) if t is not None]
+        self._task = self._waking = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- viewers ------------------------------------------------------------
+
+    def _subscribe(self, key: str, after: str) -> tuple[Subscription, str]:
+        """Register for live entries. Returns the subscription and the read cursor.
+
+        Live delivery covers every entry after the returned cursor, so a viewer
+        that has read up to `after` must also XRANGE (after, cursor] itself.
+        """
+        sub = Subscription(key, self._buffer_limit)
+        self._subs.setdefault(key, set()).add(sub)
+        cursor = self._cursors.get(key)
+        if cursor is None:
+            cursor = self._cursors[key] = after
+            self._version += 1
+            self._has_keys.set()
+            self._wake()
+        return sub, cursor
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.key)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self._subs[sub.key]
+            del self._cursors[sub.key]  # the read drops it at its next re-arm
+
+    async def follow(self, question_id: str, after: str = "0-0") -> AsyncIterator[Entry]:
+        """Every entry after `after`, in order, once each, until a terminal entry.
+
+        History first (XRANGE), then live entries from the shared read; any live
+        entry not after the last one delivered is dropped, so there is no gap at
+        the hand-over and no duplicate.
+        """
+        store = self._store
+        key = store.keys.answer(question_id)
+        last = after
+        while True:
+            # Catch up from the stream until its current end.
+            while True:
+                page = await store.read(question_id, last)
+                for entry in page:
+                    last = entry.entry_id
+                    yield entry
+                    if entry.terminal:
+                        return
+                if len(page) < XRANGE_PAGE:
+                    break
+            sub, cursor = self._subscribe(key, last)
+            try:
+                if entry_id_after(cursor, last):
+                    for entry in await store.read_all(question_id, last):
+                        if not entry_id_after(entry.entry_id, cursor):
+                            last = entry.entry_id
+                            yield entry
+                            if entry.terminal:
+                                return
+                while True:
+                    await sub.ready.wait()
+                    sub.ready.clear()
+                    if sub.overflowed:
+                        break  # back to catching up from Redis
+                    while sub.buffer:
+                        entry = sub.buffer.popleft()
+                        if not entry_id_after(entry.entry_id, last):
+                            continue
+                        last = entry.entry_id
+                        yield entry
+                        if entry.terminal:
+                            return
+            finally:
+                self._unsubscribe(sub)
+
+    # -- the shared read ------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waking is None or self._waking.done():
+            self._waking = asyncio.create_task(self._unblock_reader(), name="tokenrelay-wake")
+
+    async def _unblock_reader(self) -> None:
+        """CLIENT UNBLOCK until the read has re-armed with the current key set."""
+        while self._armed_version < self._version and self._task is not None:
+            reader_id = self._reader_id
+            unblocked = 0
+            if reader_id is not None:
+                try:
+                    unblocked = await self._store.redis.client_unblock(reader_id)
+                except RedisError:
+                    unblocked = 0
+            # Not blocked yet (between reads): it may not have seen the new key; retry soon.
+            await asyncio.sleep(0 if unblocked else 0.001)
+
+    async def _run(self) -> None:
+        backoff_s = 0.05
+        while True:
+            if not self._cursors:
+                self._has_keys.clear()
+                await self._has_keys.wait()
+                continue
+            try:
+                if self._reader_id is None:
+                    self._reader_id = int(await self._reader.client_id())
+                self._armed_version = self._version
+                streams = dict(self._cursors)
+                if not streams:  # the last viewer left while we asked for our client id
+                    continue
+                self.rearms += 1
+                reply: Any = await self._reader.xread(
+                    streams,  # type: ignore[arg-type]
+                    count=XREAD_COUNT,
+                    block=self._block_ms,
+                )
+            except (RedisError, OSError) as e:
+                self._reader_id = None
+                log.warning("relay: Redis read failed (%s); retrying in %.2fs", e, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+                continue
+            backoff_s = 0.05
+            for key, raw in reply or []:
+                # A key dropped and re-added meanwhile has a new cursor: the next read serves it.
+                if not raw or self._cursors.get(key) != streams[key]:
+                    continue
+                entries = [Entry.from_fields(entry_id, fields) for entry_id, fields in raw]
+                self._cursors[key] = entries[-1].entry_id
+                for sub in self._subs.get(key, ()):
+                    sub.push(entries)

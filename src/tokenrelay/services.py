@@ -1,0 +1,104 @@
+"""Every long-lived resource of a process, opened in order and closed in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from tokenrelay.connection import dedicated_client, pooled_client, warm
+from tokenrelay.embedded import EmbeddedValkey
+from tokenrelay.generation import Timeouts
+from tokenrelay.keys import Keys
+from tokenrelay.providers.base import Provider
+from tokenrelay.providers.select import build_provider
+from tokenrelay.relay import Relay
+from tokenrelay.settings import Settings
+from tokenrelay.store import Limits, Store
+from tokenrelay.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis_url: str
+    store: Store
+    relay: Relay | None = None
+    workers: list[Worker] = field(default_factory=list)
+    provider: Provider | None = None
+
+
+@asynccontextmanager
+async def redis_url_for(settings: Settings) -> AsyncIterator[str]:
+    """REDIS_URL when set; else the embedded Valkey, stopped on exit if we started it."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    embedded = EmbeddedValkey(settings.data_dir)
+    url = await asyncio.to_thread(embedded.start)
+    try:
+        yield url
+    finally:
+        await asyncio.to_thread(embedded.stop)
+
+
+def make_store(settings: Settings, redis: Redis) -> Store:
+    limits = Limits(
+        settings.retention_s, settings.history_max, settings.answer_maxlen, settings.request_maxlen
+    )
+    return Store(redis, Keys(settings.key_prefix), limits)
+
+
+def make_worker(settings: Settings, store: Store, provider: Provider, redis_url: str) -> Worker:
+    return Worker(
+        store,
+        dedicated_client(redis_url, name="tokenrelay-worker-read"),
+        provider,
+        concurrency=settings.worker_concurrency,
+        block_ms=settings.block_ms,
+        reclaim_idle_ms=settings.reclaim_idle_ms,
+        max_deliveries=settings.max_deliveries,
+        grace_period_s=settings.grace_period_s,
+        timeouts=Timeouts(settings.first_token_timeout_s, settings.stall_timeout_s),
+        answer_maxlen=settings.answer_maxlen,
+    )
+
+
+@asynccontextmanager
+async def open_services(
+    settings: Settings, *, gateway: bool, workers: int
+) -> AsyncIterator[Services]:
+    """Embedded server -> pool -> group -> relay -> provider -> workers; closed in reverse."""
+    async with AsyncExitStack() as stack:
+        provider = build_provider(settings) if workers else None
+        url = await stack.enter_async_context(redis_url_for(settings))
+        role = "gateway" if gateway else "worker"
+        redis = pooled_client(url, size=settings.redis_pool_size, name=f"tokenrelay-{role}")
+        stack.push_async_callback(redis.aclose)
+        await warm(redis, settings.redis_pool_size)
+        store = make_store(settings, redis)
+        await store.ensure_group()
+        services = Services(settings, url, store, provider=provider)
+        if gateway:
+            reader = dedicated_client(url, name="tokenrelay-gateway-read")
+            stack.push_async_callback(reader.aclose)
+            relay = Relay(
+                store, reader, block_ms=settings.block_ms, buffer_limit=settings.viewer_buffer
+            )
+            relay.start()
+            stack.push_async_callback(relay.stop)
+            services.relay = relay
+        if provider is not None:
+            stack.push_async_callback(provider.aclose)
+            for _ in range(workers):
+                worker = make_worker(settings, store, provider, url)
+                await worker.start()
+                stack.push_async_callback(worker.stop)
+                services.workers.append(worker)
+        yield services

