@@ -1,0 +1,32 @@
+// The HTTP JSON API. Errors come back as {error: "message"}; they become Error(message).
+
+async function getJSON(url, init) {
+  let response;
+  try {
+    response = await fetch(url, { headers: { Accept: "application/json" }, ...init });
+  } catch (e) {
+    throw new Error(`The server cannot be reached (${e.message}).`);
+  }
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    // a proxy's HTML error page, for instance
+  }
+  if (!response.ok) {
+    const why = body && typeof body.error === "string" ? body.error : response.statusText;
+    throw new Error(`${why || "request failed"} (HTTP ${response.status})`);
+  }
+  return body;
+}
+
+export async function listQuestions(limit = 30) {
+  const body = await getJSON(`/api/questions?limit=${encodeURIComponent(limit)}`);
+  return Array.isArray(body?.questions) ? body.questions : [];
+}
+
+/** @returns {Promise<{question: object, answer: string, entries: object[]}>} */
+export async function getQuestion(id) {
+  const body = await getJSON(`/api/questions/${encodeURIComponent(id)}`);
+  return { question: body?.question, answer: body?.answer ?? "", entries: body?.entries ?? [] };
+}

@@ -1,0 +1,284 @@
+// The page's controller: asking, watching (with resume), stopping, history and replay.
+import "./style.css";
+import { applyEvent, applyRecord, isFinished, newAnswer } from "./answer.js";
+import { getQuestion, listQuestions } from "./api.js";
+import { connect, request } from "./connection.js";
+import { replay } from "./replay.js";
+import { loadSnapshot, saveSnapshot } from "./snapshot.js";
+import * as view from "./view.js";
+
+const ASK_TIMEOUT_MS = 15_000;
+const NO_STREAM_TIMEOUT_MS = 15 * 60_000;
+const HISTORY_LIMIT = 30;
+const HISTORY_REFRESH_MS = 10_000;
+
+/** @type {import("./answer.js").Answer | null} */
+let current = null;
+/** The id this socket asked the server to watch, if any. */
+let watching = null;
+let stopReplay = null;
+let renderTimer = 0;
+let askSeq = 0;
+
+const socket = connect({
+  onState: (state, detail) => view.setConnection(state, detail),
+  onConnect: () => {
+    // A new connection has no watches: resume the current answer after its last entry.
+    watching = null;
+    if (current && !isFinished(current) && !stopReplay) watch(current);
+    refreshHistory();
+  },
+  onAnswer: onAnswerEvent,
+  onServerError: (e) => view.showNotice(`Server error: ${e?.message || "unknown error"}`),
+});
+
+function onAnswerEvent(event) {
+  if (!current || stopReplay || event?.id !== current.id) return;
+  if (!applyEvent(current, event)) return; // already shown: resume never doubles text
+  if (isFinished(current)) {
+    watching = null;
+    flush();
+    refreshHistory();
+  } else {
+    scheduleRender();
+  }
+}
+
+// Chunks can come faster than frames; render at most every 30 ms. A timer, not
+// requestAnimationFrame, so a tab in the background keeps its state current.
+function scheduleRender() {
+  if (!renderTimer) renderTimer = setTimeout(flush, 30);
+}
+
+function flush() {
+  clearTimeout(renderTimer);
+  renderTimer = 0;
+  if (!current) return;
+  view.renderAnswer(current, { replaying: Boolean(stopReplay) });
+  if (!stopReplay) saveSnapshot(sessionStorage, current);
+}
+
+function show(answer) {
+  current = answer;
+  flush();
+  view.markCurrentInHistory(answer.id);
+}
+
+async function watch(answer) {
+  if (!socket.connected) return; // onConnect will watch once connected
+  watching = answer.id;
+  const payload = { id: answer.id };
+  if (answer.lastEntryId) payload.after = answer.lastEntryId;
+  try {
+    await request(socket, "watch", payload, ASK_TIMEOUT_MS);
+  } catch (e) {
+    if (current === answer) view.showNotice(`Cannot follow this answer: ${e.message}`);
+  }
+}
+
+function unwatch() {
+  if (watching && socket.connected) socket.emit("unwatch", { id: watching });
+  watching = null;
+}
+
+function leaveCurrent() {
+  const replaying = Boolean(stopReplay);
+  if (stopReplay) stopReplay();
+  stopReplay = null;
+  unwatch();
+  clearTimeout(renderTimer);
+  renderTimer = 0;
+  // A half-played replay is not what this tab knows of the answer: keep the snapshot as it was.
+  if (current && !replaying) saveSnapshot(sessionStorage, current);
+  current = null;
+}
+
+function setAddress(id, push) {
+  const url = id ? `/?q=${encodeURIComponent(id)}` : "/";
+  if (url === `${location.pathname}${location.search}`) return;
+  if (push) history.pushState({ id }, "", url);
+  else history.replaceState({ id }, "", url);
+}
+
+/** Show an answer by id: this tab's snapshot at once, else the stored entries; then go live. */
+async function openQuestion(id, { push = true } = {}) {
+  leaveCurrent();
+  view.clearNotice();
+  askSeq += 1;
+  setAddress(id, push);
+  const snap = loadSnapshot(sessionStorage, id);
+  if (snap) {
+    show(snap);
+    if (!isFinished(snap)) watch(snap);
+    return;
+  }
+  const answer = newAnswer(id);
+  show(answer);
+  try {
+    const stored = await getQuestion(id);
+    if (current !== answer) return;
+    applyRecord(answer, stored.question);
+    for (const entry of stored.entries) applyEvent(answer, entry);
+    flush();
+  } catch (e) {
+    if (current === answer) view.showNotice(`Cannot show question ${id}: ${e.message}`);
+    return;
+  }
+  if (!isFinished(answer)) watch(answer);
+}
+
+async function ask(topic, question, stream) {
+  leaveCurrent();
+  view.clearNotice();
+  const seq = ++askSeq;
+  if (!stream) return askWithoutStream(seq, topic, question);
+  view.els.ask.disabled = true;
+  try {
+    const reply = await request(socket, "ask", { topic, question, stream: true }, ASK_TIMEOUT_MS);
+    if (seq !== askSeq) return;
+    const answer = newAnswer(String(reply.id), { topic, question });
+    setAddress(answer.id, true);
+    show(answer);
+    watch(answer);
+    refreshHistory();
+  } catch (e) {
+    if (seq === askSeq) view.showNotice(`The question was not accepted: ${e.message}`);
+  } finally {
+    view.els.ask.disabled = false;
+  }
+}
+
+async function askWithoutStream(seq, topic, question) {
+  setAddress(null, true);
+  view.renderWaiting(topic, question);
+  refreshHistory(500);
+  let reply;
+  try {
+    reply = await request(socket, "ask", { topic, question, stream: false }, NO_STREAM_TIMEOUT_MS);
+  } catch (e) {
+    if (seq !== askSeq) return;
+    view.hideAnswer();
+    view.showNotice(`No answer: ${e.message}`);
+    refreshHistory();
+    return;
+  }
+  if (seq !== askSeq) return;
+  const answer = newAnswer(String(reply.id), { topic, question });
+  answer.text = typeof reply.output === "string" ? reply.output : "";
+  applyRecord(answer, reply.record);
+  answer.lastEntryId = reply.record?.last_entry_id || "";
+  if (!isFinished(answer)) answer.status = "done";
+  setAddress(answer.id, false);
+  show(answer);
+  refreshHistory();
+}
+
+async function stopCurrent() {
+  if (!current || isFinished(current)) return;
+  const answer = current;
+  view.els.stop.disabled = true;
+  try {
+    await request(socket, "cancel", { id: answer.id }, ASK_TIMEOUT_MS);
+  } catch (e) {
+    view.showNotice(`Could not stop the answer: ${e.message}`);
+    view.els.stop.disabled = false;
+  }
+}
+
+async function replayCurrent() {
+  if (!current || !isFinished(current)) return;
+  const id = current.id;
+  let stored;
+  try {
+    stored = await getQuestion(id);
+  } catch (e) {
+    view.showNotice(`Cannot replay: ${e.message}`);
+    return;
+  }
+  if (!current || current.id !== id) return;
+  const answer = newAnswer(id);
+  applyRecord(answer, { ...stored.question, status: "queued" });
+  const final = current;
+  current = answer;
+  stopReplay = replay(
+    stored.entries,
+    (entry) => {
+      applyEvent(answer, entry);
+      scheduleRender();
+    },
+    () => {
+      stopReplay = null;
+      if (!isFinished(answer)) Object.assign(answer, final); // entries trimmed: show the whole
+      flush();
+    },
+  );
+  flush();
+  view.els.question.focus({ preventScroll: true });
+}
+
+async function refreshHistory(delayMs = 0) {
+  if (delayMs) await new Promise((resolve) => setTimeout(resolve, delayMs));
+  try {
+    const questions = await listQuestions(HISTORY_LIMIT);
+    view.renderHistory(questions, current?.id, (id, event) => {
+      if (event.button !== 0 || event.metaKey || event.ctrlKey || event.shiftKey || event.altKey) {
+        return; // let the browser open it in a new tab or window
+      }
+      event.preventDefault();
+      openQuestion(id);
+    });
+  } catch {
+    // The list is a convenience; the connection indicator already tells of an outage.
+  }
+}
+
+function idFromAddress() {
+  return new URLSearchParams(location.search).get("q");
+}
+
+view.els.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const topic = view.els.topic.value.trim() || "Redis";
+  const question = view.els.question.value.trim();
+  if (!question) {
+    view.showNotice("Type a question first.");
+    view.els.question.focus();
+    return;
+  }
+  ask(topic, question, !view.els.noStream.checked);
+});
+
+view.els.question.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    view.els.form.requestSubmit();
+  }
+});
+
+view.els.stop.addEventListener("click", stopCurrent);
+view.els.replay.addEventListener("click", replayCurrent);
+
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && current && !isFinished(current) && !stopReplay) stopCurrent();
+});
+
+window.addEventListener("popstate", () => {
+  const id = idFromAddress();
+  if (id) openQuestion(id, { push: false });
+  else {
+    leaveCurrent();
+    view.hideAnswer();
+  }
+});
+
+// A reload may come between two renders: keep the newest state for the next page.
+window.addEventListener("pagehide", () => {
+  if (current && !stopReplay) saveSnapshot(sessionStorage, current);
+});
+
+setInterval(() => {
+  if (document.visibilityState === "visible") refreshHistory();
+}, HISTORY_REFRESH_MS);
+
+const initial = idFromAddress();
+if (initial) openQuestion(initial, { push: false });
