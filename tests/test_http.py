@@ -1,0 +1,161 @@
+"""The HTTP API over a real socket: asking, without-stream, history, cancel, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.conftest import running_gateway
+from tests.sse import events
+from tokenrelay.settings import Settings
+
+TEXT = "Streams keep every token, **even** after a reload.\n\n- one\n- two"
+
+
+async def test_ask_then_read_events_to_the_end(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        r = await client.post("/api/questions", json={"topic": "Redis", "question": "Why?"})
+        assert r.status_code == 202
+        qid = r.json()["id"]
+        seen = [e async for e in events(client, f"/api/questions/{qid}/events")]
+    types = [e.event for e in seen]
+    assert types[0] == "start" and types[-1] == "end"
+    assert all(t == "chunk" for t in types[1:-1]) and len(types) > 5
+    assert all(e.id == e.data["entry_id"] and e.data["id"] == qid for e in seen)
+    assert seen[0].data["topic"] == "Redis" and seen[0].data["model"] == "scripted"
+    text = "".join(e.data["text"] for e in seen if e.event == "chunk")
+    assert text == Settings.model_fields["scripted_text"].default
+    assert seen[-1].data["chunks"] == len(types) - 2
+
+
+async def test_seed_without_stream_answers_whole_output(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with (
+        running_gateway(make_settings(scripted_text=TEXT)) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        r = await client.post(
+            "/askQuestionWithoutStream", json={"topic": "Redis", "topicQuestion": "What?"}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json() == {"output": TEXT}
+        r = await client.post("/api/questions", json={"question": "Again?", "stream": False})
+        assert r.status_code == 200
+        body = r.json()
+        assert body["output"] == TEXT and body["status"] == "done"
+        assert body["question"]["topic"] == "Redis"  # the default topic
+        assert body["question"]["chunks"] > 1 and body["question"]["ttft_ms"] >= 0
+
+
+async def test_record_history_and_answer_so_far(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        ids = []
+        for n in range(3):
+            r = await client.post("/api/questions", json={"question": f"q{n}", "stream": False})
+            ids.append(r.json()["id"])
+        r = await client.get("/api/questions", params={"limit": 2})
+        listed = [q["id"] for q in r.json()["questions"]]
+        assert listed == [ids[2], ids[1]]
+        r = await client.get(f"/api/questions/{ids[0]}")
+        body = r.json()
+        assert body["question"]["status"] == "done" and body["question"]["question"] == "q0"
+        assert body["answer"] == Settings.model_fields["scripted_text"].default
+        assert body["entries"][0]["type"] == "start" and body["entries"][-1]["type"] == "end"
+        assert body["question"]["last_entry_id"] == body["entries"][-1]["entry_id"]
+
+
+async def test_cancel_mid_answer(make_settings: Callable[..., Settings]) -> None:
+    async with (
+        running_gateway(make_settings(scripted_rate=20.0)) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        qid = (await client.post("/api/questions", json={"question": "long?"})).json()["id"]
+        seen = []
+        async for e in events(client, f"/api/questions/{qid}/events"):
+            seen.append(e)
+            if sum(1 for s in seen if s.event == "chunk") == 3:
+                r = await client.post(f"/api/questions/{qid}/cancel")
+                assert r.status_code == 202 and r.json()["cancelling"] is True
+        assert seen[-1].event == "cancelled"
+        chunks = sum(1 for s in seen if s.event == "chunk")
+        assert 3 <= chunks < 10  # stopped long before the 22 chunks of the full text
+        record = (await client.get(f"/api/questions/{qid}")).json()["question"]
+        assert record["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"topic": "Redis", "question": ""}, "must not be empty"),
+        ({"topic": "Redis", "question": "   "}, "must not be empty"),
+        ({"topic": "Redis"}, "question"),
+        ({"topic": "Redis", "question": 42}, "question"),
+        ({"topic": ["x"], "question": "hi"}, "topic"),
+        ({"topic": "Redis", "question": "x" * 9000}, "limit is 8000"),
+        ({"topic": "Redis", "question": "hi", "stream": "yes"}, "stream"),
+        ({"topic": "Redis", "question": "hi", "extra": 1}, "extra"),
+    ],
+)
+async def test_bad_ask_is_a_clear_4xx(gateway: str, body: object, needle: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        r = await client.post("/api/questions", json=body)
+    assert r.status_code == 422, r.text
+    assert needle in r.json()["error"]
+
+
+async def test_bad_requests_are_clear_4xx(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        r = await client.post(
+            "/api/questions", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 422 and r.json()["error"]
+        r = await client.post("/api/questions", content=b"x" * (1024 * 1024))
+        assert r.status_code == 413 and "bytes" in r.json()["error"]
+        unknown = "A" * 22
+        for method, path in [
+            ("GET", f"/api/questions/{unknown}"),
+            ("GET", f"/api/questions/{unknown}/events"),
+            ("POST", f"/api/questions/{unknown}/cancel"),
+        ]:
+            r = await client.request(method, path)
+            assert r.status_code == 404 and "no question" in r.json()["error"], path
+        r = await client.get("/api/questions/not-an-id")
+        assert r.status_code == 422 and "not a question id" in r.json()["error"]
+        qid = (await client.post("/api/questions", json={"question": "hi"})).json()["id"]
+        for cursor in ["abc", "1-2-3", "-1", "9" * 30 + "-0"]:
+            r = await client.get(f"/api/questions/{qid}/events", params={"after": cursor})
+            assert r.status_code == 422 and "malformed cursor" in r.json()["error"], cursor
+        r = await client.get(f"/api/questions/{qid}/events", headers={"Last-Event-ID": "garbage"})
+        assert r.status_code == 422
+        r = await client.get("/api/questions", params={"limit": 0})
+        assert r.status_code == 422
+
+
+async def test_healthz_and_openapi(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        health = await client.get("/healthz")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        schema = (await client.get("/openapi.json")).json()
+        assert "/api/questions/{qid}/events" in schema["paths"]
+        assert (await client.get("/docs")).status_code == 200
+
+
+async def test_queued_answer_reaches_a_worker_started_later(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    async with (
+        running_gateway(settings, workers=0) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        qid = (await client.post("/api/questions", json={"question": "later"})).json()["id"]
+        await asyncio.sleep(0.3)
+        record = (await client.get(f"/api/questions/{qid}")).json()["question"]
+        assert record["status"] == "queued"
+        async with running_gateway(settings, workers=1):
+            seen = [e.event async for e in events(client, f"/api/questions/{qid}/events")]
+        assert seen[0] == "start" and seen[-1] == "end"
