@@ -90,7 +90,7 @@ async def test_ask_watch_and_resume_after(make_settings: Callable[..., Settings]
         assert ack["ok"] is True
         await wait_for(lambda: any(d["type"] == "end" for e, d in got if e == "answer"))
         answers = [d for e, d in got if e == "answer"]
-        assert [a["type"] for a in answers][0] == "start"
+        assert next(a["type"] for a in answers) == "start"
         assert "".join(a["text"] for a in answers if a["type"] == "chunk") == TEXT
         # Resume from the third entry: exactly the entries after it, none before.
         cut = answers[2]["entry_id"]
