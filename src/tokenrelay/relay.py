@@ -174,8 +174,9 @@ class Relay:
                     unblocked = await self._store.redis.client_unblock(reader_id)
                 except RedisError:
                     unblocked = 0
-            # Not blocked yet (between reads): it may not have seen the new key; retry soon.
-            await asyncio.sleep(0 if unblocked else 0.001)
+            # Unblocked: give it a moment to re-arm. Not blocked yet (between reads): it may
+            # still be sending the old key set, so try again shortly.
+            await asyncio.sleep(0.0005 if unblocked else 0.001)
 
     async def _run(self) -> None:
         backoff_s = 0.05

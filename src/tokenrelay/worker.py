@@ -17,7 +17,6 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from tokenrelay.errors import StoreError
 from tokenrelay.generation import Timeouts, fail_undeliverable, generate
 from tokenrelay.keys import WORKER_GROUP
 from tokenrelay.providers.base import Provider
@@ -145,7 +144,12 @@ class Worker:
                     log.error("worker %s: consumer group vanished; recreating it", self.name)
                     await self.store.ensure_group()
                     continue
-                raise StoreError(f"XREADGROUP failed: {e}") from e
+                log.error(
+                    "worker %s: XREADGROUP refused (%s); retrying in %.1fs", self.name, e, backoff_s
+                )
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                continue
             except (RedisError, OSError) as e:
                 log.warning(
                     "worker %s: Redis unavailable (%s); retrying in %.1fs", self.name, e, backoff_s
@@ -216,6 +220,8 @@ class Worker:
         )
         claimed = reply[1]
         for entry_id, fields in claimed:
+            if entry_id in self._inflight:  # ours, and still running: a missed heartbeat
+                continue
             info: Any = await self.store.redis.xpending_range(
                 keys.requests, WORKER_GROUP, min=entry_id, max=entry_id, count=1
             )
