@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     )
     local_max_tokens: int = Field(default=256, ge=1, le=32_768, description="per answer")
     local_threads: int | None = Field(
-        default=None, ge=1, le=512, description="CPU threads; unset: one per core"
+        default=None, ge=1, le=512, description="CPU threads; unset: half the cores"
     )
     local_temperature: float = Field(default=0.2, ge=0, le=2)
     # A 135M model loops on its own phrases without a firm penalty.
