@@ -7,12 +7,15 @@ import importlib.util
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.conftest import running_gateway
+from tests.sse import events
 from tokenrelay.errors import ProviderError
-from tokenrelay.providers.base import Finish, Prompt
+from tokenrelay.providers.base import Finish, Prompt, Waiting
 from tokenrelay.providers.local import LocalProvider
-from tokenrelay.settings import load_settings
+from tokenrelay.settings import Settings, load_settings
 
 pytestmark = [
     pytest.mark.local,
@@ -41,13 +44,15 @@ async def provider() -> AsyncIterator[LocalProvider]:
     await local.aclose()
 
 
-async def collect(stream: AsyncIterator[str | Finish]) -> tuple[list[str], list[Finish]]:
+async def collect(
+    stream: AsyncIterator[str | Finish | Waiting],
+) -> tuple[list[str], list[Finish]]:
     chunks: list[str] = []
     finishes: list[Finish] = []
     async for item in stream:
         if isinstance(item, Finish):
             finishes.append(item)
-        else:
+        elif isinstance(item, str):
             chunks.append(item)
     return chunks, finishes
 
@@ -77,7 +82,7 @@ async def test_streams_chunks_then_one_finish(provider: LocalProvider) -> None:
 async def test_second_generation_waits_for_the_first(provider: LocalProvider) -> None:
     first = provider.stream(LONG)
     assert isinstance(await anext(first), str)  # the first generation is running
-    second_items: list[str | Finish] = []
+    second_items: list[str | Finish | Waiting] = []
 
     async def second() -> None:
         async for item in provider.stream(Prompt("Redis", "What is XADD?")):
@@ -86,18 +91,20 @@ async def test_second_generation_waits_for_the_first(provider: LocalProvider) ->
     second_task = asyncio.create_task(second())
     await wait_until(lambda: provider.queue_length == 1)
     assert provider.busy
-    assert second_items == []
+    await wait_until(lambda: bool(second_items))
+    assert second_items == [Waiting(1)]  # told its place in line, no text yet
 
     _, first_finishes = await collect(first)
     assert len(first_finishes) == 1
     await second_task
     assert isinstance(second_items[-1], Finish)
+    assert [i for i in second_items if isinstance(i, Waiting)] == [Waiting(1)]
     assert provider.queue_length == 0
     assert not provider.busy  # free again before the consumer sees Finish
 
 
 async def test_cancelling_the_consumer_frees_the_model(provider: LocalProvider) -> None:
-    seen: list[str | Finish] = []
+    seen: list[str | Finish | Waiting] = []
 
     async def consume() -> None:
         async for item in provider.stream(LONG):
@@ -160,3 +167,27 @@ async def test_a_file_that_is_no_model_fails_readably(tmp_path: Path) -> None:
         assert caught.value.kind == "model_load"
     finally:
         await local.aclose()
+
+
+async def test_queued_answer_tells_viewers_its_place(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Through the real gateway: the second question waits, says so, then is answered."""
+    settings = make_settings(
+        provider="local", local_model_path=None, local_max_tokens=64, local_temperature=0.0
+    )
+    async with (
+        running_gateway(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as client,
+    ):
+        ids = [
+            (await client.post("/api/questions", json={"question": q})).json()["id"]
+            for q in ("What is a stream?", "What is XADD?")
+        ]
+        answers = [[e async for e in events(client, f"/api/questions/{qid}/events")] for qid in ids]
+    first, second = ([e.event for e in a] for a in answers)
+    assert "waiting" not in first
+    assert second[:2] == ["start", "waiting"]
+    assert answers[1][1].data["ahead"] == 1
+    assert second[-1] == "end"
+    assert answers[1][0].data["model"] == "SmolLM2-135M-Instruct.Q4_1"

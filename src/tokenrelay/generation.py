@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from tokenrelay.errors import ProviderError
-from tokenrelay.providers.base import Finish, Prompt, Provider
+from tokenrelay.providers.base import Finish, Prompt, Provider, Waiting
 from tokenrelay.store import Store, answer_text, now_ms
 from tokenrelay.wire import Entry, EntryType, QuestionRecord, QuestionRequest, Status
 from tokenrelay.writer import ChunkWriter
@@ -26,9 +26,10 @@ class _Cancelled(Exception):
     """The asker cancelled between two chunks."""
 
 
-async def _guarded(
-    stream: AsyncIterator[str | Finish], timeouts: Timeouts
-) -> AsyncGenerator[str | Finish, None]:
+Item = str | Finish | Waiting
+
+
+async def _guarded(stream: AsyncIterator[Item], timeouts: Timeouts) -> AsyncGenerator[Item, None]:
     """The provider's stream, failing as `timeout` when the model goes quiet too long."""
     first = True
     while True:
@@ -46,11 +47,12 @@ async def _guarded(
                 "(raise TOKENRELAY_FIRST_TOKEN_TIMEOUT_S / TOKENRELAY_STALL_TIMEOUT_S if it "
                 "is just slow)",
             ) from e
-        first = False
+        # Time spent waiting for a turn is not the model being slow.
+        first = first and isinstance(item, Waiting)
         yield item
 
 
-async def _close(stream: AsyncIterator[str | Finish]) -> None:
+async def _close(stream: AsyncIterator[Item]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
@@ -144,10 +146,17 @@ async def generate(
         stream = provider.stream(Prompt(request.topic, request.question))
         guarded = _guarded(stream, timeouts)
         finish = Finish()
+        ahead = -1
         try:
             async for item in guarded:
                 if isinstance(item, Finish):
                     finish = item
+                    continue
+                if isinstance(item, Waiting):
+                    if item.ahead != ahead:
+                        ahead = item.ahead
+                        wait = Entry(EntryType.WAITING, meta={"ahead": ahead})
+                        await writer.append(request.id, wait)
                     continue
                 diverged, text = resume.feed(item)
                 if diverged:

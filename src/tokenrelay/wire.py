@@ -22,6 +22,8 @@ class EntryType(StrEnum):
     END = "end"
     ERROR = "error"
     CANCELLED = "cancelled"
+    # The answer waits for the model (a local model answers one question at a time).
+    WAITING = "waiting"
     # A reclaimed request whose new generation diverged from the partial answer:
     # viewers drop the text they have and keep reading.
     RESTART = "restart"

