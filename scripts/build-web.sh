@@ -37,11 +37,13 @@ if [ ! -d node_modules ] || [ "$(cat "$deps_stamp" 2>/dev/null)" != "$deps_hash"
     echo "$deps_hash" >"$deps_stamp"
 fi
 
-src_hash=$(hash_of package.json package-lock.json build.mjs index.html src public)
+src_hash=$(hash_of package.json package-lock.json build.mjs index.html src public test)
 build_stamp=$OUT/.source-hash
 if [ -f "$OUT/index.html" ] && [ "$(cat "$build_stamp" 2>/dev/null)" = "$src_hash" ]; then
     echo "build-web: up to date"
     exit 0
 fi
+# The page's own unit tests (node's test runner) gate every new bundle.
+node --test --test-reporter=dot test/
 node build.mjs "$OUT"
 echo "$src_hash" >"$build_stamp"

@@ -138,8 +138,9 @@ export function figures(a) {
     if (counted > 0) tokensPerS = (counted * 1000) / spanMs;
   } else if (positive(end.duration_ms) && ttftMs !== null && end.duration_ms > ttftMs) {
     tokensPerS = (tokens * 1000) / (end.duration_ms - ttftMs);
-  } else if (positive(rec.ended_ms) && positive(rec.started_ms) && ttftMs !== null) {
-    const genMs = rec.ended_ms - rec.started_ms - ttftMs;
+  } else if (positive(rec.ended_ms) && positive(rec.created_ms) && ttftMs !== null) {
+    // The record's ttft_ms counts from created_ms, as the end entry's duration_ms does.
+    const genMs = rec.ended_ms - rec.created_ms - ttftMs;
     if (genMs > 0) tokensPerS = (tokens * 1000) / genMs;
   }
 

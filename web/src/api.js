@@ -15,7 +15,9 @@ async function getJSON(url, init) {
   }
   if (!response.ok) {
     const why = body && typeof body.error === "string" ? body.error : response.statusText;
-    throw new Error(`${why || "request failed"} (HTTP ${response.status})`);
+    const error = new Error(`${why || "request failed"} (HTTP ${response.status})`);
+    error.status = response.status;
+    throw error;
   }
   return body;
 }

@@ -43,7 +43,9 @@ export async function request(socket, event, payload, timeoutMs) {
     throw new Error(`No reply from the server to "${event}" within ${Math.round(timeoutMs / 1000)} s.`);
   }
   if (reply && typeof reply === "object" && typeof reply.error === "string") {
-    throw new Error(reply.error);
+    const error = new Error(reply.error);
+    error.reply = reply; // a failed no-stream answer still names its id
+    throw error;
   }
   return reply;
 }

@@ -121,8 +121,14 @@ async function openQuestion(id, { push = true } = {}) {
     for (const entry of stored.entries) applyEvent(answer, entry);
     flush();
   } catch (e) {
-    if (current === answer) view.showNotice(`Cannot show question ${id}: ${e.message}`);
-    return;
+    if (current !== answer) return;
+    view.showNotice(`Cannot show question ${id}: ${e.message}`);
+    if (e.status >= 400 && e.status < 500) {
+      current = null; // unknown or malformed id: nothing to follow
+      view.hideAnswer();
+      return;
+    }
+    // The server is unreachable for now: the socket's watch (on connect) reads from the start.
   }
   if (!isFinished(answer)) watch(answer);
 }
@@ -132,6 +138,7 @@ async function ask(topic, question, stream) {
   view.clearNotice();
   const seq = ++askSeq;
   if (!stream) return askWithoutStream(seq, topic, question);
+  view.renderPending(topic, question, "sending");
   view.els.ask.disabled = true;
   try {
     const reply = await request(socket, "ask", { topic, question, stream: true }, ASK_TIMEOUT_MS);
@@ -142,7 +149,9 @@ async function ask(topic, question, stream) {
     watch(answer);
     refreshHistory();
   } catch (e) {
-    if (seq === askSeq) view.showNotice(`The question was not accepted: ${e.message}`);
+    if (seq !== askSeq) return;
+    view.hideAnswer();
+    view.showNotice(`The question was not accepted: ${e.message}`);
   } finally {
     view.els.ask.disabled = false;
   }
@@ -150,16 +159,22 @@ async function ask(topic, question, stream) {
 
 async function askWithoutStream(seq, topic, question) {
   setAddress(null, true);
-  view.renderWaiting(topic, question);
+  view.renderPending(topic, question, "waiting");
   refreshHistory(500);
   let reply;
   try {
     reply = await request(socket, "ask", { topic, question, stream: false }, NO_STREAM_TIMEOUT_MS);
   } catch (e) {
     if (seq !== askSeq) return;
+    refreshHistory();
+    if (typeof e.reply?.id === "string") {
+      // The model failed: show the stored answer, whose error entry says why.
+      await openQuestion(e.reply.id, { push: false });
+      if (current?.id === e.reply.id && !current.error) view.showNotice(`No answer: ${e.message}`);
+      return;
+    }
     view.hideAnswer();
     view.showNotice(`No answer: ${e.message}`);
-    refreshHistory();
     return;
   }
   if (seq !== askSeq) return;

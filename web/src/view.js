@@ -69,17 +69,21 @@ function renderFigures(a) {
   els.figModel.textContent = formatModel(f.model, f.provider);
 }
 
-/** The "Without stream" wait: no answer id yet, only what was asked. */
-export function renderWaiting(topic, question) {
+/**
+ * A question on its way, with no answer id yet: "sending" until the server takes it, or
+ * "waiting" for the whole answer without stream.
+ * @param {"sending"|"waiting"} state
+ */
+export function renderPending(topic, question, state) {
   els.answer.hidden = false;
   delete els.answer.dataset.id;
-  els.answer.dataset.status = "waiting";
+  els.answer.dataset.status = state;
   els.answer.setAttribute("aria-busy", "true");
   els.answerQuestion.textContent = question;
   els.answerTopic.textContent = `Topic: ${topic}`;
-  els.answerStatus.textContent = "Waiting…";
-  els.answerStatus.dataset.status = "waiting";
-  els.waiting.hidden = false;
+  els.answerStatus.textContent = state === "waiting" ? "Waiting…" : "Sending…";
+  els.answerStatus.dataset.status = state;
+  els.waiting.hidden = state !== "waiting";
   els.body.innerHTML = "";
   renderedText = "";
   els.error.hidden = true;
