@@ -1,0 +1,104 @@
+"""Retention, bounded concurrency and heartbeats: nothing grows, nothing is answered twice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx
+from redis.asyncio import Redis
+
+from tests.conftest import running_gateway
+from tests.sse import events
+from tokenrelay.keys import Keys
+from tokenrelay.settings import Settings
+
+WORDS = " ".join(f"h{n}" for n in range(30))
+
+
+async def test_finished_answers_expire_after_retention(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    settings = make_settings(retention_s=1)
+    keys = Keys(settings.key_prefix)
+    async with (
+        running_gateway(settings) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        r = await client.post("/api/questions", json={"question": "brief", "stream": False})
+        qid = r.json()["id"]
+        assert 0 < await redis.pttl(keys.answer(qid)) <= 1000
+        assert 0 < await redis.pttl(keys.question(qid)) <= 1000
+        assert await redis.xlen(keys.requests) == 0  # acknowledged and deleted
+        await asyncio.sleep(1.3)
+        assert await redis.exists(keys.answer(qid), keys.question(qid)) == 0
+        assert (await client.get(f"/api/questions/{qid}")).status_code == 404
+        listed = (await client.get("/api/questions")).json()["questions"]
+        assert listed == []
+        assert await redis.zcard(keys.history) == 0  # expired ids leave the index too
+
+
+async def test_retention_zero_keeps_answers(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    settings = make_settings(retention_s=0)
+    keys = Keys(settings.key_prefix)
+    async with (
+        running_gateway(settings) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        r = await client.post("/api/questions", json={"question": "forever", "stream": False})
+        qid = r.json()["id"]
+    assert await redis.pttl(keys.answer(qid)) == -1
+    assert await redis.pttl(keys.question(qid)) == -1
+
+
+async def test_history_is_bounded(make_settings: Callable[..., Settings], redis: Redis) -> None:
+    settings = make_settings(history_max=3, scripted_rate=1000.0)
+    async with (
+        running_gateway(settings) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        for n in range(5):
+            await client.post("/api/questions", json={"question": f"n{n}", "stream": False})
+        listed = (await client.get("/api/questions")).json()["questions"]
+    assert [q["question"] for q in listed] == ["n4", "n3", "n2"]
+    assert await redis.zcard(Keys(settings.key_prefix).history) == 3
+
+
+async def test_worker_concurrency_is_bounded(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(worker_concurrency=2, scripted_rate=40.0, scripted_text=WORDS)
+    async with (
+        running_gateway(settings) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        ids = [
+            (await client.post("/api/questions", json={"question": f"c{n}"})).json()["id"]
+            for n in range(5)
+        ]
+        most = 0
+        while True:
+            records = [(await client.get(f"/api/questions/{i}")).json()["question"] for i in ids]
+            statuses = [r["status"] for r in records]
+            most = max(most, statuses.count("streaming"))
+            if all(s == "done" for s in statuses):
+                break
+            await asyncio.sleep(0.05)
+    assert most == 2
+
+
+async def test_long_answer_is_not_reclaimed_from_a_live_worker(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """An answer lasting 6x the reclaim idle time stays with its worker (heartbeats)."""
+    settings = make_settings(reclaim_idle_ms=300, scripted_rate=15.0, scripted_text=WORDS)
+    async with (
+        running_gateway(settings, workers=2) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        qid = (await client.post("/api/questions", json={"question": "slow"})).json()["id"]
+        seen = [e async for e in events(client, f"/api/questions/{qid}/events")]
+    types = [e.event for e in seen]
+    assert types.count("start") == 1 and "restart" not in types
+    assert types.count("chunk") == 30
+    assert "".join(e.data["text"] for e in seen if e.event == "chunk") == WORDS
