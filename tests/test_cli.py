@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import free_port
+from tokenrelay.mockllm import answer_text
 from tokenrelay.providers.select import local_available
 
 
@@ -73,13 +74,12 @@ def test_help_explains_commands() -> None:
 
 
 @contextmanager
-def serve(data_dir: Path, port: int) -> Iterator[subprocess.Popen[str]]:
+def serve(
+    data_dir: Path, port: int, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
+    settings_env = env or {"TOKENRELAY_PROVIDER": "scripted", "TOKENRELAY_SCRIPTED_RATE": "500"}
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    env.update(
-        TOKENRELAY_DATA_DIR=str(data_dir),
-        TOKENRELAY_PROVIDER="scripted",
-        TOKENRELAY_SCRIPTED_RATE="500",
-    )
+    env.update(TOKENRELAY_DATA_DIR=str(data_dir), **settings_env)
     log = data_dir / f"serve-{port}.log"
     with log.open("a") as out:
         proc = subprocess.Popen(
@@ -138,3 +138,28 @@ def test_embedded_valkey_persists_answers_across_restarts(tmp_path: Path) -> Non
     assert body["question"]["status"] == "done"
     assert body["answer"] == answer
     assert [q["id"] for q in history] == [qid]
+
+
+def test_serve_answers_through_an_openai_compatible_server(tmp_path: Path) -> None:
+    """`OPENAI_BASE_URL` alone is enough: serve picks the openai provider and streams."""
+    mock_port, port = free_port(), free_port()
+    mock = subprocess.Popen(
+        [sys.executable, "-m", "tokenrelay.mockllm", "--port", str(mock_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        env = {"OPENAI_BASE_URL": f"http://127.0.0.1:{mock_port}/v1", "OPENAI_MODEL": "mock-llm"}
+        with serve(tmp_path, port, env):
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/askQuestionWithoutStream",
+                json={"topic": "Redis", "topicQuestion": "What is a stream?"},
+                timeout=30,
+            )
+            record = httpx.get(f"http://127.0.0.1:{port}/api/questions").json()["questions"][0]
+    finally:
+        mock.terminate()
+        mock.wait(timeout=10)
+    assert r.status_code == 200
+    assert r.json()["output"] == answer_text("What is a stream?")
+    assert record["provider"] == "openai" and record["model"] == "mock-llm"
