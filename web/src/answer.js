@@ -19,6 +19,7 @@ export const FINISHED = Object.freeze(["done", "failed", "cancelled"]);
  * @property {number} firstChunkMs
  * @property {number} lastChunkMs
  * @property {number} finishedMs
+ * @property {number | null} ahead     answers the model serves before this one, while waiting
  */
 
 /** @returns {Answer} */
@@ -26,6 +27,7 @@ export function newAnswer(id, meta = {}) {
   return {
     id, lastEntryId: "", text: "", status: "queued", meta: { ...meta }, end: null,
     record: null, error: null, chunks: 0, firstChunkMs: 0, lastChunkMs: 0, finishedMs: 0,
+    ahead: null,
   };
 }
 
@@ -64,9 +66,14 @@ export function applyEvent(a, ev) {
     case "chunk":
       a.text += text;
       a.chunks += 1;
+      a.ahead = null;
       if (!a.firstChunkMs) a.firstChunkMs = ms;
       a.lastChunkMs = ms;
       if (!isFinished(a)) a.status = "streaming";
+      break;
+    case "waiting":
+      // The model answers others first (the local model, one at a time); a chunk ends this.
+      a.ahead = Number.isFinite(Number(ev.ahead)) ? Math.max(0, Number(ev.ahead)) : null;
       break;
     case "restart":
       // A reclaimed request was generated again: the text so far is void.

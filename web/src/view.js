@@ -46,7 +46,7 @@ export function renderAnswer(a, mode = {}) {
   els.answer.setAttribute("aria-busy", String(!finished));
   els.answerQuestion.textContent = a.meta.question || "Question";
   els.answerTopic.textContent = a.meta.topic ? `Topic: ${a.meta.topic}` : "";
-  els.answerStatus.textContent = mode.replaying ? "Replaying…" : STATUS_TEXT[a.status] || a.status;
+  els.answerStatus.textContent = mode.replaying ? "Replaying…" : statusText(a, finished);
   els.answerStatus.dataset.status = a.status;
   els.waiting.hidden = true;
   if (a.text !== renderedText) {
@@ -58,7 +58,14 @@ export function renderAnswer(a, mode = {}) {
   renderFigures(a);
   els.stop.hidden = finished || Boolean(mode.replaying);
   els.stop.disabled = false;
-  els.replay.hidden = !finished || Boolean(mode.replaying) || !a.lastEntryId;
+  els.replay.hidden = !finished || Boolean(mode.replaying) || !a.lastEntryId || !a.text;
+}
+
+function statusText(a, finished) {
+  if (!finished && typeof a.ahead === "number") {
+    return a.ahead > 0 ? `Waiting for the model: ${a.ahead} ahead…` : "Waiting for the model…";
+  }
+  return STATUS_TEXT[a.status] || a.status;
 }
 
 function renderFigures(a) {

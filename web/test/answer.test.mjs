@@ -88,3 +88,15 @@ test("a record fills gaps but never moves the status back", () => {
   assert.equal(a.status, "done");
   assert.equal(figures(a).chunks, 4);
 });
+
+test("waiting says how many answers are ahead until the first chunk", () => {
+  const a = newAnswer("q1");
+  applyEvent(a, ev("1-0", "start", { model: "m" }));
+  applyEvent(a, ev("2-0", "waiting", { ahead: 2 }));
+  assert.equal(a.ahead, 2);
+  applyEvent(a, ev("3-0", "waiting", { ahead: 0 }));
+  assert.equal(a.ahead, 0);
+  applyEvent(a, ev("4-0", "chunk", { text: "go" }));
+  assert.equal(a.ahead, null);
+  assert.equal(a.status, "streaming");
+});
