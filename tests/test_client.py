@@ -1,0 +1,188 @@
+"""`tokenrelay.Client` against a real gateway, through a TCP proxy that can cut connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import free_port, running_gateway
+from tokenrelay import Client
+from tokenrelay.client import AnswerEvent, AnswerFailed, RequestRejected, ServerUnreachable
+from tokenrelay.mockllm import MockLLM, directive
+from tokenrelay.settings import Settings
+
+TEXT = " ".join(f"word{i}" for i in range(40))
+
+
+class CuttingProxy:
+    """Forwards TCP to the gateway; `cut()` aborts every open connection, as a flaky
+    network or a restarting load balancer would."""
+
+    def __init__(self, target_url: str) -> None:
+        self._port = urlsplit(target_url).port
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._server: asyncio.Server | None = None
+        self.url = ""
+        self.connections = 0
+
+    async def __aenter__(self) -> CuttingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self.cut()
+            await self._server.wait_closed()
+            self._server = None
+
+    def cut(self) -> None:
+        for down, up in list(self._pairs):
+            down.transport.abort()
+            up.transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        pair = (writer, up_writer)
+        self._pairs.add(pair)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self._pairs.discard(pair)
+
+
+@pytest.fixture
+async def gateway_url(make_settings: Callable[..., Settings]) -> AsyncIterator[str]:
+    async with running_gateway(make_settings(scripted_text=TEXT, scripted_rate=100.0)) as url:
+        yield url
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
+
+
+def chunk_text(events: list[AnswerEvent]) -> str:
+    return "".join(e.text for e in events if e.type == "chunk")
+
+
+async def test_ask_streams_events_then_whole(gateway_url: str) -> None:
+    async with Client(gateway_url) as client:
+        stream = await client.ask("What is a stream?", topic="Redis")
+        events = [e async for e in stream]
+        whole = await client.ask("And a group?", stream=False)
+    assert [events[0].type, events[-1].type] == ["start", "end"]
+    assert events[0].data["topic"] == "Redis" and events[0].data["question"] == "What is a stream?"
+    assert chunk_text(events) == TEXT and stream.last_entry_id == events[-1].entry_id
+    assert whole.text == TEXT and whole.end.type == "end" and whole.end.data["chunks"] == 40
+
+
+async def test_resumes_after_connections_are_cut(gateway_url: str) -> None:
+    async with CuttingProxy(gateway_url) as proxy, Client(proxy.url) as client:
+        stream = await client.ask("Cut me off, twice")
+        events: list[AnswerEvent] = []
+        async for event in stream:
+            events.append(event)
+            if len(events) in (5, 15):
+                proxy.cut()
+    ids = [e.entry_id for e in events]
+    assert stream.reconnects >= 2 and proxy.connections >= 3
+    assert len(set(ids)) == len(ids) and ids == sorted(ids, key=entry_order)
+    assert chunk_text(events) == TEXT and events[-1].type == "end"
+
+
+async def test_gives_up_with_a_resume_hint_when_the_server_stays_gone(gateway_url: str) -> None:
+    async with CuttingProxy(gateway_url) as proxy:
+        client = Client(proxy.url, reconnect_attempts=2, max_backoff_s=0.05)
+        stream = await client.ask("Anyone?")
+        seen: list[AnswerEvent] = []
+
+        async def read_until_the_server_goes() -> None:
+            async for event in stream:
+                seen.append(event)
+                if len(seen) == 3:
+                    await proxy.close()
+
+        with pytest.raises(ServerUnreachable) as caught:
+            await read_until_the_server_goes()
+        await client.aclose()
+    message = str(caught.value)
+    assert "2 tries" in message and seen[-1].entry_id in message and stream.id in message
+
+
+async def test_watch_after_a_cursor_delivers_the_rest_once(gateway_url: str) -> None:
+    async with Client(gateway_url) as client:
+        answer = await client.ask("Replay me", stream=False)
+        everything = [e async for e in client.watch(answer.id)]
+        rest = [e async for e in client.watch(answer.id, after=everything[10].entry_id)]
+    assert rest == everything[11:]
+    assert chunk_text(everything) == answer.text == TEXT
+
+
+async def test_cancel_ends_the_answer_cancelled(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(scripted_text=TEXT, scripted_rate=5.0)
+    async with running_gateway(settings) as url, Client(url) as client:
+        stream = await client.ask("Too slow")
+        chunks = stream.chunks()
+        assert await anext(chunks)
+        assert await client.cancel(stream.id) is True
+        with pytest.raises(AnswerFailed) as caught:
+            async for _ in chunks:
+                pass
+        record, text = await client.question(stream.id)
+        assert await client.cancel(stream.id) is False  # already finished
+    assert caught.value.kind == "cancelled" and caught.value.question_id == stream.id
+    assert record.status == "cancelled" and 0 < len(text) < len(TEXT)
+
+
+async def test_history_lists_typed_records_newest_first(gateway_url: str) -> None:
+    async with Client(gateway_url) as client:
+        first = await client.ask("First?", stream=False)
+        second = await client.ask("Second?", topic="Valkey", stream=False)
+        history = await client.history(limit=2)
+    assert [q.id for q in history] == [second.id, first.id]
+    newest = history[0]
+    assert newest.status == "done" and newest.topic == "Valkey" and newest.question == "Second?"
+    assert newest.chunks == 40 and newest.ttft_ms is not None and newest.provider == "scripted"
+
+
+async def test_errors_are_typed_and_readable(make_settings: Callable[..., Settings]) -> None:
+    async with Client(f"http://127.0.0.1:{free_port()}") as nobody:
+        with pytest.raises(ServerUnreachable, match="cannot reach tokenrelay at http://127"):
+            await nobody.history()
+    async with MockLLM() as mock:
+        settings = make_settings(
+            provider="openai", openai_base_url=mock.base_url, provider_max_retries=0
+        )
+        async with running_gateway(settings) as url, Client(url) as client:
+            with pytest.raises(RequestRejected, match="'question' must not be empty") as empty:
+                await client.ask("   ")
+            with pytest.raises(RequestRejected, match="no question with id") as unknown:
+                async for _ in client.watch("A" * 22):
+                    pass
+            with pytest.raises(AnswerFailed) as failed:
+                await client.ask(f"Key? {directive(fail=401)}", stream=False)
+    assert empty.value.status == 422 and unknown.value.status == 404
+    assert failed.value.kind == "auth" and "OPENAI_API_KEY" in str(failed.value)
