@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import running_gateway
@@ -102,3 +103,18 @@ async def test_long_answer_is_not_reclaimed_from_a_live_worker(
     assert types.count("start") == 1 and "restart" not in types
     assert types.count("chunk") == 30
     assert "".join(e.data["text"] for e in seen if e.event == "chunk") == WORDS
+
+
+async def test_blocking_reads_longer_than_the_socket_timeout(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Blocks past redis-py's default 5 s socket timeout: idle readers stay quiet and live."""
+    settings = make_settings(block_ms=5_500)
+    async with (
+        running_gateway(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        await asyncio.sleep(6.0)  # the worker's XREADGROUP blocks through a whole block
+        r = await client.post("/api/questions", json={"question": "still awake?", "stream": False})
+    assert r.json()["status"] == "done"
+    assert not [rec for rec in caplog.records if rec.levelname in ("WARNING", "ERROR")]

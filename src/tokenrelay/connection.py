@@ -8,7 +8,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-Client = Redis
+BLOCK_MARGIN_S = 10.0
 
 _RETRY_ERRORS: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError]
 
@@ -32,14 +32,19 @@ def pooled_client(url: str, *, size: int, name: str) -> Redis:
     return Redis(connection_pool=pool, retry=_retry(), retry_on_error=_RETRY_ERRORS)
 
 
-def dedicated_client(url: str, *, name: str) -> Redis:
-    """One connection of its own, for a blocking XREAD/XREADGROUP loop."""
+def dedicated_client(url: str, *, name: str, block_ms: int) -> Redis:
+    """One connection of its own, for a blocking XREAD/XREADGROUP loop.
+
+    redis-py's default 5 s socket timeout would cut every longer block short; the read
+    timeout here outlasts the block by a margin, so only a dead server trips it.
+    """
     return Redis.from_url(
         url,
         decode_responses=True,
         client_name=name,
         single_connection_client=True,
         socket_keepalive=True,
+        socket_timeout=block_ms / 1000 + BLOCK_MARGIN_S,
     )
 
 

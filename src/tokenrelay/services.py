@@ -58,7 +58,7 @@ def make_store(settings: Settings, redis: Redis) -> Store:
 def make_worker(settings: Settings, store: Store, provider: Provider, redis_url: str) -> Worker:
     return Worker(
         store,
-        dedicated_client(redis_url, name="tokenrelay-worker-read"),
+        dedicated_client(redis_url, name="tokenrelay-worker-read", block_ms=settings.block_ms),
         provider,
         concurrency=settings.worker_concurrency,
         block_ms=settings.block_ms,
@@ -86,7 +86,9 @@ async def open_services(
         await store.ensure_group()
         services = Services(settings, url, store, provider=provider)
         if gateway:
-            reader = dedicated_client(url, name="tokenrelay-gateway-read")
+            reader = dedicated_client(
+                url, name="tokenrelay-gateway-read", block_ms=settings.block_ms
+            )
             stack.push_async_callback(reader.aclose)
             relay = Relay(
                 store, reader, block_ms=settings.block_ms, buffer_limit=settings.viewer_buffer
