@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tokenrelay.errors import ConfigError
 
-ProviderName = Literal["auto", "openai", "local", "scripted"]
+ProviderName = Literal["auto", "openai", "local", "langchain", "scripted"]
 
 
 def _default_data_dir() -> Path:
@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     grace_period_s: float = Field(default=10.0, ge=0)
     block_ms: int = Field(default=5_000, ge=10)
 
+    langchain_runnable: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+        description="'package.module:attr', a LangChain Runnable (or a function returning one)",
+    )
+
     first_token_timeout_s: float = Field(default=60.0, gt=0)
     stall_timeout_s: float = Field(default=60.0, gt=0)
     provider_max_retries: int = Field(default=2, ge=0)
@@ -90,6 +96,20 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     redis_pool_size: int = Field(default=8, ge=2, le=512)
     viewer_buffer: int = Field(default=1_000, ge=10)
+
+    log_json: bool = Field(default=False, description="one JSON object per log line")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="`tokenrelay worker` serves /metrics here"
+    )
+    server: str = Field(
+        default="http://127.0.0.1:8000",
+        pattern=r"^https?://",
+        description="the gateway that `tokenrelay ask/watch/history` talk to",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="the key `tokenrelay ask/watch/history` send, if the gateway wants one",
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod
