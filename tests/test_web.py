@@ -129,8 +129,10 @@ def assert_healthy(*tabs: Tab) -> None:
         assert tab.dialogs == [], f"dialogs opened: {tab.dialogs}"
 
 
-def stored(server: ServerProcess, qid: str) -> dict[str, object]:
-    response = httpx.get(f"{server.url}/api/questions/{qid}", timeout=10)
+async def stored(server: ServerProcess, qid: str) -> dict[str, object]:
+    """What the HTTP API holds for a question: {question, answer, entries}."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(f"{server.url}/api/questions/{qid}")
     response.raise_for_status()
     body = response.json()
     assert isinstance(body, dict)
@@ -216,7 +218,7 @@ async def test_stop_ends_the_answer_where_it_was(
     assert await tab.page.inner_text("#answer-status") == "Stopped"
     assert await stop.is_hidden()
     assert tab.question_id is not None
-    record = stored(scripted, tab.question_id)["question"]
+    record = (await stored(scripted, tab.question_id))["question"]
     assert isinstance(record, dict)
     assert record["status"] == "cancelled"
     assert_healthy(tab)
@@ -247,7 +249,7 @@ async def test_reload_mid_answer_ends_with_exactly_the_full_text(
     snap = await tab.snapshot(qid)
     assert snap is not None
     assert snap["text"] == SCRIPT, "text kept for the next reload is exactly the answer"
-    answer = stored(scripted, qid)["answer"]
+    answer = (await stored(scripted, qid))["answer"]
     assert answer == SCRIPT
 
     await tab.page.reload()  # a finished answer reloads as it was
@@ -321,7 +323,7 @@ async def test_history_shows_a_stored_answer_at_once_and_replays_it_at_its_pace(
     await asker.wait_status("done")
     qid = asker.question_id
     assert qid is not None
-    entries = stored(scripted, qid)["entries"]
+    entries = (await stored(scripted, qid))["entries"]
     assert isinstance(entries, list)
     first_ms = int(str(entries[0]["entry_id"]).split("-")[0])
     last_ms = int(str(entries[-1]["entry_id"]).split("-")[0])

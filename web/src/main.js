@@ -11,6 +11,7 @@ const ASK_TIMEOUT_MS = 15_000;
 const NO_STREAM_TIMEOUT_MS = 15 * 60_000;
 const HISTORY_LIMIT = 30;
 const HISTORY_REFRESH_MS = 10_000;
+const ACKED_EVENTS = new Set(["ask", "watch", "cancel"]);
 
 /** @type {import("./answer.js").Answer | null} */
 let current = null;
@@ -19,17 +20,22 @@ let watching = null;
 let stopReplay = null;
 let renderTimer = 0;
 let askSeq = 0;
+/** The current answer's stored entries are still being fetched: watching waits for them. */
+let loading = false;
 
 const socket = connect({
   onState: (state, detail) => view.setConnection(state, detail),
   onConnect: () => {
     // A new connection has no watches: resume the current answer after its last entry.
     watching = null;
-    if (current && !isFinished(current) && !stopReplay) watch(current);
+    if (current && !isFinished(current) && !stopReplay && !loading) watch(current);
     refreshHistory();
   },
   onAnswer: onAnswerEvent,
-  onServerError: (e) => view.showNotice(`Server error: ${e?.message || "unknown error"}`),
+  onServerError: (e) => {
+    // Failed asks, watches and cancels are reported through their acks already.
+    if (!ACKED_EVENTS.has(e?.event)) view.showNotice(`Server error: ${e?.message || "unknown error"}`);
+  },
 });
 
 function onAnswerEvent(event) {
@@ -82,6 +88,7 @@ function unwatch() {
 }
 
 function leaveCurrent() {
+  loading = false;
   const replaying = Boolean(stopReplay);
   if (stopReplay) stopReplay();
   stopReplay = null;
@@ -114,14 +121,17 @@ async function openQuestion(id, { push = true } = {}) {
   }
   const answer = newAnswer(id);
   show(answer);
+  loading = true;
   try {
     const stored = await getQuestion(id);
     if (current !== answer) return;
+    loading = false;
     applyRecord(answer, stored.question);
     for (const entry of stored.entries) applyEvent(answer, entry);
     flush();
   } catch (e) {
     if (current !== answer) return;
+    loading = false;
     view.showNotice(`Cannot show question ${id}: ${e.message}`);
     if (e.status >= 400 && e.status < 500) {
       current = null; // unknown or malformed id: nothing to follow
