@@ -1,4 +1,5 @@
-"""The `tokenrelay` command: serve (gateway + workers) and worker (workers alone)."""
+"""The `tokenrelay` command: serve (gateway + workers), worker (workers alone), and the
+client commands ask, watch and history (cli_client)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from tokenrelay.cli_client import COMMANDS as CLIENT_COMMANDS
+from tokenrelay.cli_client import add_commands as add_client_commands
+from tokenrelay.cli_client import run as run_client
 from tokenrelay.errors import TokenRelayError
 from tokenrelay.settings import Settings, load_settings
 
@@ -53,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         help="answers at once (TOKENRELAY_WORKER_CONCURRENCY, default 64)",
     )
+    add_client_commands(sub)
     return parser
 
 
@@ -73,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides[field] = value
     try:
         settings = load_settings(**overrides)
+        if args.command in CLIENT_COMMANDS:
+            return run_client(args, settings)
         if args.command == "serve":
             return _serve(settings)
         return asyncio.run(_work(settings))

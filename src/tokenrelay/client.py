@@ -189,13 +189,18 @@ class Client:
         timeout_s: float = 30.0,
         reconnect_attempts: int = 8,
         max_backoff_s: float = 5.0,
+        api_key: str | None = None,
         http: httpx.AsyncClient | None = None,
     ) -> None:
+        """`api_key`: one of the gateway's TOKENRELAY_API_KEYS, when it sets them."""
         self.server = server.rstrip("/")
         self.reconnect_attempts = reconnect_attempts
         self.max_backoff_s = max_backoff_s
         timeout = httpx.Timeout(timeout_s, read=max(timeout_s, SSE_READ_TIMEOUT_S))
-        self._http = http or httpx.AsyncClient(base_url=self.server, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = http or httpx.AsyncClient(
+            base_url=self.server, timeout=timeout, headers=headers
+        )
         self._owns_http = http is None
 
     async def __aenter__(self) -> Client:

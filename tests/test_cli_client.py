@@ -1,0 +1,215 @@
+"""`tokenrelay ask/watch/history` as a user runs them: real processes against a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import free_port, running_gateway
+from tokenrelay import Client
+from tokenrelay.mockllm import MockLLM, directive
+from tokenrelay.settings import Settings, env_name
+
+TEXT = " ".join(f"word{i}" for i in range(30))
+PIPE = asyncio.subprocess.PIPE
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENRELAY_")}
+    return {**env, "NO_COLOR": "1", **extra}
+
+
+async def start(
+    *args: str, env: dict[str, str] | None = None, **kw: Any
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenrelay", *args, env=env or environment(), **kw
+    )
+
+
+async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    proc = await start(*args, env=env, stdout=PIPE, stderr=PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def json_lines(proc: asyncio.subprocess.Process) -> AsyncIterator[dict[str, Any]]:
+    assert proc.stdout is not None
+    while line := await asyncio.wait_for(proc.stdout.readline(), 30):
+        yield orjson.loads(line)
+
+
+@pytest.fixture
+async def gateway_url(make_settings: Callable[..., Settings]) -> AsyncIterator[str]:
+    async with running_gateway(make_settings(scripted_text=TEXT, scripted_rate=20.0)) as url:
+        yield url
+
+
+async def test_ask_prints_the_answer_as_it_arrives(gateway_url: str) -> None:
+    proc = await start("ask", "Why streams?", "--server", gateway_url, stdout=PIPE, stderr=PIPE)
+    assert proc.stdout is not None
+    reads: list[bytes] = []
+    while data := await asyncio.wait_for(proc.stdout.read(4096), 30):
+        reads.append(data)
+    assert await proc.wait() == 0
+    assert b"".join(reads).decode() == TEXT + "\n"
+    assert len(reads) > 5  # at 20 chunks/s the text came in pieces, not at the end
+
+
+async def test_json_lines_topic_and_no_stream(gateway_url: str) -> None:
+    code, out, _ = await run("ask", "Q?", "--topic", "Valkey", "--json", "--server", gateway_url)
+    events = [orjson.loads(line) for line in out.splitlines()]
+    assert code == 0 and events[0]["type"] == "start" and events[-1]["type"] == "end"
+    assert events[0]["topic"] == "Valkey" and {e["id"] for e in events} == {events[0]["id"]}
+    assert "".join(e["text"] for e in events if e["type"] == "chunk") == TEXT
+    code, out, _ = await run("ask", "Whole?", "--no-stream", "--server", gateway_url)
+    assert code == 0 and out == TEXT + "\n"
+    code, out, _ = await run("ask", "Whole?", "--no-stream", "--json", "--server", gateway_url)
+    whole = orjson.loads(out)
+    assert code == 0 and whole["text"] == TEXT and whole["type"] == "end" and whole["chunks"] == 30
+
+
+async def test_ctrl_c_cancels_the_answer(gateway_url: str) -> None:
+    proc = await start(
+        "ask", "Long one", "--json", "--server", gateway_url, stdout=PIPE, stderr=PIPE
+    )
+    async for event in json_lines(proc):
+        if event["type"] == "chunk":
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    qid = event["id"]
+    assert proc.returncode == 130 and f"cancelled {qid}" in err.decode()
+    async with Client(gateway_url) as client:
+        events = [e async for e in client.watch(qid)]
+    assert events[-1].type == "cancelled"
+
+
+async def test_watch_resumes_after_a_cursor_and_detaches_on_ctrl_c(gateway_url: str) -> None:
+    async with Client(gateway_url) as client:
+        stream = await client.ask("Watch me")
+        first = [e async for e in stream]
+    cursor = first[5].entry_id
+    code, out, _ = await run(
+        "watch", stream.id, "--after", cursor, "--json", "--server", gateway_url
+    )
+    assert code == 0 and [e["entry_id"] for e in map(orjson.loads, out.splitlines())] == [
+        e.entry_id for e in first[6:]
+    ]
+
+    async with Client(gateway_url) as client:
+        slow = await client.ask("Watch me live")
+    proc = await start(
+        "watch", slow.id, "--json", "--server", gateway_url, stdout=PIPE, stderr=PIPE
+    )
+    seen = []
+    async for event in json_lines(proc):
+        seen.append(event)
+        if len(seen) == 3:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, err = await asyncio.wait_for(proc.communicate(), 30)
+    seen.extend(orjson.loads(line) for line in rest.splitlines())  # printed before the signal
+    assert proc.returncode == 130 and seen[-1]["type"] == "chunk"
+    assert f"tokenrelay watch {slow.id} --after {seen[-1]['entry_id']}" in err.decode()
+    async with Client(gateway_url) as client:
+        assert (await client.watch(slow.id).collect()).text == TEXT  # detaching did not cancel
+
+
+async def test_history_lists_questions(gateway_url: str) -> None:
+    async with Client(gateway_url) as client:
+        older = await client.ask("Older?", stream=False)
+        newer = await client.ask("Newer?", topic="Valkey", stream=False)
+    code, out, _ = await run("history", "--limit", "2", "--server", gateway_url)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2
+    assert lines[0].startswith(newer.id) and "done" in lines[0] and "[Valkey] Newer?" in lines[0]
+    assert lines[1].startswith(older.id)
+    env = environment(TOKENRELAY_SERVER=gateway_url)
+    code, out, _ = await run("history", "--json", env=env)
+    records = [orjson.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["id"] for r in records[:2]] == [newer.id, older.id]
+    assert records[0]["status"] == "done" and records[0]["chunks"] == 30
+
+
+async def test_failures_exit_non_zero_with_one_line(make_settings: Callable[..., Settings]) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"
+    code, _, err = await run("ask", "Hello?", "--server", nobody)
+    assert code == 3 and err.count("\n") == 1 and f"cannot reach tokenrelay at {nobody}" in err
+    code, _, err = await run("ask", "Hello?", env=environment(TOKENRELAY_SERVER="ftp://x"))
+    assert code == 2 and env_name("server") in err
+    async with MockLLM() as mock:
+        settings = make_settings(
+            provider="openai", openai_base_url=mock.base_url, provider_max_retries=0
+        )
+        async with running_gateway(settings) as url:
+            code, _, err = await run("ask", " ", "--server", url)
+            assert code == 2 and "(422): 'question' must not be empty" in err
+            code, _, err = await run("watch", "A" * 22, "--server", url)
+            assert code == 2 and "(404): no question with id" in err
+            code, out, err = await run("ask", f"Key? {directive(fail=401)}", "--server", url)
+            assert code == 1 and err.count("\n") == 1
+            assert "failed (auth)" in err and "OPENAI_API_KEY" in err
+            code, out, err = await run("ask", "Fine?", "--no-stream", "--server", url)
+            assert code == 0 and out.startswith("Answer about Fine:")
+
+
+async def test_terminal_gets_rendered_markdown(make_settings: Callable[..., Settings]) -> None:
+    markdown = "# Streams\n\nAn **append-only** log:\n\n- XADD\n- XREAD\n"
+    async with running_gateway(make_settings(scripted_text=markdown)) as url:
+        main, child = pty.openpty()
+        env = environment(TERM="xterm-256color", COLUMNS="80", LINES="40")
+        env.pop("NO_COLOR")
+        proc = await start("ask", "Markdown?", "--server", url, env=env, stdout=child, stderr=child)
+        os.close(child)
+        screen = await asyncio.to_thread(read_all, main)
+        assert await proc.wait() == 0
+    text = screen.decode(errors="replace")
+    assert "append-only" in text and "**" not in text  # bold was rendered, not printed
+    assert "\x1b[1;4mStreams" in text and " • \x1b[0mXADD" in text  # a styled heading, bullets
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    try:
+        while data := os.read(fd, 65536):
+            chunks.append(data)
+    except OSError:  # EIO: the child closed the terminal
+        pass
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def test_help_lists_the_client_commands() -> None:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenrelay", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert all(name in out for name in ("ask", "watch", "history"))
+
+
+def test_configuration_doc_names_every_setting() -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    missing = [env_name(f) for f in Settings.model_fields if f"`{env_name(f)}`" not in doc]
+    assert not missing, f"docs/configuration.md does not describe {missing}"
+
+
+async def test_server_flag_beats_the_environment(gateway_url: str) -> None:
+    env = environment(TOKENRELAY_SERVER=f"http://127.0.0.1:{free_port()}")
+    code, out, _ = await run("ask", "Which?", "--no-stream", "--server", gateway_url, env=env)
+    assert code == 0 and out == TEXT + "\n"
+    async with httpx.AsyncClient(base_url=gateway_url) as http:
+        assert (await http.get("/api/questions")).json()["questions"][0]["question"] == "Which?"
