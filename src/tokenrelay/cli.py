@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from collections.abc import Sequence
 
+from tokenrelay import logs, metrics
 from tokenrelay.cli_client import COMMANDS as CLIENT_COMMANDS
 from tokenrelay.cli_client import add_commands as add_client_commands
 from tokenrelay.cli_client import run as run_client
@@ -63,9 +63,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     overrides: dict[str, object] = {}
     for flag, field in (
         ("host", "host"),
@@ -78,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides[field] = value
     try:
         settings = load_settings(**overrides)
+        logs.configure(args.log_level, json=settings.log_json)
         if args.command in CLIENT_COMMANDS:
             return run_client(args, settings)
         if args.command == "serve":
@@ -106,6 +104,8 @@ def _serve(settings: Settings) -> int:
         log_level="info",
         lifespan="on",
         timeout_graceful_shutdown=int(settings.grace_period_s),
+        # JSON logs: uvicorn's loggers propagate to our one JSON handler instead of their own.
+        log_config=None if settings.log_json else uvicorn.config.LOGGING_CONFIG,
     )
     server = uvicorn.Server(config)
     print(
@@ -129,7 +129,11 @@ async def _work(settings: Settings) -> int:
             f"{services.provider.name if services.provider else '?'}",
             flush=True,
         )
-        await stop.wait()
+        stop_metrics = metrics.serve(settings.host, settings.metrics_port)
+        try:
+            await stop.wait()
+        finally:
+            stop_metrics()
     return 0
 
 

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
+from tokenrelay import logs, metrics
 from tokenrelay.errors import ProviderError
 from tokenrelay.providers.base import Finish, Prompt, Provider, Waiting
 from tokenrelay.store import Store, answer_text, now_ms
@@ -142,6 +143,7 @@ async def generate(
     resume = _Resume(answer_text(prior))
     chunks = sum(1 for e in prior if e.type is EntryType.CHUNK)
     first_ms = 0
+    gap = metrics.GapTimer()
     try:
         stream = provider.stream(Prompt(request.topic, request.question))
         guarded = _guarded(stream, timeouts)
@@ -166,6 +168,7 @@ async def generate(
                     continue
                 appended = await writer.append(request.id, Entry(EntryType.CHUNK, text))
                 chunks += 1
+                gap.tick()
                 first_ms = first_ms or now_ms()
                 if appended.cancel_requested:
                     raise _Cancelled
@@ -239,6 +242,8 @@ async def _finish(
     }
     if error:
         fields["error"] = error
+    metrics.answer_ended(entry, ttft_ms)
+    logs.answer_ended(request.id, entry, fields)
     await store.finish(request.id, Entry(entry.type, entry.text, meta), fields, request_entry_id)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from tokenrelay import metrics
 from tokenrelay.store import XRANGE_PAGE, Store
 from tokenrelay.wire import Entry, entry_id_after
 
@@ -74,6 +75,11 @@ class Relay:
     def viewers(self) -> int:
         return sum(len(s) for s in self._subs.values())
 
+    def lags(self) -> list[int]:
+        """Per live viewer, entries read but not yet taken (an overflowed one: the limit)."""
+        subs = [s for group in self._subs.values() for s in group]
+        return [self._buffer_limit if s.overflowed else len(s.buffer) for s in subs]
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="tokenrelay-relay")
@@ -128,6 +134,7 @@ class Relay:
                 page = await store.read(question_id, last)
                 for entry in page:
                     last = entry.entry_id
+                    metrics.relayed(entry)
                     yield entry
                     if entry.terminal:
                         return
@@ -139,6 +146,7 @@ class Relay:
                     for entry in await store.read_all(question_id, last):
                         if not entry_id_after(entry.entry_id, cursor):
                             last = entry.entry_id
+                            metrics.relayed(entry)
                             yield entry
                             if entry.terminal:
                                 return
@@ -152,6 +160,7 @@ class Relay:
                         if not entry_id_after(entry.entry_id, last):
                             continue
                         last = entry.entry_id
+                        metrics.relayed(entry)
                         yield entry
                         if entry.terminal:
                             return

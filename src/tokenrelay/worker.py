@@ -17,6 +17,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from tokenrelay import metrics
 from tokenrelay.generation import Timeouts, fail_undeliverable, generate
 from tokenrelay.keys import WORKER_GROUP
 from tokenrelay.providers.base import Provider
@@ -73,6 +74,7 @@ class Worker:
     async def start(self) -> None:
         await self.store.ensure_group()
         self._writer.start()
+        metrics.SLOTS.inc(self._concurrency)
         self._loops = [
             asyncio.create_task(self._read_loop(), name=f"{self.name}-read"),
             asyncio.create_task(self._reclaim_loop(), name=f"{self.name}-reclaim"),
@@ -90,6 +92,7 @@ class Worker:
         if self._stopping:
             return
         self._stopping = True
+        metrics.SLOTS.dec(self._concurrency)
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -177,10 +180,12 @@ class Worker:
             name=f"answer-{request.id}",
         )
         self._inflight[entry_id] = task
+        metrics.SLOTS_IN_USE.inc()
         task.add_done_callback(lambda t: self._done(entry_id, t))
 
     def _done(self, entry_id: str, task: asyncio.Task[Any]) -> None:
         self._inflight.pop(entry_id, None)
+        metrics.SLOTS_IN_USE.dec()
         self._slot_free.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("answer task for request %s failed: %r", entry_id, task.exception())
@@ -227,6 +232,7 @@ class Worker:
             )
             deliveries = int(info[0]["times_delivered"]) if info else 1
             self.reclaimed += 1
+            metrics.RECLAIMED.inc()
             if not fields:
                 await self.store.ack(entry_id)
                 continue

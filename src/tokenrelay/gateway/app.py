@@ -12,10 +12,11 @@ import socketio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tokenrelay import metrics
 from tokenrelay.errors import InvalidInput, NotFound, StoreError
 from tokenrelay.gateway.http import router
 from tokenrelay.gateway.sockets import SocketGateway
@@ -109,6 +110,12 @@ def create_app(settings: Settings, *, workers: int | None = None) -> ASGIApp:
                 {"error": "the web page is not built; run `make web`"}, status_code=503
             )
         return FileResponse(index)
+
+    @api.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        svc = current()
+        body = await metrics.scrape(svc.store, svc.relay)
+        return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
 
     api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
     if origins:

@@ -13,6 +13,7 @@ from typing import Any
 
 import socketio
 
+from tokenrelay import metrics
 from tokenrelay.errors import InvalidInput, NotFound, TokenRelayError
 from tokenrelay.gateway.answers import whole_answer
 from tokenrelay.gateway.inputs import ask_input, question_id, watch_input
@@ -62,8 +63,10 @@ class SocketGateway:
 
     async def _connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         self._watches[sid] = {}
+        metrics.SOCKETS.inc()
 
     async def _disconnect(self, sid: str, reason: Any = None) -> None:
+        metrics.SOCKETS.dec()
         for task in self._watches.pop(sid, {}).values():
             task.cancel()
 
