@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     max_question_chars: int = Field(default=8_000, ge=1)
     max_topic_chars: int = Field(default=200, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated bearer tokens; set: asking, watching, cancelling need one",
+    )
+    rate_limit_per_min: int = Field(
+        default=0, ge=0, description="questions a minute per client (API key, else IP); 0: off"
+    )
     redis_pool_size: int = Field(default=8, ge=2, le=512)
     viewer_buffer: int = Field(default=1_000, ge=10)
 
@@ -119,6 +126,19 @@ class Settings(BaseSettings):
             if "*" in origins:
                 raise ValueError("'*' is not allowed; list the origins that may call tokenrelay")
             return origins
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [k.strip() for k in value.split(",") if k.strip()]
+        if isinstance(value, list):
+            for key in value:
+                raw = key.get_secret_value() if isinstance(key, SecretStr) else key
+                # The message never repeats a key: settings errors are printed and logged.
+                if not isinstance(raw, str) or len(raw) < 16 or not raw.isprintable() or " " in raw:
+                    raise ValueError("each key must be 16+ printable characters without spaces")
         return value
 
     @field_validator("key_prefix")

@@ -68,7 +68,10 @@ class Store:
             if "BUSYGROUP" not in str(e):
                 raise StoreError(f"cannot create consumer group: {e}") from e
 
-    async def ask(self, topic: str, question: str, model: str = "") -> QuestionRecord:
+    async def ask(
+        self, topic: str, question: str, model: str = "", owner: str = ""
+    ) -> QuestionRecord:
+        """Queue a question. `owner`, when set, names who may watch and cancel it."""
         question_id = new_question_id()
         created = now_ms()
         request = QuestionRequest(question_id, topic, question, model)
@@ -78,6 +81,8 @@ class Store:
             "status": Status.QUEUED.value,
             "created_ms": str(created),
         }
+        if owner:
+            record["owner"] = owner
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self.keys.question(question_id), mapping=record)  # type: ignore[arg-type]
             pipe.zadd(self.keys.history, {question_id: created})
@@ -97,6 +102,11 @@ class Store:
             raise NotFound(f"no question with id {question_id!r} (never asked, or expired)")
         return QuestionRecord.from_hash(question_id, h)
 
+    async def owner(self, question_id: str) -> str:
+        """Who asked (an API key's fingerprint), or "" for anyone or an unknown id."""
+        value: Any = await self.redis.hget(self.keys.question(question_id), "owner")
+        return str(value or "")
+
     async def request_cancel(self, question_id: str) -> QuestionRecord:
         record = await self.record(question_id)
         if record.status not in (Status.QUEUED, Status.STREAMING):
@@ -104,10 +114,26 @@ class Store:
         await self.redis.hset(self.keys.question(question_id), "cancel", "1")
         return record
 
-    async def history(self, limit: int) -> list[QuestionRecord]:
-        ids: Any = await self.redis.zrevrange(self.keys.history, 0, limit - 1)
+    async def history(self, limit: int, owner: str | None = None) -> list[QuestionRecord]:
+        """The newest `limit` questions; only `owner`'s when given."""
+        found: list[QuestionRecord] = []
+        start, page = 0, limit if owner is None else max(limit, 100)
+        # The index is bounded (history_max), so even a filtered scan is.
+        while len(found) < limit:
+            records, seen = await self._history_page(start, page, owner)
+            found.extend(records)
+            if seen < page or owner is None:
+                break
+            start += page
+        return found[:limit]
+
+    async def _history_page(
+        self, start: int, count: int, owner: str | None
+    ) -> tuple[list[QuestionRecord], int]:
+        """Records of ids [start, start+count) of the index, and how many ids there were."""
+        ids: Any = await self.redis.zrevrange(self.keys.history, start, start + count - 1)
         if not ids:
-            return []
+            return [], 0
         async with self.redis.pipeline(transaction=False) as pipe:
             for question_id in ids:
                 pipe.hgetall(self.keys.question(question_id))
@@ -115,7 +141,12 @@ class Store:
         expired = [qid for qid, h in zip(ids, hashes, strict=True) if not h]
         if expired:
             await self.redis.zrem(self.keys.history, *expired)
-        return [QuestionRecord.from_hash(qid, h) for qid, h in zip(ids, hashes, strict=True) if h]
+        records = [
+            QuestionRecord.from_hash(qid, h)
+            for qid, h in zip(ids, hashes, strict=True)
+            if h and (owner is None or h.get("owner", "") == owner)
+        ]
+        return records, len(ids)
 
     # -- reading answers --------------------------------------------------
 

@@ -14,10 +14,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenrelay import metrics
 from tokenrelay.errors import InvalidInput, NotFound, StoreError
+from tokenrelay.gateway.access import Access, RateLimited, Unauthorized
 from tokenrelay.gateway.http import router
 from tokenrelay.gateway.sockets import SocketGateway
 from tokenrelay.services import Services, open_services
@@ -29,23 +31,41 @@ STATIC_DIR = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 256 * 1024
 
 
+class BodyTooLarge(HTTPException):
+    """A body that grew past the limit while it was read (chunked, no Content-Length)."""
+
+
 class BodyLimit:
-    """413 for bodies over the limit, before anything parses them."""
+    """413 for bodies over the limit: at once from Content-Length, else while reading."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
-                    response = JSONResponse(
-                        {"error": f"request body over {self.limit} bytes"}, status_code=413
-                    )
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                response = JSONResponse(
+                    {"error": f"request body over {self.limit} bytes"}, status_code=413
+                )
+                await response(scope, receive, send)
+                return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # FastAPI re-raises HTTPExceptions from body reading; the handler answers.
+                    raise BodyTooLarge(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def _first_problem(exc: RequestValidationError) -> str:
@@ -59,7 +79,9 @@ def create_app(settings: Settings, *, workers: int | None = None) -> ASGIApp:
     """The gateway (plus `workers` in-process workers; default from settings)."""
     worker_count = settings.workers if workers is None else workers
     origins = list(settings.cors_origins)
+    # None: Socket.IO accepts only same-origin browsers unless origins are listed.
     sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins=origins or None)
+    access = Access(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,7 +106,8 @@ def create_app(settings: Settings, *, workers: int | None = None) -> ASGIApp:
         svc: Services = api.state.services
         return svc
 
-    api.state.sockets = SocketGateway(sio, current)
+    api.state.access = access
+    api.state.sockets = SocketGateway(sio, current, access)
 
     @api.exception_handler(InvalidInput)
     async def invalid(_: Request, exc: InvalidInput) -> JSONResponse:
@@ -93,6 +116,21 @@ def create_app(settings: Settings, *, workers: int | None = None) -> ASGIApp:
     @api.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @api.exception_handler(Unauthorized)
+    async def unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+
+    @api.exception_handler(RateLimited)
+    async def rate_limited(_: Request, exc: RateLimited) -> JSONResponse:
+        headers = {"Retry-After": str(int(exc.retry_after_s))}
+        return JSONResponse({"error": str(exc)}, status_code=429, headers=headers)
+
+    @api.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return JSONResponse({"error": exc.detail}, status_code=413)
 
     @api.exception_handler(StoreError)
     async def store_error(_: Request, exc: StoreError) -> JSONResponse:

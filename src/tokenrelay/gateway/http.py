@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request, Security
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from tokenrelay.gateway.access import Access, Caller
 from tokenrelay.gateway.answers import whole_answer
 from tokenrelay.gateway.inputs import ask_input, question_id
 from tokenrelay.services import Services
@@ -38,17 +40,47 @@ def services(request: Request) -> Services:
     return svc
 
 
+def access(request: Request) -> Access:
+    rules: Access = request.app.state.access
+    return rules
+
+
+_bearer = HTTPBearer(
+    auto_error=False, description="an API key; required when the server sets TOKENRELAY_API_KEYS"
+)
+
+
+def caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> Caller:
+    token = credentials.credentials if credentials is not None else None
+    address = request.client.host if request.client is not None else "unknown"
+    return access(request).caller(token, address)
+
+
+Who = Annotated[Caller, Depends(caller)]
+
+
+async def owned(request: Request, qid: str, who: Caller) -> str:
+    """The valid question id `qid` when `who` may see it; else 422 or 404."""
+    valid = question_id(qid)
+    await access(request).check_owner(services(request).store, valid, who)
+    return valid
+
+
 def error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
 @router.post("/api/questions", status_code=202, tags=["questions"])
-async def ask(body: AskBody, request: Request) -> Any:
+async def ask(body: AskBody, request: Request, who: Who) -> Any:
     """Ask a question. `stream: true` answers at once with the id; watch it over SSE or
     Socket.IO. `stream: false` waits and returns the whole answer."""
     svc = services(request)
     asked = ask_input(body.model_dump(), svc.settings)
-    record = await svc.store.ask(asked.topic, asked.question)
+    access(request).admit_question(who)
+    record = await svc.store.ask(asked.topic, asked.question, owner=who.owner)
     qid = record.id
     if asked.stream:
         return {
@@ -81,11 +113,12 @@ def _failed(qid: str, kind: EntryType, message: str) -> JSONResponse:
 
 
 @router.post("/askQuestionWithoutStream", tags=["seed"])
-async def ask_without_stream(body: SeedAskBody, request: Request) -> Any:
+async def ask_without_stream(body: SeedAskBody, request: Request, who: Who) -> Any:
     """The seed page's "Without Stream": `{topic, topicQuestion}` in, `{output}` out."""
     svc = services(request)
     asked = ask_input(body.model_dump(), svc.settings, question_field="topicQuestion")
-    record = await svc.store.ask(asked.topic, asked.question)
+    access(request).admit_question(who)
+    record = await svc.store.ask(asked.topic, asked.question, owner=who.owner)
     assert svc.relay is not None
     try:
         whole = await whole_answer(svc.relay, record.id)
@@ -97,17 +130,19 @@ async def ask_without_stream(body: SeedAskBody, request: Request) -> Any:
 
 
 @router.get("/api/questions", tags=["questions"])
-async def history(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Any:
-    """Recent questions, newest first."""
-    records = await services(request).store.history(limit)
+async def history(
+    request: Request, who: Who, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+) -> Any:
+    """Recent questions, newest first (with API keys: the caller's own)."""
+    records = await services(request).store.history(limit, access(request).history_owner(who))
     return {"questions": [r.public() for r in records]}
 
 
 @router.get("/api/questions/{qid}", tags=["questions"])
-async def question(qid: str, request: Request) -> Any:
+async def question(qid: str, request: Request, who: Who) -> Any:
     """The question record and its answer so far."""
     store = services(request).store
-    record = await store.record(question_id(qid))
+    record = await store.record(await owned(request, qid, who))
     entries = await store.read_all(record.id)
     return {
         "question": record.public(),
@@ -117,9 +152,9 @@ async def question(qid: str, request: Request) -> Any:
 
 
 @router.post("/api/questions/{qid}/cancel", status_code=202, tags=["questions"])
-async def cancel(qid: str, request: Request) -> Any:
+async def cancel(qid: str, request: Request, who: Who) -> Any:
     """Ask the worker to stop this answer; it ends with a `cancelled` entry."""
-    record = await services(request).store.request_cancel(question_id(qid))
+    record = await services(request).store.request_cancel(await owned(request, qid, who))
     return {
         "id": record.id,
         "status": record.status.value,
@@ -131,13 +166,14 @@ async def cancel(qid: str, request: Request) -> Any:
 async def events(
     qid: str,
     request: Request,
+    who: Who,
     after: Annotated[str | None, Query(description="resume after this entry ID")] = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Any:
     """Server-Sent Events: `id:` is the entry ID, `event:` its type, `data:` the same JSON
     as the Socket.IO `answer` event. Reconnect with `Last-Event-ID` or `?after=`."""
     svc = services(request)
-    record = await svc.store.record(question_id(qid))
+    record = await svc.store.record(await owned(request, qid, who))
     cursor = parse_cursor(last_event_id if last_event_id is not None else after)
     assert svc.relay is not None
     relay = svc.relay
@@ -155,10 +191,14 @@ async def events(
 async def healthz(request: Request) -> Any:
     svc = services(request)
     ok = await svc.store.ping()
+    queued = request.app.state.sockets.queued()
     body = {
         "status": "ok" if ok else "redis unavailable",
         "workers": len(svc.workers),
         "answers_in_progress": sum(w.busy for w in svc.workers),
         "viewers": svc.relay.viewers if svc.relay else 0,
+        # Socket.IO packets waiting for slow clients; bounded per socket (SOCKET_QUEUE_MAX).
+        "queued_packets": sum(queued),
+        "queued_packets_max": max(queued, default=0),
     }
     return JSONResponse(body, status_code=200 if ok else 503)

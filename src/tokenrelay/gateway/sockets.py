@@ -1,20 +1,23 @@
 """Socket.IO: the seed's `askQuestion`/`chunk` protocol and the richer ask/watch/cancel.
 
 Every watch is a task owned by its socket; a disconnect cancels them all, so no
-reader outlives its client.
+reader outlives its client. python-socketio queues emits without bound, so a watch
+waits while its socket's queue is full: the relay's bounded buffer then overflows and
+the watch catches up from Redis once the client reads again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import socketio
 
 from tokenrelay import metrics
 from tokenrelay.errors import InvalidInput, NotFound, TokenRelayError
+from tokenrelay.gateway.access import Access, Caller, Unauthorized, socket_address, socket_token
 from tokenrelay.gateway.answers import whole_answer
 from tokenrelay.gateway.inputs import ask_input, question_id, watch_input
 from tokenrelay.services import Services
@@ -24,12 +27,20 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, Any], Awaitable[Any]]
 
+# Packets waiting in engine.io's queue for one socket before its watches pause.
+SOCKET_QUEUE_MAX = 64
+MAX_WATCHES_PER_SOCKET = 100
+
 
 class SocketGateway:
-    def __init__(self, sio: socketio.AsyncServer, services: Callable[[], Services]) -> None:
+    def __init__(
+        self, sio: socketio.AsyncServer, services: Callable[[], Services], access: Access
+    ) -> None:
         self.sio = sio
         self._services = services
+        self._access = access
         self._watches: dict[str, dict[str, asyncio.Task[None]]] = {}
+        self._callers: dict[str, Caller] = {}
         sio.on("connect", self._connect)
         sio.on("disconnect", self._disconnect)
         for event, handler in (
@@ -44,6 +55,31 @@ class SocketGateway:
     @property
     def viewers(self) -> int:
         return sum(len(w) for w in self._watches.values())
+
+    def queued(self) -> list[int]:
+        """Per socket, the packets waiting to be written."""
+        queues = map(self._queue_of, list(self._watches))
+        return [q.qsize() for q in queues if q is not None]
+
+    def _queue_of(self, sid: str) -> asyncio.Queue[Any] | None:
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+        socket = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
+        queue = getattr(socket, "queue", None)
+        return queue if isinstance(queue, asyncio.Queue) else None
+
+    async def _emit(self, sid: str, event: str, data: Any) -> None:
+        """Emit once the socket has room: a slow client is caught up from Redis, not queued."""
+        delay_s = 0.005
+        while (queue := self._queue_of(sid)) is not None and queue.qsize() >= SOCKET_QUEUE_MAX:
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 0.1)
+        await self.sio.emit(event, data, to=sid)
+
+    def _caller(self, sid: str) -> Caller:
+        caller = self._callers.get(sid)
+        if caller is None:  # an event racing its socket's disconnect
+            raise Unauthorized("this connection is closed")
+        return caller
 
     def _guard(self, event: str, handler: Handler) -> Handler:
         """Bad input becomes an `error` event and an `{error}` ack, never a crash."""
@@ -62,19 +98,31 @@ class SocketGateway:
         return guarded
 
     async def _connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        try:
+            caller = self._access.caller(socket_token(auth, environ), socket_address(environ))
+        except Unauthorized as e:
+            raise socketio.exceptions.ConnectionRefusedError(str(e)) from e
+        self._callers[sid] = caller
         self._watches[sid] = {}
         metrics.SOCKETS.inc()
 
     async def _disconnect(self, sid: str, reason: Any = None) -> None:
         metrics.SOCKETS.dec()
+        self._callers.pop(sid, None)
         for task in self._watches.pop(sid, {}).values():
             task.cancel()
 
-    def _own(self, sid: str, key: str, coro: Awaitable[None]) -> None:
+    def _own(self, sid: str, key: str, coro: Coroutine[Any, Any, None]) -> None:
         watches = self._watches.setdefault(sid, {})
         old = watches.pop(key, None)
         if old is not None:
             old.cancel()
+        elif len(watches) >= MAX_WATCHES_PER_SOCKET:
+            coro.close()
+            raise InvalidInput(
+                f"this connection already watches {MAX_WATCHES_PER_SOCKET} answers; "
+                "unwatch one first"
+            )
         task = asyncio.ensure_future(coro)
         watches[key] = task
 
@@ -90,8 +138,10 @@ class SocketGateway:
 
     async def _ask_question(self, sid: str, data: Any) -> dict[str, str]:
         svc = self._services()
+        caller = self._caller(sid)
         asked = ask_input(data, svc.settings, question_field="topicQuestion", default_topic=None)
-        record = await svc.store.ask(asked.topic, asked.question)
+        self._access.admit_question(caller)
+        record = await svc.store.ask(asked.topic, asked.question, owner=caller.owner)
         self._own(sid, f"seed:{record.id}", self._relay_seed(sid, record.id))
         return {"id": record.id}
 
@@ -101,22 +151,24 @@ class SocketGateway:
         assert relay is not None
         async for entry in relay.follow(qid):
             if entry.type is EntryType.START:
-                await self.sio.emit("chunk", f"START:{qid};<br/>", to=sid)
+                await self._emit(sid, "chunk", f"START:{qid};<br/>")
             elif entry.type is EntryType.CHUNK:
-                await self.sio.emit("chunk", entry.text, to=sid)
+                await self._emit(sid, "chunk", entry.text)
             elif entry.terminal:
                 if entry.type is EntryType.ERROR:
-                    await self.sio.emit(
-                        "error", {"message": entry.text, "event": "askQuestion", "id": qid}, to=sid
+                    await self._emit(
+                        sid, "error", {"message": entry.text, "event": "askQuestion", "id": qid}
                     )
-                await self.sio.emit("chunk", f"<br/>;END:{qid}", to=sid)
+                await self._emit(sid, "chunk", f"<br/>;END:{qid}")
 
     # -- ask / watch / cancel -------------------------------------------------
 
     async def _ask(self, sid: str, data: Any) -> dict[str, Any]:
         svc = self._services()
+        caller = self._caller(sid)
         asked = ask_input(data, svc.settings)
-        record = await svc.store.ask(asked.topic, asked.question)
+        self._access.admit_question(caller)
+        record = await svc.store.ask(asked.topic, asked.question, owner=caller.owner)
         if asked.stream:
             return {"id": record.id}
         assert svc.relay is not None
@@ -131,7 +183,9 @@ class SocketGateway:
 
     async def _watch(self, sid: str, data: Any) -> dict[str, Any]:
         qid, after = watch_input(data)
-        record = await self._services().store.record(qid)  # NotFound for unknown ids
+        store = self._services().store
+        await self._access.check_owner(store, qid, self._caller(sid))
+        record = await store.record(qid)  # NotFound for unknown ids
         self._own(sid, qid, self._relay_answer(sid, record.id, after))
         return {"ok": True, "id": qid, "status": record.status.value}
 
@@ -139,7 +193,7 @@ class SocketGateway:
         relay = self._services().relay
         assert relay is not None
         async for entry in relay.follow(qid, after):
-            await self.sio.emit("answer", entry.event(qid), to=sid)
+            await self._emit(sid, "answer", entry.event(qid))
 
     async def _unwatch(self, sid: str, data: Any) -> dict[str, Any]:
         qid = question_id(data.get("id") if isinstance(data, dict) else data)
@@ -150,5 +204,7 @@ class SocketGateway:
 
     async def _cancel(self, sid: str, data: Any) -> dict[str, Any]:
         qid = question_id(data.get("id") if isinstance(data, dict) else data)
-        record = await self._services().store.request_cancel(qid)
+        store = self._services().store
+        await self._access.check_owner(store, qid, self._caller(sid))
+        record = await store.request_cancel(qid)
         return {"ok": True, "id": qid, "status": record.status.value}
