@@ -1,0 +1,209 @@
+"""Real processes for the fault scenarios: gateways, workers, the mock model, a Valkey.
+
+Each process is configured through its environment exactly as a deployment would be,
+runs from a scratch directory (so no developer `.env` leaks in), and logs to a file
+the test can read. Everything started is stopped on exit, killed if it must be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import psutil
+from redis.asyncio import Redis
+
+from tests.conftest import free_port
+
+START_TIMEOUT_S = 60.0
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """This process's environment without any tokenrelay, OpenAI or Redis setting, plus these."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TOKENRELAY_", "OPENAI_")) and k != "REDIS_URL"
+    }
+    env.update(settings)
+    return env
+
+
+@dataclass
+class Proc:
+    """One child process and its log."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    url: str = ""
+    port: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, acknowledge or flush."""
+        if self.alive:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        if self.alive:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return int(self.popen.returncode)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def rss_bytes(self) -> int:
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+
+@dataclass
+class Cluster:
+    """Start processes against one Redis and key prefix; `stop()` ends them all."""
+
+    workdir: Path
+    redis_url: str
+    prefix: str
+    settings: dict[str, str] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return clean_env(
+            REDIS_URL=self.redis_url,
+            TOKENRELAY_KEY_PREFIX=self.prefix,
+            TOKENRELAY_DATA_DIR=str(self.workdir / "data"),
+            **{**self.settings, **extra},
+        )
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = self.workdir / f"{name}.log"
+        with log.open("ab") as out:
+            popen = subprocess.Popen(
+                argv, env=env, cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    async def mock(self, name: str = "mock", port: int | None = None) -> Proc:
+        """The OpenAI-compatible mock model server, in its own process."""
+        port = port or free_port()
+        argv = [sys.executable, "-m", "tokenrelay.mockllm", "--port", str(port)]
+        proc = self._spawn(name, argv, clean_env())
+        proc.port, proc.url = port, f"http://127.0.0.1:{port}/v1"
+        await wait_http(proc, f"{proc.url}/models")
+        return proc
+
+    async def gateway(self, name: str = "gateway", workers: int = 0, **extra: str) -> Proc:
+        """`tokenrelay serve` (a gateway, plus `workers` in-process workers)."""
+        port = free_port()
+        argv = [
+            *_tokenrelay(),
+            "--log-level",
+            "warning",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ]
+        proc = self._spawn(name, argv, self.env(**extra))
+        proc.port, proc.url = port, f"http://127.0.0.1:{port}"
+        await wait_http(proc, f"{proc.url}/healthz")
+        return proc
+
+    async def worker(self, name: str = "worker", **extra: str) -> Proc:
+        """`tokenrelay worker`, ready once it says it is answering."""
+        argv = [*_tokenrelay(), "--log-level", "warning", "worker"]
+        proc = self._spawn(name, argv, self.env(**extra))
+        await wait_log(proc, "answering with")
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.alive:
+                proc.popen.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            with suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=20)
+            proc.kill()
+
+    async def __aenter__(self) -> Cluster:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+
+def _tokenrelay() -> list[str]:
+    return [sys.executable, "-m", "tokenrelay"]
+
+
+async def wait_http(proc: Proc, url: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=2) as client:
+        while time.monotonic() < deadline:
+            if not proc.alive:
+                raise RuntimeError(f"{proc.name} exited:\n{proc.text()[-3000:]}")
+            with suppress(httpx.TransportError):
+                if (await client.get(url)).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{proc.name} did not come up:\n{proc.text()[-3000:]}")
+
+
+async def wait_log(proc: Proc, text: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in proc.text():
+            return
+        if not proc.alive:
+            raise RuntimeError(f"{proc.name} exited:\n{proc.text()[-3000:]}")
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{proc.name} never logged {text!r}:\n{proc.text()[-3000:]}")
+
+
+async def redis_clients(redis: Redis, prefix: str = "tokenrelay-") -> dict[str, int]:
+    """Connections to Redis per client name (every tokenrelay process names its own)."""
+    counts: dict[str, int] = {}
+    clients: Any = await redis.client_list()
+    for c in clients:
+        name = c.get("name", "")
+        if name.startswith(prefix):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def processes_alive(procs: Iterator[Proc] | list[Proc]) -> list[str]:
+    """Names of the given processes that died."""
+    return [p.name for p in procs if not p.alive]
