@@ -221,8 +221,9 @@ async function replayCurrent() {
     return;
   }
   if (!current || current.id !== id) return;
-  const answer = newAnswer(id);
-  applyRecord(answer, { ...stored.question, status: "queued" });
+  // Only what was asked: the figures grow with the replay instead of showing the totals.
+  const { topic, question } = stored.question || {};
+  const answer = newAnswer(id, { topic, question });
   const final = current;
   current = answer;
   stopReplay = replay(
