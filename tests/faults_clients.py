@@ -53,6 +53,8 @@ class Viewer:
     # Seconds to wait after each chunk while `slow` is set (a slow reader).
     delay_s: float = 0.0
     slow: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once the gateway accepted the watch (SSE headers, Socket.IO watch acknowledged).
+    attached: asyncio.Event = field(default_factory=asyncio.Event)
     got: list[Got] = field(default_factory=list)
     connects: list[tuple[str, float]] = field(default_factory=list)  # (url, time)
     drops: list[float] = field(default_factory=list)
@@ -131,6 +133,7 @@ class Viewer:
                 raise OSError(f"answered {status.decode(errors='replace').strip()}")
             while (await reader.readline()) not in (b"\r\n", b""):
                 pass  # response headers
+            self.attached.set()
             await self._read_sse(reader)
         finally:
             writer.close()
@@ -186,6 +189,7 @@ class Viewer:
                     if not ack.get("ok"):
                         raise OSError(f"watch refused: {ack}")
                     acked = True
+                    self.attached.set()
                 elif message.startswith("42"):
                     event, data = orjson.loads(message[2:])[:2]
                     if event == "answer":
