@@ -15,6 +15,10 @@ def local_available() -> bool:
 
 def resolve_provider_name(settings: Settings) -> str:
     """`auto`: an OpenAI key or base URL means openai; else the local model if installed."""
+    if settings.provider == "langchain":
+        from tokenrelay.providers.langchain import check_setting
+
+        check_setting(settings)  # so `serve` fails in one line, before it starts
     if settings.provider != "auto":
         return settings.provider
     if settings.openai_api_key is not None or settings.openai_base_url:
@@ -42,4 +46,8 @@ def build_provider(settings: Settings) -> Provider:
         from tokenrelay.providers.local import LocalProvider
 
         return LocalProvider.from_settings(settings)
+    if name == "langchain":
+        from tokenrelay.providers.langchain import LangChainProvider
+
+        return LangChainProvider.from_settings(settings)
     raise ConfigError(f"invalid setting TOKENRELAY_PROVIDER: unknown provider {name!r}")
