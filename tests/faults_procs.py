@@ -119,13 +119,15 @@ class Cluster:
         await wait_http(proc, f"{proc.url}/models")
         return proc
 
-    async def gateway(self, name: str = "gateway", workers: int = 0, **extra: str) -> Proc:
+    async def gateway(
+        self, name: str = "gateway", workers: int = 0, log_level: str = "warning", **extra: str
+    ) -> Proc:
         """`tokenrelay serve` (a gateway, plus `workers` in-process workers)."""
         port = free_port()
         argv = [
             *_tokenrelay(),
             "--log-level",
-            "warning",
+            log_level,
             "serve",
             "--port",
             str(port),
