@@ -43,6 +43,18 @@ test: lint typecheck pytest
 test-faults: install
 	$(VENV)/bin/pytest -m faults $(PYTEST_ARGS)
 
+# The benchmark (docs/performance.md): the full sweep, under 30 minutes; results and plot in
+# bench/results/. `make bench BENCH_ARGS=--quick` runs a few cells in about three minutes.
+BENCH_STAMP := $(VENV)/.bench-stamp
+.PHONY: bench
+
+$(BENCH_STAMP): pyproject.toml | $(STAMP)
+	$(PIP) install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(VENV)/bin/tokenrelay-bench $(BENCH_ARGS)
+
 test-local: web
 	@bash scripts/install-local.sh
 	$(VENV)/bin/pytest -m local $(PYTEST_ARGS)

@@ -1,0 +1,5 @@
+import sys
+
+from tokenrelay.bench.harness import main
+
+sys.exit(main())

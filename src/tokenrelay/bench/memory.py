@@ -1,0 +1,66 @@
+"""Redis memory per finished answer, and proof that retention removes it."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Any
+
+from tokenrelay.bench.spec import question_for
+from tokenrelay.bench.stack import Stack
+
+EXPIRY_SLACK_S = 15.0
+
+
+async def measure_memory(stack: Stack, answers: int, tokens: int) -> dict[str, Any]:
+    """Ask `answers` questions of `tokens` tokens, wait for each to end, then read
+    MEMORY USAGE (exact: SAMPLES 0) of its answer stream and record; then wait out the
+    retention and check both keys are gone."""
+    assert stack.http is not None and stack.redis is not None
+    redis, keys = stack.redis, stack.keys
+
+    async def ask() -> str:
+        body = {"question": question_for(secrets.token_hex(8), tokens, 0), "stream": False}
+        assert stack.http is not None
+        async with stack.http.post(
+            f"{stack.gateway_url}/api/questions", json=body, timeout=None
+        ) as resp:
+            reply: Any = await resp.json()
+        if reply.get("status") != "done":
+            raise RuntimeError(f"memory check: the answer did not finish: {reply}")
+        return str(reply["id"])
+
+    ids = await asyncio.gather(*(ask() for _ in range(answers)))
+    sizes, chunks, ttls = [], [], []
+    for qid in ids:
+        stream: Any = await redis.memory_usage(keys.answer(qid), samples=0)
+        record: Any = await redis.memory_usage(keys.question(qid), samples=0)
+        sizes.append((int(stream), int(record)))
+        chunks.append(int(await redis.xlen(keys.answer(qid))))
+        ttls.append(int(await redis.ttl(keys.answer(qid))))
+    finished = time.monotonic()
+    retention_s = stack.config.retention_s
+    gone_after_s: float | None = None
+    while time.monotonic() - finished < retention_s + EXPIRY_SLACK_S:
+        remaining = 0
+        for qid in ids:
+            remaining += int(await redis.exists(keys.answer(qid), keys.question(qid)))
+        if remaining == 0:
+            gone_after_s = round(time.monotonic() - finished, 1)
+            break
+        await asyncio.sleep(0.25)
+    n = len(sizes)
+    stream_b = sum(s for s, _ in sizes) / n
+    record_b = sum(r for _, r in sizes) / n
+    return {
+        "answers": n,
+        "tokens": tokens,
+        "entries_per_answer": round(sum(chunks) / n, 1),
+        "stream_bytes": round(stream_b),
+        "record_bytes": round(record_b),
+        "total_bytes": round(stream_b + record_b),
+        "ttl_s_when_finished": max(ttls),
+        "retention_s": retention_s,
+        "gone_after_s": gone_after_s,
+    }

@@ -1,0 +1,171 @@
+"""Showing a sweep: a table on the terminal, Markdown for docs/performance.md, a PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+Run = dict[str, Any]
+
+COLUMNS = (
+    ("answers", 7),
+    ("view", 4),
+    ("rate", 5),
+    ("tok", 4),
+    ("mode", 8),
+    ("p50 ms", 8),
+    ("p99 ms", 8),
+    ("max ms", 8),
+    ("ttfc50", 7),
+    ("w99", 6),
+    ("g99", 6),
+    ("chunks/s", 9),
+    ("gw us", 6),
+    ("wk us", 6),
+    ("rd us", 6),
+    ("conns", 5),
+    ("ok", 3),
+)
+
+
+def _rate(rate: float) -> str:
+    return f"{rate:g}" if rate else "max"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def row(run: Run) -> list[str]:
+    lat, ttfc, cpu = run["latency_ms"], run["ttfc_ms"], run["cpu_us_per_chunk"]
+    hops = run.get("hops_ms")
+    return [
+        str(run["answers"]),
+        str(run["viewers"]),
+        _rate(run["rate"]),
+        str(run["tokens"]),
+        run["mode"],
+        _num(lat.get("p50"), 2),
+        _num(lat.get("p99"), 2),
+        _num(lat.get("max"), 1),
+        _num(ttfc.get("p50"), 0),
+        _num(hops["model_to_redis"].get("p99"), 0) if hops else "-",
+        _num(hops["redis_to_client"].get("p99"), 0) if hops else "-",
+        f"{run['chunks_per_s']:.0f}",
+        _num(cpu["gateway_per_delivery"], 0),
+        _num(cpu["worker_per_written"], 0),
+        _num(cpu["valkey_per_written"], 0),
+        str(run["redis_connections"]["gateway_max"]) if run["mode"] != "direct" else "-",
+        "yes" if run["complete"] else "NO",
+    ]
+
+
+def header() -> str:
+    return "  ".join(name.rjust(width) for name, width in COLUMNS)
+
+
+def line(run: Run) -> str:
+    return "  ".join(cell.rjust(width) for cell, (_, width) in zip(row(run), COLUMNS, strict=True))
+
+
+def targets_text(targets: list[dict[str, str]]) -> str:
+    lines = []
+    for t in targets:
+        note = f" ({t['note']})" if t.get("note") else ""
+        lines.append(f"[{t['status']}] {t['name']}: {t['measured']} — target {t['target']}{note}")
+    return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The run table and the targets, as Markdown."""
+    heads = [
+        "answers",
+        "viewers",
+        "tokens/s",
+        "tokens",
+        "transport",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "first chunk p50 ms",
+        "chunks/s",
+        "gateway µs/delivery",
+        "worker µs/chunk",
+        "valkey µs/chunk",
+        "gateway Redis conns",
+        "all delivered",
+    ]
+    out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    out += ["| " + " | ".join(row(run)) + " |" for run in result["runs"]]
+    out += ["", "| target | measured | result |", "|---|---|---|"]
+    for t in result["targets"]:
+        out.append(f"| {t['name']}: {t['target']} | {t['measured']} | **{t['status']}** |")
+    return "\n".join(out)
+
+
+def plot(result: dict[str, Any], path: Path) -> Path | None:
+    """Latency percentiles against concurrency, one panel per token rate. None without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs: list[Run] = result["runs"]
+    rates = sorted({r["rate"] for r in runs}, reverse=True)
+    fig, axes = plt.subplots(1, len(rates), figsize=(5.2 * len(rates), 4.2), squeeze=False)
+    colours = {"direct": "#777777", "socketio": "#1f77b4", "sse": "#d62728"}
+    for ax, rate in zip(axes[0], rates, strict=True):
+        for mode, colour in colours.items():
+            for viewers, marker in ((1, "o"), (10, "s")):
+                pts = sorted(
+                    (r["answers"], r["latency_ms"])
+                    for r in runs
+                    if r["rate"] == rate
+                    and r["mode"] == mode
+                    and r["viewers"] == viewers
+                    and r["latency_ms"].get("count")
+                )
+                if not pts:
+                    continue
+                xs = [a for a, _ in pts]
+                label = f"{mode}, {viewers} viewer{'s' if viewers > 1 else ''}"
+                alpha = 1.0 if viewers == 1 else 0.45
+                ax.plot(
+                    xs,
+                    [lat["p50"] for _, lat in pts],
+                    marker=marker,
+                    color=colour,
+                    alpha=alpha,
+                    label=f"{label} p50",
+                )
+                ax.plot(
+                    xs,
+                    [lat["p99"] for _, lat in pts],
+                    marker=marker,
+                    color=colour,
+                    alpha=alpha,
+                    linestyle="--",
+                    label=f"{label} p99",
+                )
+        if rate:
+            ax.axhline(50, color="#2ca02c", linewidth=0.8, linestyle=":", label="p99 target 50 ms")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent answers")
+        ax.set_ylabel("chunk latency, model send → client (ms)")
+        ax.set_title(f"{_rate(rate)} tokens/s" if rate else "unthrottled")
+        ax.grid(True, which="both", linewidth=0.3)
+    axes[0][0].legend(fontsize=6, loc="upper left", ncol=2)
+    machine = result["machine"]
+    fig.suptitle(
+        f"tokenrelay relay latency ({machine['cpu']}, {machine['cores']} cores, "
+        f"{result['name']} sweep)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
