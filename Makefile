@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-stamp
 WHEELS := $(HOME)/.cache/tokenrelay/wheels
 
-.PHONY: run test lint typecheck pytest install web browser test-local test-faults clean
+.PHONY: run test lint typecheck pytest install web browser test-local test-faults reliability clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ test: lint typecheck pytest
 
 test-faults: install
 	$(VENV)/bin/pytest -m faults $(PYTEST_ARGS)
+
+# The fault scenarios against real processes, then docs/reliability.md from their results.
+reliability: install
+	@out=$$(mktemp -d); \
+	TOKENRELAY_RELIABILITY_DIR=$$out $(VENV)/bin/pytest -m faults $(PYTEST_ARGS); status=$$?; \
+	$(PY) scripts/reliability_report.py $$out docs/reliability.md && rm -rf $$out; \
+	echo "wrote docs/reliability.md"; exit $$status
 
 # The benchmark (docs/performance.md): the full sweep, under 30 minutes; results and plot in
 # bench/results/. `make bench BENCH_ARGS=--quick` runs a few cells in about three minutes.

