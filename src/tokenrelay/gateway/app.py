@@ -21,6 +21,7 @@ from tokenrelay import metrics
 from tokenrelay.errors import InvalidInput, NotFound, StoreError
 from tokenrelay.gateway.access import Access, RateLimited, Unauthorized
 from tokenrelay.gateway.http import router
+from tokenrelay.gateway.openai_compat import router as openai_router
 from tokenrelay.gateway.sockets import SocketGateway
 from tokenrelay.services import Services, open_services
 from tokenrelay.settings import Settings
@@ -101,6 +102,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> ASGIApp:
         description="Stream LLM answers through Redis Streams, resumable.",
     )
     api.include_router(router)
+    api.include_router(openai_router)
 
     def current() -> Services:
         svc: Services = api.state.services

@@ -1,0 +1,237 @@
+"""The OpenAI front door: `POST /v1/chat/completions`, answered through the relay.
+
+Any OpenAI SDK client asks here and gets a tokenrelay answer: the last user message is
+the question, the topic comes from a `topic` body field (SDK: `extra_body`) or the
+`X-TokenRelay-Topic` header, else "General"; other messages and sampling options are not
+used (tokenrelay's prompt and the worker's model answer). The question id comes back in
+`X-TokenRelay-Id` and each streamed chunk carries its entry ID (`tokenrelay_entry_id`,
+also the SSE `id:`), so a dropped stream re-attaches: the same request with headers
+`X-TokenRelay-Id` (+ `X-TokenRelay-After: <entry id>`), or
+`GET /v1/chat/completions/{id}/stream?after=<entry id>`. Nothing is asked twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from tokenrelay.errors import InvalidInput, NotFound
+from tokenrelay.gateway.access import Caller, RateLimited, Unauthorized, bearer
+from tokenrelay.gateway.answers import whole_answer
+from tokenrelay.gateway.http import SSE_PING_S, access, services
+from tokenrelay.gateway.inputs import ask_input, question_id
+from tokenrelay.wire import Entry, EntryType, QuestionRecord, dumps, parse_cursor
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+ID_HEADER = "X-TokenRelay-Id"
+AFTER_HEADER = "X-TokenRelay-After"
+TOPIC_HEADER = "X-TokenRelay-Topic"
+DEFAULT_TOPIC = "General"
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape; `retry` feeds the SDK's `x-should-retry`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        *,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+        self.retry_after_s = retry_after_s
+
+    def response(self, qid: str = "") -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "model_error"
+        headers = {"x-should-retry": "true" if self.retry_after_s is not None else "false"}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(int(self.retry_after_s))
+        if qid:
+            headers[ID_HEADER] = qid
+        body = {"error": {"message": self.message, "type": kind, "param": None, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def _caller(request: Request) -> Caller:
+    address = request.client.host if request.client is not None else "unknown"
+    try:
+        return access(request).caller(bearer(request.headers.get("authorization")), address)
+    except Unauthorized as e:
+        raise OpenAIError(401, str(e), "invalid_api_key") from e
+
+
+def _question(messages: object) -> str:
+    """The text of the last user message (string content or text parts)."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInput("'messages' must be a non-empty list")
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            if isinstance(content, str):
+                return content
+    raise InvalidInput("'messages' needs a user message with text: it is the question")
+
+
+async def _attach(request: Request, body: dict[str, Any], who: Caller) -> tuple[str, str]:
+    """(question id, cursor): the question named by X-TokenRelay-Id, or a new one."""
+    svc = services(request)
+    if (named := request.headers.get(ID_HEADER)) is not None:
+        qid = question_id(named)
+        await access(request).check_owner(svc.store, qid, who)
+        await svc.store.record(qid)  # NotFound for unknown or expired ids
+        return qid, parse_cursor(request.headers.get(AFTER_HEADER))
+    topic = body.get("topic") or request.headers.get(TOPIC_HEADER) or DEFAULT_TOPIC
+    asked = ask_input({"topic": topic, "question": _question(body.get("messages"))}, svc.settings)
+    try:
+        access(request).admit_question(who)
+    except RateLimited as e:
+        raise OpenAIError(429, str(e), "rate_limit_exceeded", retry_after_s=e.retry_after_s) from e
+    record = await svc.store.ask(asked.topic, asked.question, owner=who.owner)
+    return record.id, "0-0"
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    """OpenAI's chat completions, streamed (`stream: true`) or whole."""
+    qid = ""
+    try:
+        who = _caller(request)
+        try:
+            body = await request.json()
+        except ValueError as e:
+            raise InvalidInput("the body must be a JSON object") from e
+        if not isinstance(body, dict) or not isinstance(body.get("stream", False), bool):
+            raise InvalidInput("the body must be a JSON object; 'stream' true or false")
+        qid, cursor = await _attach(request, body, who)
+        record = await services(request).store.record(qid)
+        if body.get("stream"):
+            options = body.get("stream_options")
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            return _stream(request, record, cursor, usage=usage)
+        return await _whole(request, record)
+    except InvalidInput as e:
+        return OpenAIError(400, str(e)).response(qid)
+    except NotFound as e:
+        return OpenAIError(404, str(e), "not_found").response(qid)
+    except OpenAIError as e:
+        return e.response(qid)
+
+
+@router.get("/chat/completions/{qid}/stream")
+async def reattach(
+    qid: str,
+    request: Request,
+    after: Annotated[str | None, Query(description="resume after this entry ID")] = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Response:
+    """Re-attach to a streamed completion: the chunks after `after` (or `Last-Event-ID`)."""
+    try:
+        valid = question_id(qid)
+        await access(request).check_owner(services(request).store, valid, _caller(request))
+        record = await services(request).store.record(valid)
+        cursor = parse_cursor(last_event_id if last_event_id is not None else after)
+    except InvalidInput as e:
+        return OpenAIError(400, str(e)).response()
+    except NotFound as e:
+        return OpenAIError(404, str(e), "not_found").response()
+    except OpenAIError as e:
+        return e.response()
+    return _stream(request, record, cursor, usage=False)
+
+
+def _head(record: QuestionRecord, model: str) -> dict[str, Any]:
+    created = record.created_ms // 1000
+    return {"id": f"chatcmpl-{record.id}", "created": created, "model": model or "tokenrelay"}
+
+
+def _failure(entry: Entry) -> OpenAIError:
+    if entry.type is EntryType.CANCELLED:
+        return OpenAIError(409, "the answer was cancelled", "cancelled")
+    kind = str(entry.meta.get("kind") or "model_error")
+    return OpenAIError(502, entry.text or "the model failed to answer", kind)
+
+
+def _stream(request: Request, record: QuestionRecord, cursor: str, *, usage: bool) -> Response:
+    relay = services(request).relay
+    assert relay is not None
+    head = {**_head(record, record.model), "object": "chat.completion.chunk"}
+
+    def chunk(entry: Entry, delta: dict[str, str], finish: str | None = None) -> ServerSentEvent:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        data = {**head, "choices": [choice], "tokenrelay_entry_id": entry.entry_id}
+        return ServerSentEvent(data=dumps(data), id=entry.entry_id)
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        async for entry in relay.follow(record.id, cursor):
+            if entry.type is EntryType.START:
+                head["model"] = str(entry.meta.get("model") or head["model"])
+                yield chunk(entry, {"role": "assistant", "content": ""})
+            elif entry.type is EntryType.CHUNK:
+                yield chunk(entry, {"content": entry.text})
+            elif entry.type is EntryType.RESTART:
+                # Text already sent cannot be taken back in this protocol: end, say how to go on.
+                message = (
+                    "a worker restarted this answer with a different text; re-attach with "
+                    f"{AFTER_HEADER}: {entry.entry_id} to read the new one"
+                )
+                yield _error_event(OpenAIError(502, message, "restart"), entry)
+                return
+            elif entry.type is EntryType.END:
+                yield chunk(entry, {}, str(entry.meta.get("finish_reason") or "stop"))
+                if usage:
+                    figures = {**head, "choices": [], "usage": _usage(entry)}
+                    yield ServerSentEvent(data=dumps(figures), id=entry.entry_id)
+                yield ServerSentEvent(data="[DONE]")
+            elif entry.terminal:
+                yield _error_event(_failure(entry), entry)
+
+    return EventSourceResponse(events(), ping=SSE_PING_S, headers={ID_HEADER: record.id})
+
+
+def _error_event(error: OpenAIError, entry: Entry) -> ServerSentEvent:
+    body = {"message": error.message, "type": "model_error", "param": None, "code": error.code}
+    return ServerSentEvent(data=dumps({"error": body}), id=entry.entry_id)
+
+
+def _usage(end: Entry) -> dict[str, int]:
+    prompt, completion = (
+        int(end.meta.get("prompt_tokens", 0)),
+        int(end.meta.get("completion_tokens", 0)),
+    )
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+async def _whole(request: Request, record: QuestionRecord) -> Response:
+    svc = services(request)
+    assert svc.relay is not None
+    try:
+        whole = await whole_answer(svc.relay, record.id)
+    except TimeoutError:
+        late = "the answer did not finish in time; it goes on: re-attach with stream: true"
+        return OpenAIError(504, late, "timeout").response(record.id)
+    if not whole.ok:
+        return _failure(whole.last).response(record.id)
+    done = await svc.store.record(record.id)
+    message = {"role": "assistant", "content": whole.text, "refusal": None}
+    reason = str(whole.last.meta.get("finish_reason") or "stop")
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+    completion = {
+        **_head(done, done.model),
+        "object": "chat.completion",
+        "choices": [choice],
+        "usage": _usage(whole.last),
+    }
+    return JSONResponse(completion, headers={ID_HEADER: record.id})
