@@ -130,6 +130,11 @@ def create_app(settings: Settings, *, workers: int | None = None) -> ASGIApp:
         headers = {"Retry-After": str(int(exc.retry_after_s))}
         return JSONResponse({"error": str(exc)}, status_code=429, headers=headers)
 
+    @api.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        # FastAPI's own errors (unknown route, bad method, unreadable body) say {"error"} too.
+        return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
+
     @api.exception_handler(BodyTooLarge)
     async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, status_code=413)
