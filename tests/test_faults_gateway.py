@@ -91,7 +91,7 @@ async def test_gateway_killed_mid_answer_viewers_resume_on_another(
     )
     record(
         "Gateway SIGKILLed mid-answer",
-        order=10,
+        order=100,
         load=f"{VIEWERS} viewers (25 SSE, 25 Socket.IO) on {ANSWERS} answers of {TOKENS} chunks",
         faults="SIGKILL gateway A after 10+ chunks; viewers reconnect to gateway B",
         lost=counts.lost,

@@ -99,7 +99,7 @@ async def test_thousand_viewers_on_hundred_answers(
     ok = counts.lost == counts.doubled == counts.unfinished == 0 and texts_ok and constant
     record(
         "1,000 viewers on 100 answers, one gateway",
-        order=60,
+        order=600,
         load=f"{VIEWERS} viewers (500 SSE, 500 Socket.IO) on {ANSWERS} concurrent answers "
         f"of {TOKENS} chunks at 10/s",
         faults="none (load)",

@@ -151,7 +151,7 @@ async def test_model_faults_end_in_readable_errors_and_the_worker_keeps_serving(
         )
         record(
             f"Model fault: {row['fault']}",
-            order=40 + n,
+            order=400 + n,
             load="1 answer, 2 viewers (SSE + Socket.IO)",
             faults=row["fault"],
             lost=row["lost"],

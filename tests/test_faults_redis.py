@@ -135,7 +135,7 @@ async def test_redis_restart_keeps_history_and_everyone_reconnects(tmp_path: Pat
     )
     record(
         "Redis (embedded Valkey, AOF) restarted",
-        order=30,
+        order=300,
         load="3 finished answers; 3 answers of 100 chunks at 10/s, 6 viewers (SSE + Socket.IO)",
         faults=f"SHUTDOWN Valkey mid-answer, {DOWN_S:g} s down, restart on the same port from "
         "its AOF",

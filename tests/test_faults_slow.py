@@ -183,7 +183,7 @@ async def test_slow_viewer_neither_slows_others_nor_grows_gateway_memory(
     )
     record(
         "Slow viewers beside 100 fast ones",
-        order=50,
+        order=500,
         load=f"{FAST} fast viewers on {ANSWERS} answers of 60 chunks; 2 slow viewers (SSE, "
         f"Socket.IO) on a {BIG}-chunk answer of {BIG * BIG_CHUNK / 1e6:g} MB",
         faults="slow viewers read 1 chunk/s with a 4 KiB receive buffer, then catch up",

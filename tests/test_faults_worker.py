@@ -104,7 +104,7 @@ async def test_killed_worker_answers_reclaimed_and_continued(
     ok = counts.lost == counts.doubled == 0 and seamless and not pending_after
     record(
         "Worker SIGKILLed mid-generation (mock OpenAI model)",
-        order=20,
+        order=200,
         load=f"{ANSWERS} answers of 60 chunks at 15/s, {len(viewers)} viewers (SSE + Socket.IO)",
         faults=f"SIGKILL the worker after 15 chunks; a second worker, reclaim idle {IDLE_MS} ms",
         lost=counts.lost,
@@ -182,7 +182,7 @@ async def test_killed_worker_with_different_regeneration_restarts_or_fails(
     assert [r["status"] for r in records] == ["done", "failed"]
     record(
         "Worker killed, regeneration differs / keeps dying",
-        order=21,
+        order=201,
         load="1 answer of 40 chunks, 2 viewers; then 1 answer, 1 viewer",
         faults="SIGKILL the worker; the next worker's model answers differently; "
         "then two workers SIGKILLed in turn (delivery limit 2)",
