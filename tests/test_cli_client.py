@@ -213,3 +213,13 @@ async def test_server_flag_beats_the_environment(gateway_url: str) -> None:
     assert code == 0 and out == TEXT + "\n"
     async with httpx.AsyncClient(base_url=gateway_url) as http:
         assert (await http.get("/api/questions")).json()["questions"][0]["question"] == "Which?"
+
+
+async def test_api_key_from_the_environment(make_settings: Callable[..., Settings]) -> None:
+    key = "cli-key-0123456789abcdef"
+    async with running_gateway(make_settings(scripted_text=TEXT, api_keys=key)) as url:
+        code, _, err = await run("ask", "Hi?", "--server", url)
+        assert code == 2 and "(401)" in err and key not in err
+        env = environment(TOKENRELAY_API_KEY=key, TOKENRELAY_SERVER=url)
+        code, out, _ = await run("ask", "Hi?", "--no-stream", env=env)
+        assert code == 0 and out == TEXT + "\n"

@@ -186,3 +186,14 @@ async def test_errors_are_typed_and_readable(make_settings: Callable[..., Settin
                 await client.ask(f"Key? {directive(fail=401)}", stream=False)
     assert empty.value.status == 422 and unknown.value.status == 404
     assert failed.value.kind == "auth" and "OPENAI_API_KEY" in str(failed.value)
+
+
+async def test_api_key_goes_as_a_bearer_token(make_settings: Callable[..., Settings]) -> None:
+    key = "client-key-0123456789abcdef"
+    async with running_gateway(make_settings(scripted_text=TEXT, api_keys=key)) as url:
+        async with Client(url) as anonymous:
+            with pytest.raises(RequestRejected, match="API key is required") as refused:
+                await anonymous.ask("Hi?")
+        async with Client(url, api_key=key) as client:
+            answer = await client.ask("Hi?", stream=False)
+    assert refused.value.status == 401 and answer.text == TEXT

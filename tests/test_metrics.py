@@ -57,9 +57,11 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def process(*args: str, env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
+async def process(
+    *args: str, env: dict[str, str], module: str = "tokenrelay"
+) -> AsyncIterator[asyncio.subprocess.Process]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenrelay", *args, env=env, stderr=asyncio.subprocess.PIPE
+        sys.executable, "-m", module, *args, env=env, stderr=asyncio.subprocess.PIPE
     )
     try:
         yield proc
@@ -228,3 +230,27 @@ async def test_plain_log_line_per_answer(make_settings: Callable[..., Settings])
     (line,) = [line for line in lines if qid in line]
     assert f"tokenrelay.answers: question {qid} done: " in line
     assert "chunks=30" in line and "ttft_ms=" in line and "completion_tokens=30" in line
+
+
+async def test_uvicorn_worker_processes_as_deployment_documents(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """docs/deployment.md: `uvicorn --factory ... --workers 2` gateways, a separate worker."""
+    settings = make_settings(scripted_text=WORDS, scripted_rate=200.0)
+    port = free_port()
+    env = env_for(settings, TOKENRELAY_WORKERS="0")
+    factory = "tokenrelay.gateway.app:from_environment"
+    uvicorn = ("--factory", factory, "--workers", "2", "--port", str(port))
+    async with (
+        process(*uvicorn, env=env, module="uvicorn"),
+        process("worker", env=env),
+    ):
+        url = f"http://127.0.0.1:{port}"
+        await wait_for_metrics(url, "tokenrelay_worker_slots", 0)
+        answers = []
+        for n in range(4):  # a new connection each: either process may take it
+            async with Client(url) as client:
+                answers.append(await client.ask(f"Which process? {n}", stream=False))
+        gateway = await scrape(url)
+    assert [a.text for a in answers] == [WORDS] * 4
+    assert sample(gateway, "tokenrelay_worker_slots") == 0  # answered by the worker process
