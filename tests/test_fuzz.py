@@ -8,6 +8,7 @@ hang, and the process is healthy and its log clean afterwards.
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 import subprocess
@@ -170,6 +171,15 @@ def test_id_cursor_and_query_endpoints(gateway: Gateway, qid: str, after: str, l
         _clear_4xx(gateway.http.get(events, headers={"Last-Event-ID": header}))
 
 
+def test_a_cursor_past_the_end_is_refused_not_waited_on(gateway: Gateway, sock: SocketIO) -> None:
+    """Found by the fuzzing above: such a watch used to wait forever for entries."""
+    future = f"{int(time.time() * 1000) + 10**9}-0"
+    r = gateway.http.get(f"/api/questions/{gateway.qid}/events", params={"after": future})
+    assert r.status_code == 422 and "past this answer's last entry" in r.json()["error"]
+    ack = sock.call("watch", {"id": gateway.qid, "after": future})
+    assert "past this answer's last entry" in ack["error"]
+
+
 def test_huge_and_chunked_bodies(gateway: Gateway) -> None:
     megabyte = {"topic": "Redis", "question": "x" * (1024 * 1024)}
     r = gateway.http.post("/api/questions", json=megabyte)
@@ -215,7 +225,8 @@ class SocketIO:
     def call(self, event: str, data: Any) -> Any:
         self.next_id += 1
         ack = f"43{self.next_id}"
-        self.ws.send(f"42{self.next_id}" + orjson.dumps([event, data]).decode())
+        # The standard library's json: it also writes integers past 64 bits.
+        self.ws.send(f"42{self.next_id}" + json.dumps([event, data]))
         deadline = time.monotonic() + TIMEOUT_S
         while time.monotonic() < deadline:
             message = str(self.ws.recv(timeout=TIMEOUT_S))

@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from tokenrelay.gateway.access import Access, Caller
 from tokenrelay.gateway.answers import whole_answer
-from tokenrelay.gateway.inputs import ask_input, question_id
+from tokenrelay.gateway.inputs import ask_input, question_id, reachable_cursor
 from tokenrelay.services import Services
 from tokenrelay.store import answer_text
 from tokenrelay.wire import EntryType, dumps, parse_cursor
@@ -175,6 +175,7 @@ async def events(
     svc = services(request)
     record = await svc.store.record(await owned(request, qid, who))
     cursor = parse_cursor(last_event_id if last_event_id is not None else after)
+    cursor = await reachable_cursor(svc.store, record.id, cursor)
     assert svc.relay is not None
     relay = svc.relay
 

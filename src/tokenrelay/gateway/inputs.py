@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from tokenrelay.errors import InvalidInput
 from tokenrelay.keys import is_question_id
 from tokenrelay.settings import Settings
-from tokenrelay.wire import parse_cursor
+from tokenrelay.store import Store
+from tokenrelay.wire import entry_id_after, parse_cursor
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,3 +75,16 @@ def watch_input(payload: object) -> tuple[str, str]:
     if after is not None and not isinstance(after, str):
         raise InvalidInput("'after' must be an entry ID string like '1700000000000-0'")
     return question_id(data.get("id")), parse_cursor(after)
+
+
+async def reachable_cursor(store: Store, question_id: str, cursor: str) -> str:
+    """`cursor`, unless it lies past the answer's last entry: nothing would ever follow it,
+    and a watch from there would wait forever."""
+    if cursor != "0-0":
+        last = await store.last_entry_id(question_id)
+        if entry_id_after(cursor, last):
+            raise InvalidInput(
+                f"cursor {cursor!r} is past this answer's last entry {last!r}; "
+                "resume after an entry ID you received"
+            )
+    return cursor

@@ -19,7 +19,7 @@ from tokenrelay import metrics
 from tokenrelay.errors import InvalidInput, NotFound, TokenRelayError
 from tokenrelay.gateway.access import Access, Caller, Unauthorized, socket_address, socket_token
 from tokenrelay.gateway.answers import whole_answer
-from tokenrelay.gateway.inputs import ask_input, question_id, watch_input
+from tokenrelay.gateway.inputs import ask_input, question_id, reachable_cursor, watch_input
 from tokenrelay.services import Services
 from tokenrelay.wire import EntryType
 
@@ -186,6 +186,7 @@ class SocketGateway:
         store = self._services().store
         await self._access.check_owner(store, qid, self._caller(sid))
         record = await store.record(qid)  # NotFound for unknown ids
+        after = await reachable_cursor(store, qid, after)
         self._own(sid, qid, self._relay_answer(sid, record.id, after))
         return {"ok": True, "id": qid, "status": record.status.value}
 
