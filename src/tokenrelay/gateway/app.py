@@ -17,14 +17,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenrelay import metrics
+from tokenrelay import logs, metrics
 from tokenrelay.errors import InvalidInput, NotFound, StoreError
 from tokenrelay.gateway.access import Access, RateLimited, Unauthorized
 from tokenrelay.gateway.http import router
 from tokenrelay.gateway.openai_compat import router as openai_router
 from tokenrelay.gateway.sockets import SocketGateway
 from tokenrelay.services import Services, open_services
-from tokenrelay.settings import Settings
+from tokenrelay.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +173,11 @@ def create_app(settings: Settings, *, workers: int | None = None) -> ASGIApp:
     api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     asgi: ASGIApp = socketio.ASGIApp(sio, other_asgi_app=api)
     return asgi
+
+
+def from_environment() -> ASGIApp:
+    """For process managers that start the app themselves, with settings from the
+    environment: `uvicorn --factory tokenrelay.gateway.app:from_environment`."""
+    settings = load_settings()
+    logs.configure("info", json=settings.log_json)
+    return create_app(settings)
