@@ -13,8 +13,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
+# The suite type-checks and smoke-runs the benchmark too, so its extra comes with the tests.
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,bench]'
 	touch $@
 
 install: $(STAMP)
@@ -52,14 +53,9 @@ reliability: install
 
 # The benchmark (docs/performance.md): the full sweep, under 30 minutes; results and plot in
 # bench/results/. `make bench BENCH_ARGS=--quick` runs a few cells in about three minutes.
-BENCH_STAMP := $(VENV)/.bench-stamp
 .PHONY: bench
 
-$(BENCH_STAMP): pyproject.toml | $(STAMP)
-	$(PIP) install --quiet -e '.[test,bench]'
-	touch $@
-
-bench: $(BENCH_STAMP)
+bench: $(STAMP)
 	$(VENV)/bin/tokenrelay-bench $(BENCH_ARGS)
 
 test-local: web
