@@ -91,6 +91,9 @@ async def test_a_cut_stream_re_attaches_without_asking_again(gateway_url: str) -
         async with http.stream("GET", url) as response:
             assert response.headers["x-tokenrelay-id"] == qid
             lines = [line async for line in response.aiter_lines() if line.startswith("data:")]
+        future = f"{int(ids[-1].split('-')[0]) + 10**9}-0"
+        late = await http.get(f"/v1/chat/completions/{qid}/stream", params={"after": future})
+    assert late.status_code == 400 and "past this answer's last entry" in late.text
     assert [q["id"] for q in questions] == [qid]  # asked once
     assert lines[-1] == "data: [DONE]" and f'"tokenrelay_entry_id":"{ids[21]}"' in lines[0]
 

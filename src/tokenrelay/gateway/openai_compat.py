@@ -23,7 +23,7 @@ from tokenrelay.errors import InvalidInput, NotFound
 from tokenrelay.gateway.access import Caller, RateLimited, Unauthorized, bearer
 from tokenrelay.gateway.answers import whole_answer
 from tokenrelay.gateway.http import SSE_PING_S, access, services
-from tokenrelay.gateway.inputs import ask_input, question_id
+from tokenrelay.gateway.inputs import ask_input, question_id, reachable_cursor
 from tokenrelay.wire import Entry, EntryType, QuestionRecord, dumps, parse_cursor
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -88,7 +88,8 @@ async def _attach(request: Request, body: dict[str, Any], who: Caller) -> tuple[
         qid = question_id(named)
         await access(request).check_owner(svc.store, qid, who)
         await svc.store.record(qid)  # NotFound for unknown or expired ids
-        return qid, parse_cursor(request.headers.get(AFTER_HEADER))
+        cursor = parse_cursor(request.headers.get(AFTER_HEADER))
+        return qid, await reachable_cursor(svc.store, qid, cursor)
     topic = body.get("topic") or request.headers.get(TOPIC_HEADER) or DEFAULT_TOPIC
     asked = ask_input({"topic": topic, "question": _question(body.get("messages"))}, svc.settings)
     try:
@@ -139,6 +140,7 @@ async def reattach(
         await access(request).check_owner(services(request).store, valid, _caller(request))
         record = await services(request).store.record(valid)
         cursor = parse_cursor(last_event_id if last_event_id is not None else after)
+        cursor = await reachable_cursor(services(request).store, valid, cursor)
     except InvalidInput as e:
         return OpenAIError(400, str(e)).response()
     except NotFound as e:
