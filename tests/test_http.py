@@ -159,3 +159,27 @@ async def test_queued_answer_reaches_a_worker_started_later(
         async with running_gateway(settings, workers=1):
             seen = [e.event async for e in events(client, f"/api/questions/{qid}/events")]
         assert seen[0] == "start" and seen[-1] == "end"
+
+
+async def test_cors_lets_allowed_origins_use_the_front_door_headers(
+    make_settings: Callable[..., Settings],
+) -> None:
+    origin = "https://app.example"
+    async with (
+        running_gateway(make_settings(cors_origins=[origin])) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        r = await client.options(
+            "/v1/chat/completions",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-tokenrelay-id, x-tokenrelay-after",
+            },
+        )
+        assert r.status_code == 200
+        assert "x-tokenrelay-id" in r.headers["access-control-allow-headers"].lower()
+        r = await client.get("/healthz", headers={"Origin": origin})
+        assert r.headers["access-control-expose-headers"] == "X-TokenRelay-Id"
+        r = await client.get("/healthz", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers

@@ -29,6 +29,7 @@ from tokenrelay.settings import Settings, load_settings
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+FRONT_DOOR_HEADERS = ["X-TokenRelay-Id", "X-TokenRelay-After", "X-TokenRelay-Topic"]
 MAX_BODY_BYTES = 256 * 1024
 
 
@@ -168,7 +169,9 @@ def create_app(settings: Settings, *, workers: int | None = None) -> ASGIApp:
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Content-Type", "Authorization", "Last-Event-ID"],
+            allow_headers=["Content-Type", "Authorization", "Last-Event-ID", *FRONT_DOOR_HEADERS],
+            # A browser script on an allowed origin reads the id to re-attach a cut stream.
+            expose_headers=["X-TokenRelay-Id"],
         )
     api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     asgi: ASGIApp = socketio.ASGIApp(sio, other_asgi_app=api)
