@@ -15,17 +15,15 @@ from pathlib import Path
 import httpx
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, BrowserContext, async_playwright
+from playwright.async_api import Browser, BrowserContext
 
 from tests.web_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     ROOT,
     Tab,
     build_bundle,
+    chromium,
     markers,
     open_tab,
-    require_browser,
 )
 from tests.web_server import ServerProcess, free_port, mock_model, serve
 from tokenrelay.mockllm import directive
@@ -62,15 +60,8 @@ def bundle() -> None:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def browser() -> AsyncIterator[Browser]:
-    require_browser()
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
+    async with chromium() as launched:
+        yield launched
 
 
 def scripted_env(rate: float = SCRIPT_RATE) -> dict[str, str]:
@@ -147,6 +138,9 @@ async def test_answer_streams_incrementally_as_markdown_with_figures(
 ) -> None:
     tab = await open_tab(context, scripted.url)
     assert await tab.page.get_by_label("Topic").input_value() == "Redis"
+    # Without TOKENRELAY_API_KEYS nothing of API keys shows.
+    assert await tab.page.get_by_label("API key").is_hidden()
+    assert await tab.page.get_by_role("button", name="Forget key").is_hidden()
     await tab.ask("Why do answers go through Redis Streams?")
 
     seen = await tab.watch_growth(until="done")

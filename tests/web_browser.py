@@ -8,13 +8,23 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from playwright.async_api import BrowserContext, ConsoleMessage, Dialog, Error, Page
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Dialog,
+    Error,
+    Page,
+    async_playwright,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -41,6 +51,20 @@ def require_browser() -> None:
             f"{why}; TOKENRELAY_REQUIRE_BROWSER=1 demands the browser tests run", pytrace=False
         )
     pytest.skip(why)
+
+
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Browser]:
+    """Headless Chromium for a test module (skipped or failed as `require_browser` says)."""
+    require_browser()
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
 
 
 def build_bundle() -> None:
@@ -70,9 +94,11 @@ class Tab:
     requests: list[str] = field(default_factory=list)
     _pending: set[asyncio.Future[None]] = field(default_factory=set)
 
-    async def goto(self, path: str = "/") -> None:
+    async def goto(self, path: str = "/", *, connected: bool = True) -> None:
+        """Open `path`; wait until the socket is connected unless `connected` is False."""
         await self.page.goto(self.base_url + path)
-        await self.page.wait_for_selector('#conn[data-state="connected"]', timeout=15_000)
+        if connected:
+            await self.page.wait_for_selector('#conn[data-state="connected"]', timeout=15_000)
 
     @property
     def question_id(self) -> str | None:
@@ -83,9 +109,9 @@ class Tab:
         """Type like a person: topic, question, the checkbox, then Enter in the question box."""
         page = self.page
         if topic is not None:
-            await page.get_by_label("Topic").fill(topic)
+            await page.get_by_label("Topic", exact=True).fill(topic)
         await page.get_by_label("Without stream").set_checked(not stream)
-        box = page.get_by_label("Question")
+        box = page.get_by_label("Question", exact=True)
         await box.fill(question)
         await box.press("Enter")
 
@@ -146,7 +172,9 @@ class Tab:
         return {k: (await self.page.inner_text(sel)).strip() for k, sel in names.items()}
 
 
-async def open_tab(context: BrowserContext, base_url: str, path: str = "/") -> Tab:
+async def open_tab(
+    context: BrowserContext, base_url: str, path: str = "/", *, connected: bool = True
+) -> Tab:
     page = await context.new_page()
     tab = Tab(page, base_url)
 
@@ -167,7 +195,7 @@ async def open_tab(context: BrowserContext, base_url: str, path: str = "/") -> T
     page.on("console", on_console)
     page.on("pageerror", on_page_error)
     page.on("request", lambda request: tab.requests.append(request.url))
-    await tab.goto(path)
+    await tab.goto(path, connected=connected)
     return tab
 
 

@@ -1,9 +1,19 @@
-// The HTTP JSON API. Errors come back as {error: "message"}; they become Error(message).
+// The HTTP JSON API. Errors come back as {error: "message"}; they become Error(message),
+// with `status` (the HTTP status) and `reason` (the server's own words).
+
+let apiKey = "";
+
+/** The key sent as `Authorization: Bearer` on every call from now on ("" for none). */
+export function useApiKey(key) {
+  apiKey = key;
+}
 
 async function getJSON(url, init) {
+  const headers = { Accept: "application/json" };
+  if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
   let response;
   try {
-    response = await fetch(url, { headers: { Accept: "application/json" }, ...init });
+    response = await fetch(url, { headers, ...init });
   } catch (e) {
     throw new Error(`The server cannot be reached (${e.message}).`);
   }
@@ -17,6 +27,7 @@ async function getJSON(url, init) {
     const why = body && typeof body.error === "string" ? body.error : response.statusText;
     const error = new Error(`${why || "request failed"} (HTTP ${response.status})`);
     error.status = response.status;
+    error.reason = why || "";
     throw error;
   }
   return body;

@@ -32,3 +32,18 @@ export const STATUS_TEXT = Object.freeze({
   failed: "Failed",
   cancelled: "Stopped",
 });
+
+/**
+ * The gateway's rate-limit refusal ("rate limit: at most 5 questions a minute per client;
+ * try again in 12 s") as a sentence for a person, or null when `message` is something else.
+ */
+export function formatRateLimit(message) {
+  const m = /^rate limit: at most (\d+) questions? a minute\b.*?\btry again in (\d+) s\b/i
+    .exec(String(message ?? ""));
+  if (!m) return null;
+  const perMin = Number(m[1]);
+  const waitS = Number(m[2]);
+  const limit = `${perMin} question${perMin === 1 ? "" : "s"} a minute`;
+  const wait = waitS >= 90 ? `about ${Math.round(waitS / 60)} minutes` : `${waitS} s`;
+  return `Too many questions: this server takes at most ${limit} from you. Try again in ${wait}.`;
+}

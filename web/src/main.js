@@ -1,10 +1,13 @@
 // The page's controller: asking, watching (with resume), stopping, history and replay.
+// The API key, when the server wants one, is key-gate.js's business.
 import "./style.css";
 import { applyEvent, applyRecord, isFinished, newAnswer } from "./answer.js";
-import { getQuestion, listQuestions } from "./api.js";
-import { connect, request } from "./connection.js";
+import { getQuestion, listQuestions, useApiKey } from "./api.js";
+import { connect, reconnect, request } from "./connection.js";
+import { formatRateLimit } from "./format.js";
+import { keyGate } from "./key-gate.js";
 import { replay } from "./replay.js";
-import { loadSnapshot, saveSnapshot } from "./snapshot.js";
+import { clearSnapshots, loadSnapshot, saveSnapshot } from "./snapshot.js";
 import * as view from "./view.js";
 
 const ASK_TIMEOUT_MS = 15_000;
@@ -22,15 +25,39 @@ let renderTimer = 0;
 let askSeq = 0;
 /** The current answer's stored entries are still being fetched: watching waits for them. */
 let loading = false;
+/** An answer the server would not show without a key: opened once a key is accepted. */
+let openOnceAllowed = null;
+
+const gate = keyGate({
+  use: (key) => {
+    useApiKey(key);
+    reconnect(socket);
+  },
+  forgotten: () => {
+    // What the old key could see is not for whoever uses the page next.
+    openOnceAllowed = null;
+    leaveCurrent();
+    view.hideAnswer();
+    view.clearNotice();
+    view.renderHistory([], null, () => {});
+    clearSnapshots(sessionStorage);
+    setAddress(null, false);
+  },
+});
+useApiKey(gate.key());
 
 const socket = connect({
+  token: () => gate.key(),
   onState: (state, detail) => view.setConnection(state, detail),
   onConnect: () => {
+    gate.accepted();
     // A new connection has no watches: resume the current answer after its last entry.
     watching = null;
     if (current && !isFinished(current) && !stopReplay && !loading) watch(current);
+    if (openOnceAllowed) openQuestion(openOnceAllowed, { push: false });
     refreshHistory();
   },
+  onRefused: (message) => gate.refused(message),
   onAnswer: onAnswerEvent,
   onServerError: (e) => {
     // Failed asks, watches and cancels are reported through their acks already.
@@ -110,6 +137,7 @@ function setAddress(id, push) {
 /** Show an answer by id: this tab's snapshot at once, else the stored entries; then go live. */
 async function openQuestion(id, { push = true } = {}) {
   leaveCurrent();
+  openOnceAllowed = null;
   view.clearNotice();
   askSeq += 1;
   setAddress(id, push);
@@ -132,6 +160,13 @@ async function openQuestion(id, { push = true } = {}) {
   } catch (e) {
     if (current !== answer) return;
     loading = false;
+    if (e.status === 401) {
+      current = null;
+      view.hideAnswer();
+      openOnceAllowed = id;
+      gate.refused(e.reason);
+      return;
+    }
     view.showNotice(`Cannot show question ${id}: ${e.message}`);
     if (e.status >= 400 && e.status < 500) {
       current = null; // unknown or malformed id: nothing to follow
@@ -161,7 +196,7 @@ async function ask(topic, question, stream) {
   } catch (e) {
     if (seq !== askSeq) return;
     view.hideAnswer();
-    view.showNotice(`The question was not accepted: ${e.message}`);
+    view.showNotice(refusal("The question was not accepted", e));
   } finally {
     view.els.ask.disabled = false;
   }
@@ -180,11 +215,11 @@ async function askWithoutStream(seq, topic, question) {
     if (typeof e.reply?.id === "string") {
       // The model failed: show the stored answer, whose error entry says why.
       await openQuestion(e.reply.id, { push: false });
-      if (current?.id === e.reply.id && !current.error) view.showNotice(`No answer: ${e.message}`);
+      if (current?.id === e.reply.id && !current.error) view.showNotice(refusal("No answer", e));
       return;
     }
     view.hideAnswer();
-    view.showNotice(`No answer: ${e.message}`);
+    view.showNotice(refusal("No answer", e));
     return;
   }
   if (seq !== askSeq) return;
@@ -217,7 +252,8 @@ async function replayCurrent() {
   try {
     stored = await getQuestion(id);
   } catch (e) {
-    view.showNotice(`Cannot replay: ${e.message}`);
+    if (e.status === 401) gate.refused(e.reason);
+    else view.showNotice(`Cannot replay: ${e.message}`);
     return;
   }
   if (!current || current.id !== id) return;
@@ -242,10 +278,18 @@ async function replayCurrent() {
   view.els.question.focus({ preventScroll: true });
 }
 
+/** What to tell of a refused ask: over the rate limit reads as a sentence of its own. */
+function refusal(prefix, error) {
+  return formatRateLimit(error.message) ?? `${prefix}: ${error.message}`;
+}
+
 async function refreshHistory(delayMs = 0) {
   if (delayMs) await new Promise((resolve) => setTimeout(resolve, delayMs));
+  if (gate.needed) return; // nothing to list until a key is accepted
+  const key = gate.key();
   try {
     const questions = await listQuestions(HISTORY_LIMIT);
+    if (gate.key() !== key) return; // another key's list, asked for before a switch
     view.renderHistory(questions, current?.id, (id, event) => {
       if (event.button !== 0 || event.metaKey || event.ctrlKey || event.shiftKey || event.altKey) {
         return; // let the browser open it in a new tab or window
@@ -253,8 +297,9 @@ async function refreshHistory(delayMs = 0) {
       event.preventDefault();
       openQuestion(id);
     });
-  } catch {
+  } catch (e) {
     // The list is a convenience; the connection indicator already tells of an outage.
+    if (e.status === 401) gate.refused(e.reason);
   }
 }
 
@@ -266,6 +311,11 @@ view.els.form.addEventListener("submit", (event) => {
   event.preventDefault();
   const topic = view.els.topic.value.trim() || "Redis";
   const question = view.els.question.value.trim();
+  if (gate.needed) {
+    view.showNotice("Enter the API key above first, then ask.");
+    view.els.keyInput.focus();
+    return;
+  }
   if (!question) {
     view.showNotice("Type a question first.");
     view.els.question.focus();

@@ -47,3 +47,17 @@ function prune(storage, justSaved) {
   kept.sort((x, y) => x[0] - y[0]);
   for (const [, key] of kept.slice(0, Math.max(0, kept.length - (MAX_KEPT - 1)))) storage.removeItem(key);
 }
+
+/** Forget every kept answer: they belong to the API key being forgotten. @param {Storage} storage */
+export function clearSnapshots(storage) {
+  try {
+    const keys = [];
+    for (let i = 0; i < storage.length; i += 1) {
+      const key = storage.key(i);
+      if (key && key.startsWith(PREFIX)) keys.push(key);
+    }
+    for (const key of keys) storage.removeItem(key);
+  } catch {
+    // unavailable storage kept nothing
+  }
+}

@@ -30,6 +30,12 @@ export const els = {
   replay: /** @type {HTMLButtonElement} */ ($("replay")),
   historyList: $("history-list"),
   historyEmpty: $("history-empty"),
+  keyForm: /** @type {HTMLFormElement} */ ($("key-form")),
+  keyInput: /** @type {HTMLInputElement} */ ($("api-key")),
+  keyReveal: /** @type {HTMLButtonElement} */ ($("key-reveal")),
+  keySubmit: /** @type {HTMLButtonElement} */ ($("key-submit")),
+  keyError: $("key-error"),
+  forgetKey: /** @type {HTMLButtonElement} */ ($("forget-key")),
 };
 
 let renderedText = null;
@@ -110,6 +116,7 @@ const CONN_TEXT = {
   connecting: "Connecting…",
   connected: "Connected",
   reconnecting: "Reconnecting…",
+  refused: "API key needed",
 };
 
 export function setConnection(state, detail) {
@@ -126,6 +133,52 @@ export function showNotice(message) {
 export function clearNotice() {
   els.notice.hidden = true;
   els.notice.textContent = "";
+}
+
+/**
+ * Ask for an API key; `problem` says what went wrong with the last one ("" for nothing).
+ * The field takes the focus when the form appears, and again after a refusal, so the key
+ * can be fixed at once.
+ */
+export function showKeyForm(problem) {
+  const appearing = els.keyForm.hidden;
+  els.keyForm.hidden = false;
+  els.keyError.textContent = problem;
+  els.keyError.hidden = !problem;
+  els.keyInput.setAttribute("aria-invalid", String(Boolean(problem)));
+  setKeyChecking(false);
+  if (appearing || problem) {
+    els.keyInput.focus();
+    if (problem) els.keyInput.select();
+  }
+}
+
+export function hideKeyForm() {
+  const hadFocus = els.keyForm.contains(document.activeElement);
+  els.keyForm.hidden = true;
+  els.keyInput.value = "";
+  els.keyError.hidden = true;
+  setKeyReveal(false);
+  if (hadFocus) els.question.focus();
+}
+
+export function keyFormShown() {
+  return !els.keyForm.hidden;
+}
+
+export function setKeyChecking(checking) {
+  els.keySubmit.textContent = checking ? "Checking…" : "Use key";
+  els.keyForm.setAttribute("aria-busy", String(checking));
+  if (checking) els.keyError.hidden = true;
+}
+
+export function setKeyReveal(shown) {
+  els.keyInput.type = shown ? "text" : "password";
+  els.keyReveal.setAttribute("aria-pressed", String(shown));
+}
+
+export function showForgetKey(shown) {
+  els.forgetKey.hidden = !shown;
 }
 
 /**

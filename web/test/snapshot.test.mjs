@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { newAnswer } from "../src/answer.js";
-import { loadSnapshot, saveSnapshot } from "../src/snapshot.js";
+import { clearSnapshots, loadSnapshot, saveSnapshot } from "../src/snapshot.js";
 
 class MemoryStorage {
   #m = new Map();
@@ -34,4 +34,13 @@ test("only the newest snapshots are kept", () => {
   const s = new MemoryStorage();
   for (let i = 0; i < 30; i += 1) saveSnapshot(s, newAnswer(`q${i}`));
   assert.ok(s.length <= 20);
+});
+
+test("clearing forgets every kept answer and nothing else", () => {
+  const s = new MemoryStorage();
+  for (let i = 0; i < 3; i += 1) saveSnapshot(s, newAnswer(`q${i}`));
+  s.setItem("other", "kept");
+  clearSnapshots(s);
+  assert.equal(s.length, 1);
+  assert.equal(s.getItem("other"), "kept");
 });
