@@ -2,7 +2,8 @@
 
 One awaited round trip per chunk makes unrelated answers wait on each other's
 network latency; instead each chunk joins the next pipeline, which also reads
-the answer's cancel flag so cancellation costs no extra round trip.
+the answer's cancel flag when the generation asks for it, so cancellation costs
+no extra round trip (and, asked for every few chunks, not one HGET per chunk).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Appended:
 class _Pending:
     question_id: str
     entry: Entry
+    check_cancel: bool
     done: asyncio.Future[Appended]
 
 
@@ -59,9 +61,13 @@ class ChunkWriter:
                 pending.done.cancel()
         self._queue.clear()
 
-    async def append(self, question_id: str, entry: Entry) -> Appended:
+    async def append(
+        self, question_id: str, entry: Entry, *, check_cancel: bool = True
+    ) -> Appended:
+        """Write `entry`; with `check_cancel`, also read the answer's cancel flag (else the
+        result says not cancelled)."""
         done: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(question_id, entry, done))
+        self._queue.append(_Pending(question_id, entry, check_cancel, done))
         self._wake.set()
         return await done
 
@@ -83,7 +89,8 @@ class ChunkWriter:
                         maxlen=self._maxlen,
                         approximate=True,
                     )
-                    pipe.hget(self._keys.question(p.question_id), "cancel")
+                    if p.check_cancel:
+                        pipe.hget(self._keys.question(p.question_id), "cancel")
                 results = await pipe.execute()
         except Exception as e:  # handed to each waiting generation, which ends its answer
             for p in batch:
@@ -92,6 +99,9 @@ class ChunkWriter:
             return
         self.batches += 1
         self.written += len(batch)
-        for i, p in enumerate(batch):
+        at = 0
+        for p in batch:
+            entry_id, cancel = results[at], p.check_cancel and results[at + 1] == "1"
+            at += 2 if p.check_cancel else 1
             if not p.done.done():
-                p.done.set_result(Appended(str(results[2 * i]), results[2 * i + 1] == "1"))
+                p.done.set_result(Appended(str(entry_id), cancel))
