@@ -92,6 +92,12 @@ class Entry:
         text = str(meta.pop("text", ""))
         return cls(kind, text, meta, entry_id)
 
+    @classmethod
+    def from_flat(cls, entry_id: str, flat: list[str]) -> Entry:
+        """From a raw reply's `[field, value, field, value, ...]`."""
+        it = iter(flat)
+        return cls.from_fields(entry_id, dict(zip(it, it, strict=True)))
+
     def event(self, question_id: str) -> dict[str, Any]:
         """The JSON object a client receives (Socket.IO `answer`, SSE `data:`)."""
         out: dict[str, Any] = {
