@@ -25,6 +25,11 @@ from tokenrelay.wire import Entry, entry_id_after
 log = logging.getLogger(__name__)
 
 XREAD_COUNT = 512
+# Re-arming the read over n answers costs Valkey and this process O(n) each time, and the
+# reads follow each other as fast as entries come: at 1,000 answers x 20 tokens/s that was
+# ~2,000 re-arms a second. At least this long per watched answer between two re-arms
+# (2 ms at 1,000 answers, 0.2 ms at 100) lets entries gather instead.
+REARM_PER_KEY_S = 2e-6
 
 
 def _bulk(text: str) -> bytes:
@@ -237,6 +242,8 @@ class Relay:
 
     async def _run(self) -> None:
         backoff_s = 0.05
+        loop = asyncio.get_running_loop()
+        armed_at = 0.0
         while True:
             if not self._read:
                 self._has_keys.clear()
@@ -245,6 +252,10 @@ class Relay:
             try:
                 if self._reader_id is None:
                     self._reader_id = int(await self._reader.client_id())
+                pause_s = armed_at + len(self._read) * REARM_PER_KEY_S - loop.time()
+                if pause_s > 0:
+                    await asyncio.sleep(pause_s)
+                armed_at = loop.time()
                 self._armed_version = self._version
                 streams = dict(self._read.cursors)
                 if not streams:  # the last viewer left while we asked for our client id
