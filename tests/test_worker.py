@@ -15,7 +15,8 @@ from redis.asyncio import Redis
 
 from tests.conftest import running_gateway
 from tests.sse import Event, events
-from tokenrelay.generation import Timeouts, generate
+from tokenrelay.generation import generate
+from tokenrelay.providers.guard import Timeouts
 from tokenrelay.providers.scripted import ScriptedProvider
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings

@@ -12,9 +12,9 @@ from redis.asyncio import Redis
 
 from tokenrelay.connection import dedicated_client, pooled_client, warm
 from tokenrelay.embedded import EmbeddedValkey
-from tokenrelay.generation import Timeouts
 from tokenrelay.keys import Keys
 from tokenrelay.providers.base import Provider
+from tokenrelay.providers.guard import Timeouts
 from tokenrelay.providers.select import build_provider
 from tokenrelay.relay import Relay
 from tokenrelay.settings import Settings

@@ -18,9 +18,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from tokenrelay import metrics
-from tokenrelay.generation import Timeouts, fail_undeliverable, generate
+from tokenrelay.generation import fail_undeliverable, generate
 from tokenrelay.keys import WORKER_GROUP
 from tokenrelay.providers.base import Provider
+from tokenrelay.providers.guard import Timeouts
 from tokenrelay.store import Store
 from tokenrelay.wire import QuestionRequest
 from tokenrelay.writer import ChunkWriter
