@@ -25,14 +25,17 @@ import psutil
 
 from tokenrelay.bench import report
 from tokenrelay.bench.loop import run
-from tokenrelay.bench.memory import measure_memory
+from tokenrelay.bench.memory import check_gone, measure_memory
 from tokenrelay.bench.runs import run_one
+from tokenrelay.bench.sdkcost import provider_read_cost_async
 from tokenrelay.bench.spec import MODES, Cell, Mode
 from tokenrelay.bench.stack import Stack, StackConfig
 from tokenrelay.bench.sweep import FULL, QUICK_CELLS, Grid
 from tokenrelay.bench.targets import MEMORY_TOKENS, evaluate
 
 WARMUP = Cell(10, 1, 20.0, 20)
+# 10,000 viewers at once: answers slow enough (30 s) to outlast 10,000 watches arriving.
+CONNECTION_CHECK = Cell(1000, 10, 0.2, 6)
 PROFILED = "1000x1@20,100x1@20"
 PROFILE_S = 8.0
 PACKAGES = (
@@ -100,7 +103,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=2, help="client processes at most")
     p.add_argument("--memory-answers", type=int, default=5, help="0 skips the memory check")
     p.add_argument("--memory-tokens", type=int, default=MEMORY_TOKENS)
-    p.add_argument("--retention-s", type=int, default=5, help="the stack's answer retention")
+    p.add_argument(
+        "--retention-s",
+        type=int,
+        default=60,
+        help="the stack's answer retention (late viewers of a slow run still find answers)",
+    )
+    p.add_argument(
+        "--connection-check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="10,000 Socket.IO viewers on 1,000 slow answers (default: full sweep only)",
+    )
     p.add_argument(
         "--profile-cells",
         default=PROFILED,
@@ -111,6 +125,11 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="py-spy the gateway and worker in extra runs (default: full sweep only)",
+    )
+    p.add_argument(
+        "--worker-uvloop",
+        action="store_true",
+        help="what-if: run the worker on uvloop instead of `tokenrelay worker` as shipped",
     )
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--name", help="results file name (default: quick, full or custom)")
@@ -159,11 +178,14 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
     modes: tuple[Mode, ...] = args.modes
     name = args.name or kind
     profile = kind == "full" if args.profile is None else args.profile
+    connection_check = kind == "full" if args.connection_check is None else args.connection_check
     out = args.out / f"{name}.json"
     workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-bench-"))
     config = StackConfig(
-        worker_concurrency=max(c.answers for c in (*cells, WARMUP)) + args.memory_answers,
+        worker_concurrency=max(c.answers for c in (*cells, WARMUP, CONNECTION_CHECK))
+        + args.memory_answers,
         retention_s=args.retention_s,
+        worker_uvloop=args.worker_uvloop,
     )
     started = time.monotonic()
     result: dict[str, Any] = {
@@ -176,11 +198,16 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
             "client_processes_max": args.clients,
             "retention_s": args.retention_s,
             "worker_concurrency": config.worker_concurrency,
+            "worker": "python -c uvloop.install(); tokenrelay worker (what-if)"
+            if args.worker_uvloop
+            else "tokenrelay worker",
             "valkey_persistence": "appendonly everysec, save 300 1 / 60 1000",
         },
         "runs": [],
         "memory": None,
+        "connection_check": None,
         "profiles": [],
+        "provider_read_cost_us": None,
         "targets": [],
     }
     print(f"tokenrelay-bench: {len(cells)} cells x {len(modes)} transports; work dir {workdir}")
@@ -189,6 +216,10 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
         async with Stack(workdir, config) as stack:
             result["software"] = software(stack.valkey_version)
             await run_one(stack, WARMUP, "socketio", **kw)  # first-use costs, not measured
+            if args.memory_answers:  # first, so retention runs out while the sweep goes on
+                result["memory"] = await measure_memory(
+                    stack, args.memory_answers, args.memory_tokens
+                )
             print(report.header())
             for cell in cells:
                 for mode in modes:
@@ -196,10 +227,12 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
                     result["runs"].append(figures)
                     print(report.line(figures), flush=True)
                     _save(result, out)
-            if args.memory_answers:
-                result["memory"] = await measure_memory(
-                    stack, args.memory_answers, args.memory_tokens
-                )
+            if connection_check:
+                figures = await run_one(stack, CONNECTION_CHECK, "socketio", **kw)
+                result["connection_check"] = figures
+                print(f"connections {report.line(figures)}", flush=True)
+            if result["memory"] is not None:
+                await check_gone(stack, result["memory"])
                 print(f"memory per finished answer: {result['memory']}", flush=True)
             if profile:
                 for cell in _profiled(args.profile_cells, args.tokens):
@@ -207,10 +240,13 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
                         figures = await run_one(stack, cell, mode, profile_s=PROFILE_S, **kw)
                         result["profiles"].append(figures)
                         print(f"profiled  {report.line(figures)}", flush=True)
+                result["provider_read_cost_us"] = await provider_read_cost_async()
+                print(f"CPU per chunk read: {result['provider_read_cost_us']}", flush=True)
     finally:
         result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         result["duration_s"] = round(time.monotonic() - started, 1)
-        result["targets"] = evaluate(result["runs"], result["memory"])
+        checks = [result["connection_check"]] if result["connection_check"] else []
+        result["targets"] = evaluate(result["runs"], result["memory"], checks)
         _save(result, out)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -222,7 +258,7 @@ def show(result: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     print(report.targets_text(result["targets"]))
     for prof in result.get("profiles", []):
         for role, summary in prof.get("profile", {}).items():
-            top = ", ".join(f"{n} {p}%" for n, p in summary.get("self_by_package_pct", [])[:6])
+            top = ", ".join(f"{n} {p}%" for n, p in summary.get("by_callee_pct", [])[:6])
             print(f"profile {prof['answers']}x{prof['viewers']} {prof['mode']} {role}: {top}")
     if not args.no_plot:
         png = report.plot(result, path.with_suffix(".png"))

@@ -10,13 +10,11 @@ from typing import Any
 from tokenrelay.bench.spec import question_for
 from tokenrelay.bench.stack import Stack
 
-EXPIRY_SLACK_S = 15.0
-
 
 async def measure_memory(stack: Stack, answers: int, tokens: int) -> dict[str, Any]:
     """Ask `answers` questions of `tokens` tokens, wait for each to end, then read
-    MEMORY USAGE (exact: SAMPLES 0) of its answer stream and record; then wait out the
-    retention and check both keys are gone."""
+    MEMORY USAGE (exact: SAMPLES 0) of its answer stream and record, and their TTL.
+    `check_gone` later says whether retention removed them."""
     assert stack.http is not None and stack.redis is not None
     redis, keys = stack.redis, stack.keys
 
@@ -39,17 +37,6 @@ async def measure_memory(stack: Stack, answers: int, tokens: int) -> dict[str, A
         sizes.append((int(stream), int(record)))
         chunks.append(int(await redis.xlen(keys.answer(qid))))
         ttls.append(int(await redis.ttl(keys.answer(qid))))
-    finished = time.monotonic()
-    retention_s = stack.config.retention_s
-    gone_after_s: float | None = None
-    while time.monotonic() - finished < retention_s + EXPIRY_SLACK_S:
-        remaining = 0
-        for qid in ids:
-            remaining += int(await redis.exists(keys.answer(qid), keys.question(qid)))
-        if remaining == 0:
-            gone_after_s = round(time.monotonic() - finished, 1)
-            break
-        await asyncio.sleep(0.25)
     n = len(sizes)
     stream_b = sum(s for s, _ in sizes) / n
     record_b = sum(r for _, r in sizes) / n
@@ -61,6 +48,25 @@ async def measure_memory(stack: Stack, answers: int, tokens: int) -> dict[str, A
         "record_bytes": round(record_b),
         "total_bytes": round(stream_b + record_b),
         "ttl_s_when_finished": max(ttls),
-        "retention_s": retention_s,
-        "gone_after_s": gone_after_s,
+        "retention_s": stack.config.retention_s,
+        "finished_at": time.time(),
+        "ids": ids,
+        "gone_after_s": None,
     }
+
+
+async def check_gone(stack: Stack, figures: dict[str, Any], slack_s: float = 15.0) -> None:
+    """Wait (if need be) until retention has passed, then record when both keys of every
+    measured answer were gone; `gone_after_s` stays None if any is still there."""
+    assert stack.redis is not None
+    redis, keys = stack.redis, stack.keys
+    deadline = figures["finished_at"] + figures["retention_s"] + slack_s
+    while time.time() < deadline:
+        remaining = 0
+        for qid in figures["ids"]:
+            remaining += int(await redis.exists(keys.answer(qid), keys.question(qid)))
+        if remaining == 0:
+            figures["gone_after_s"] = round(time.time() - figures["finished_at"], 1)
+            break
+        await asyncio.sleep(0.25)
+    figures.pop("ids", None)

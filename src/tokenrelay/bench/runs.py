@@ -32,7 +32,7 @@ EXIT_TIMEOUT_S = 30.0
 def run_timeout_s(cell: Cell, ramp_s: float) -> float:
     """Generous: an answer's own length, plus time to drain what a slow system queues."""
     own_s = cell.tokens / cell.rate if cell.rate else 0.0
-    return min(240.0, ramp_s + own_s + 20.0 + cell.deliveries / 3000)
+    return min(240.0, ramp_s + own_s + 20.0 + cell.deliveries / 5000)
 
 
 def client_processes(cell: Cell, most: int) -> int:

@@ -27,6 +27,10 @@ from redis.asyncio import Redis
 from tokenrelay.keys import Keys
 
 START_TIMEOUT_S = 60.0
+UVLOOP_WORKER = (
+    "import sys, uvloop; uvloop.install(); from tokenrelay.cli import main; "
+    "sys.exit(main(['--log-level', 'warning', 'worker']))"
+)
 ROLES = ("gateway", "worker", "valkey", "mock")
 
 
@@ -48,6 +52,8 @@ class StackConfig:
     worker_concurrency: int
     retention_s: int
     appendonly: bool = True
+    # What-if: the worker on uvloop (as `serve` already is), not `tokenrelay worker` as shipped.
+    worker_uvloop: bool = False
 
 
 class Stack:
@@ -97,7 +103,10 @@ class Stack:
         await self._wait_http(f"{self.mock_url}/v1/models", "mock")
 
         env = self._env()
-        self._spawn("worker", [*_tokenrelay_command(), "--log-level", "warning", "worker"], env)
+        worker = [*_tokenrelay_command(), "--log-level", "warning", "worker"]
+        if self.config.worker_uvloop:
+            worker = [sys.executable, "-c", UVLOOP_WORKER]
+        self._spawn("worker", worker, env)
         gateway_port = free_port()
         serve = ["serve", "--workers", "0", "--port", str(gateway_port)]
         self._spawn("gateway", [*_tokenrelay_command(), "--log-level", "warning", *serve], env)

@@ -70,10 +70,10 @@ def scale(runs: list[Run]) -> list[dict[str, str]]:
     return out
 
 
-def connections(runs: list[Run]) -> dict[str, str]:
+def connections(runs: list[Run], checks: list[Run]) -> dict[str, str]:
     name = "Redis connections per gateway process, 1 viewer vs 10,000"
     target = "the same count"
-    relayed = [r for r in runs if r["mode"] in RELAYED]
+    relayed = [r for r in [*runs, *checks] if r["mode"] in RELAYED]
     if not relayed:
         return _verdict(name, target, "NOT RUN", "-")
     fewest = min(relayed, key=lambda r: r["redis_connections"]["viewers_max"])
@@ -132,11 +132,14 @@ def cpu_printed(runs: list[Run]) -> dict[str, str]:
     return _verdict(name, target, "PASS" if ok else "FAIL", measured)
 
 
-def evaluate(runs: list[Run], memory_figures: dict[str, Any] | None) -> list[dict[str, str]]:
+def evaluate(
+    runs: list[Run], memory_figures: dict[str, Any] | None, checks: list[Run] | None = None
+) -> list[dict[str, str]]:
+    """`checks`: runs outside the sweep (the 10,000-viewer connection check)."""
     return [
         *overhead(runs),
         *scale(runs),
-        connections(runs),
+        connections(runs, checks or []),
         memory(memory_figures),
         cpu_printed(runs),
     ]

@@ -1,0 +1,135 @@
+"""What reading one streamed chunk from an OpenAI-compatible server costs a worker, by client.
+
+The worker's provider reads the model's stream with the official `openai` SDK. This
+measures, in this process's own CPU time, the SDK against two lean readers of the same
+server-sent events (httpx and aiohttp, each parsing with orjson), with the mock model in
+another process. Run it alone with `python -m tokenrelay.bench.sdkcost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import httpx
+import openai
+import orjson
+
+from tokenrelay.bench.loop import run
+from tokenrelay.bench.stack import free_port
+from tokenrelay.mockllm import directive
+
+Reader = Callable[[str], Awaitable[int]]
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _body(question: str) -> dict[str, Any]:
+    return {
+        "model": "mock-llm",
+        "stream": True,
+        "messages": [{"role": "user", "content": question}],
+    }
+
+
+def _count(events: list[bytes]) -> int:
+    n = 0
+    for event in events:
+        if event.startswith(b"data: {"):
+            choices = orjson.loads(event[6:]).get("choices")
+            n += bool(choices and choices[0]["delta"].get("content"))
+    return n
+
+
+async def measure(base_url: str, streams: int, tokens: int, rate: float) -> dict[str, float]:
+    """CPU microseconds per content chunk for each reader, `streams` answers at once."""
+    question = f"cost {directive(tokens=tokens, rate=rate) if rate else directive(tokens=tokens)}"
+    sdk = openai.AsyncOpenAI(api_key="unused", base_url=base_url, max_retries=0)
+    hx = httpx.AsyncClient(base_url=base_url, timeout=60, limits=httpx.Limits(max_connections=None))
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    async def with_sdk(q: str) -> int:
+        stream = await sdk.chat.completions.create(
+            model="mock-llm", messages=[{"role": "user", "content": q}], stream=True
+        )
+        return sum([bool(c.choices and c.choices[0].delta.content) async for c in stream])
+
+    async def with_httpx(q: str) -> int:
+        n, rest = 0, b""
+        async with hx.stream("POST", "/chat/completions", json=_body(q)) as resp:
+            async for data in resp.aiter_raw():
+                *events, rest = (rest + data).split(b"\n\n")
+                n += _count(events)
+        return n
+
+    async def with_aiohttp(q: str) -> int:
+        n, rest = 0, b""
+        async with session.post(f"{base_url}/chat/completions", json=_body(q)) as resp:
+            async for data in resp.content.iter_any():
+                *events, rest = (rest + data).split(b"\n\n")
+                n += _count(events)
+        return n
+
+    readers: dict[str, Reader] = {
+        "openai_sdk": with_sdk,
+        "httpx_orjson": with_httpx,
+        "aiohttp_orjson": with_aiohttp,
+    }
+    out = {}
+    try:
+        for name, reader in readers.items():
+            await reader(question)  # warm: connections, imports, first-call costs
+            before = _cpu_s()
+            chunks = sum(await asyncio.gather(*(reader(question) for _ in range(streams))))
+            out[name] = round((_cpu_s() - before) * 1e6 / max(1, chunks), 1)
+    finally:
+        await sdk.close()
+        await hx.aclose()
+        await session.close()
+    return out
+
+
+async def _main(streams: int, tokens: int, rates: list[float]) -> dict[str, Any]:
+    port = free_port()
+    mock = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "tokenrelay.mockllm", "--port", str(port)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient() as probe:
+            for _ in range(100):
+                try:
+                    await probe.get(f"http://127.0.0.1:{port}/v1/models")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+        results: dict[str, Any] = {"streams": streams, "tokens": tokens}
+        for rate in rates:
+            label = f"{rate:g}/s" if rate else "unthrottled"
+            results[label] = await measure(f"http://127.0.0.1:{port}/v1", streams, tokens, rate)
+        return results
+    finally:
+        mock.terminate()
+        await mock.wait()
+
+
+def provider_read_cost(streams: int = 50, tokens: int = 60) -> dict[str, Any]:
+    """Per-chunk CPU of each reader at 20 tokens/s and unthrottled (a fresh event loop)."""
+    return run(_main(streams, tokens, [20.0, 0.0]))
+
+
+async def provider_read_cost_async(streams: int = 50, tokens: int = 60) -> dict[str, Any]:
+    return await _main(streams, tokens, [20.0, 0.0])
+
+
+if __name__ == "__main__":
+    print(orjson.dumps(provider_read_cost(), option=orjson.OPT_INDENT_2).decode())
