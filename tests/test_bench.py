@@ -52,13 +52,19 @@ def test_profile_summary_names_where_time_goes() -> None:
             "main (tokenrelay/cli.py:1);_flush (tokenrelay/writer.py:80);"
             "execute (redis/asyncio/client.py:7) 10",
             "main (tokenrelay/cli.py:1);_run (tokenrelay/relay.py:5) 10",
+            # uvloop: callbacks right under Runner.run, beneath uvicorn's own start-up frames
+            "_serve (tokenrelay/cli.py:1);run (uvicorn/server.py:2);Runner.run (asyncio/x.py:3);"
+            "send (uvicorn/protocols/ws.py:4) 25",
+            "_serve (tokenrelay/cli.py:1);run (uvicorn/server.py:2);Runner.run (asyncio/x.py:3) 25",
         ]
     )
     summary = summarise(collapsed)
-    assert summary["samples"] == 50
-    assert summary["by_callee_pct"][0] == ["openai (from tokenrelay)", 60.0]
-    assert ["tokenrelay (own code)", 20.0] in summary["by_callee_pct"]
-    assert ["pydantic", 60.0] in summary["self_by_package_pct"]
+    assert summary["samples"] == 100
+    assert summary["by_callee_pct"][0] == ["openai (from tokenrelay)", 30.0]
+    assert ["tokenrelay (own code)", 10.0] in summary["by_callee_pct"]
+    assert ["uvicorn", 25.0] in summary["by_callee_pct"]
+    assert ["event loop", 25.0] in summary["by_callee_pct"]
+    assert ["pydantic", 30.0] in summary["self_by_package_pct"]
 
 
 def _run(mode: str, answers: int, p50: float, p99: float, **extra: Any) -> dict[str, Any]:

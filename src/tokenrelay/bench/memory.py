@@ -56,17 +56,20 @@ async def measure_memory(stack: Stack, answers: int, tokens: int) -> dict[str, A
 
 
 async def check_gone(stack: Stack, figures: dict[str, Any], slack_s: float = 15.0) -> None:
-    """Wait (if need be) until retention has passed, then record when both keys of every
-    measured answer were gone; `gone_after_s` stays None if any is still there."""
+    """Record when both keys of every measured answer were gone (seen no later than now,
+    when the sweep outlasted the retention); `gone_after_s` stays None if any is still
+    there once retention (+ slack) has passed."""
     assert stack.redis is not None
     redis, keys = stack.redis, stack.keys
     deadline = figures["finished_at"] + figures["retention_s"] + slack_s
-    while time.time() < deadline:
+    while True:
         remaining = 0
         for qid in figures["ids"]:
             remaining += int(await redis.exists(keys.answer(qid), keys.question(qid)))
         if remaining == 0:
             figures["gone_after_s"] = round(time.time() - figures["finished_at"], 1)
+            break
+        if time.time() >= deadline:
             break
         await asyncio.sleep(0.25)
     figures.pop("ids", None)

@@ -44,11 +44,19 @@ def _split(frame: str) -> tuple[str, str]:
     return f"{match['func']} ({file.rsplit('/', 1)[-1]})", file
 
 
+LOOP_FRAMES = ("Runner.run (", "Handle._run (")
+NOT_CODE = frozenset({"entry", "asyncio (stdlib)", "runpy (stdlib)", "threading (stdlib)"})
+
+
 def callee_of(code: list[tuple[str, str]]) -> str:
-    """What tokenrelay called that this sample is spent in: the package of the frame just
-    below tokenrelay's deepest frame; or, with no tokenrelay frame, the first package that is
-    not the event loop's (uvicorn, socketio, ...)."""
-    areas = [area_of(file) for _, file in code]
+    """What a sample is spent in, seen from tokenrelay: below the event loop's own frames
+    (uvloop runs callbacks right under `Runner.run`, asyncio under `Handle._run`), the
+    package tokenrelay's deepest frame called, `tokenrelay (own code)`, or, in a callback
+    that is not tokenrelay's, that callback's package (uvicorn writing a websocket frame);
+    `event loop` when no Python frame is below the loop (uvloop's C code, the selector)."""
+    loop = [i for i, (name, _) in enumerate(code) if name.startswith(LOOP_FRAMES)]
+    frames = code[loop[-1] + 1 :] if loop else code
+    areas = [area_of(file) for _, file in frames]
     own = [i for i, area in enumerate(areas) if area == "tokenrelay"]
     if own:
         deepest = own[-1]
@@ -56,7 +64,7 @@ def callee_of(code: list[tuple[str, str]]) -> str:
             return "tokenrelay (own code)"
         return f"{areas[deepest + 1]} (from tokenrelay)"
     for area in areas:
-        if area not in ("entry", "asyncio (stdlib)", "runpy (stdlib)", "threading (stdlib)"):
+        if area not in NOT_CODE:
             return area
     return "event loop"
 

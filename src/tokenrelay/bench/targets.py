@@ -76,8 +76,11 @@ def connections(runs: list[Run], checks: list[Run]) -> dict[str, str]:
     relayed = [r for r in [*runs, *checks] if r["mode"] in RELAYED]
     if not relayed:
         return _verdict(name, target, "NOT RUN", "-")
-    fewest = min(relayed, key=lambda r: r["redis_connections"]["viewers_max"])
-    most = max(relayed, key=lambda r: r["redis_connections"]["viewers_max"])
+    seen = [r for r in relayed if r["redis_connections"]["viewers_max"] > 0]
+    if not seen:
+        return _verdict(name, target, "NOT RUN", "-", "no viewer was seen by the sampler")
+    fewest = min(seen, key=lambda r: r["redis_connections"]["viewers_max"])
+    most = max(seen, key=lambda r: r["redis_connections"]["viewers_max"])
     counts = {
         c
         for r in relayed
