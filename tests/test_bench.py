@@ -60,11 +60,10 @@ def test_profile_summary_names_where_time_goes() -> None:
     )
     summary = summarise(collapsed)
     assert summary["samples"] == 100
-    assert summary["by_callee_pct"][0] == ["openai (from tokenrelay)", 30.0]
-    assert ["tokenrelay (own code)", 10.0] in summary["by_callee_pct"]
-    assert ["uvicorn", 25.0] in summary["by_callee_pct"]
-    assert ["event loop", 25.0] in summary["by_callee_pct"]
-    assert ["pydantic", 30.0] in summary["self_by_package_pct"]
+    by_package = dict(summary["by_package_pct"])
+    assert by_package == {"pydantic": 30.0, "redis": 10.0, "tokenrelay": 10.0,
+                          "uvicorn": 25.0, "event loop": 25.0}  # fmt: skip
+    assert ["generate (generation.py)", 30.0] in summary["tokenrelay_inclusive_pct"]
 
 
 def _run(mode: str, answers: int, p50: float, p99: float, **extra: Any) -> dict[str, Any]:
@@ -112,7 +111,7 @@ def test_tiny_sweep_reports_every_figure(tmp_path: Path) -> None:
          "--out", str(tmp_path), "--name", "smoke"],
         capture_output=True, text=True, timeout=280, cwd=tmp_path,
     )  # fmt: skip
-    assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: a target failed
+    assert result.returncode == 0, result.stdout + result.stderr
     report = orjson.loads((tmp_path / "smoke.json").read_bytes())
     assert (tmp_path / "smoke.png").stat().st_size > 1000
     assert {(r["viewers"], r["mode"]) for r in report["runs"]} == {

@@ -17,7 +17,10 @@ from typing import Any
 SAMPLE_RATE_HZ = 200
 TOP = 12
 
-ENTRY_FILES = frozenset({"tokenrelay", "tokenrelay/cli.py", "tokenrelay/__main__.py"})
+# tokenrelay's command line and the ASGI wrapper every request passes through: not work.
+ENTRY_FILES = frozenset(
+    {"tokenrelay", "tokenrelay/cli.py", "tokenrelay/__main__.py", "tokenrelay/gateway/app.py"}
+)
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^():]*?)(?::\d+)?\)$")
 
 
@@ -44,37 +47,29 @@ def _split(frame: str) -> tuple[str, str]:
     return f"{match['func']} ({file.rsplit('/', 1)[-1]})", file
 
 
-LOOP_FRAMES = ("Runner.run (", "Handle._run (")
-NOT_CODE = frozenset({"entry", "asyncio (stdlib)", "runpy (stdlib)", "threading (stdlib)"})
+LOOP_FRAMES = ("Runner.run (", "Handle._run (", "EpollSelector.select (")
 
 
-def callee_of(code: list[tuple[str, str]]) -> str:
-    """What a sample is spent in, seen from tokenrelay: below the event loop's own frames
-    (uvloop runs callbacks right under `Runner.run`, asyncio under `Handle._run`), the
-    package tokenrelay's deepest frame called, `tokenrelay (own code)`, or, in a callback
-    that is not tokenrelay's, that callback's package (uvicorn writing a websocket frame);
-    `event loop` when no Python frame is below the loop (uvloop's C code, the selector)."""
-    loop = [i for i, (name, _) in enumerate(code) if name.startswith(LOOP_FRAMES)]
-    frames = code[loop[-1] + 1 :] if loop else code
-    areas = [area_of(file) for _, file in frames]
-    own = [i for i, area in enumerate(areas) if area == "tokenrelay"]
-    if own:
-        deepest = own[-1]
-        if deepest == len(areas) - 1:
-            return "tokenrelay (own code)"
-        return f"{areas[deepest + 1]} (from tokenrelay)"
-    for area in areas:
-        if area not in NOT_CODE:
+def owner_of(code: list[tuple[str, str]]) -> str:
+    """The package a sample's CPU goes to: its leaf frame's, or, when the leaf is in the
+    standard library (asyncio, contextlib, json, ...), the nearest caller's that is not.
+    `event loop` when the sample sits in the loop itself (uvloop's C code, under
+    `Runner.run`; the selector), not in a callback."""
+    if code[-1][0].startswith(LOOP_FRAMES):
+        return "event loop"
+    for _, file in reversed(code):
+        area = area_of(file)
+        if not area.endswith("(stdlib)") and area != "entry" and not area.startswith("<"):
             return area
     return "event loop"
 
 
 def summarise(collapsed: str) -> dict[str, Any]:
-    """Busy samples by package (leaf frame), by what tokenrelay called, by function (leaf),
-    and inclusive time of tokenrelay's functions."""
+    """Busy samples by package (standard library folded into its caller), by package of
+    the leaf frame, by function (leaf), and inclusive time of tokenrelay's functions."""
     own: Counter[str] = Counter()
     areas: Counter[str] = Counter()
-    callees: Counter[str] = Counter()
+    owners: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
     for line in collapsed.splitlines():
@@ -89,7 +84,7 @@ def summarise(collapsed: str) -> dict[str, Any]:
         leaf, leaf_file = code[-1]
         own[leaf] += count
         areas[area_of(leaf_file)] += count
-        callees[callee_of(code)] += count
+        owners[owner_of(code)] += count
         for name in {name for name, file in code if area_of(file) == "tokenrelay"}:
             inclusive[name] += count
 
@@ -98,7 +93,7 @@ def summarise(collapsed: str) -> dict[str, Any]:
 
     return {
         "samples": total,
-        "by_callee_pct": share(callees),
+        "by_package_pct": share(owners),
         "self_by_package_pct": share(areas),
         "self_by_function_pct": share(own),
         "tokenrelay_inclusive_pct": share(inclusive),
