@@ -91,7 +91,8 @@ def test_targets_are_judged_strictly() -> None:
         _run("socketio", 1000, 5.0, 50.1),
     ]
     memory = {"tokens": 500, "total_bytes": 18_000, "stream_bytes": 17_000,
-              "record_bytes": 1_000, "gone_after_s": 5.2, "retention_s": 5}  # fmt: skip
+              "record_bytes": 1_000, "gone_after_s": 5.2, "retention_s": 5,
+              "ttl_s_when_finished": 5}  # fmt: skip
     verdicts = {t["name"]: t["status"] for t in evaluate(runs, memory)}
     assert verdicts["relay overhead over direct, 100 answers x 20/s, socketio"] == "PASS"
     assert verdicts["relay overhead over direct, 100 answers x 20/s, sse"] == "FAIL"

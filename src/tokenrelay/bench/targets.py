@@ -106,12 +106,9 @@ def memory(figures: dict[str, Any] | None) -> dict[str, str]:
     ok = total <= MEMORY_BYTES and gone is not None
     measured = (
         f"{total:,} bytes ({figures['stream_bytes']:,} stream + {figures['record_bytes']:,} "
-        f"record); "
-        + (
-            f"gone {gone:g} s after the answer ended (retention {figures['retention_s']} s)"
-            if gone is not None
-            else "NOT gone"
-        )
+        f"record); TTL {figures['ttl_s_when_finished']} s when it ended (retention "
+        f"{figures['retention_s']} s); "
+        + (f"both keys gone when checked {gone:g} s later" if gone is not None else "NOT gone")
     )
     return _verdict(name, target, "PASS" if ok else "FAIL", measured)
 
