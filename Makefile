@@ -52,7 +52,7 @@ reliability: install
 	echo "wrote docs/reliability.md"; exit $$status
 
 # The benchmark (docs/performance.md): the full sweep, under 30 minutes; results and plot in
-# bench/results/. `make bench BENCH_ARGS=--quick` runs a few cells in about three minutes.
+# bench/results/. `make bench BENCH_ARGS=--quick` runs a few cells in about two minutes.
 .PHONY: bench
 
 bench: $(STAMP)

@@ -1,8 +1,8 @@
 """`tokenrelay-bench`: start the system, sweep the cells over every transport, judge the targets.
 
-tokenrelay-bench --quick          # a few cells, about three minutes
+tokenrelay-bench --quick          # a few cells, about two minutes
 tokenrelay-bench                  # the full sweep (1-1,000 answers, 1 and 10 viewers,
-                                  # 20 tokens/s and unthrottled), about 20 minutes
+                                  # 20 tokens/s and unthrottled), about 15 minutes
 tokenrelay-bench --report bench/results/full.json   # print and plot a saved sweep
 """
 

@@ -88,6 +88,8 @@ def markdown(result: dict[str, Any]) -> str:
         "p99 ms",
         "max ms",
         "first chunk p50 ms",
+        "model→Redis p99 ms",
+        "Redis→client p99 ms",
         "chunks/s",
         "gateway µs/delivery",
         "worker µs/chunk",
@@ -105,67 +107,58 @@ def markdown(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> Path | None:
     """Latency percentiles against concurrency, one panel per token rate. None without
-    matplotlib."""
+    matplotlib. Colour: transport; marker: viewers per answer; solid p50, dashed p99."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError:
         return None
     runs: list[Run] = result["runs"]
     rates = sorted({r["rate"] for r in runs}, reverse=True)
-    fig, axes = plt.subplots(1, len(rates), figsize=(5.2 * len(rates), 4.2), squeeze=False)
-    colours = {"direct": "#777777", "socketio": "#1f77b4", "sse": "#d62728"}
+    fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 4.6), squeeze=False)
+    colours = {"direct": "#555555", "socketio": "#1f77b4", "sse": "#d62728"}
+    markers = {1: "o", 10: "s"}
     for ax, rate in zip(axes[0], rates, strict=True):
         for mode, colour in colours.items():
-            for viewers, marker in ((1, "o"), (10, "s")):
+            for viewers, marker in markers.items():
                 pts = sorted(
                     (r["answers"], r["latency_ms"])
                     for r in runs
-                    if r["rate"] == rate
-                    and r["mode"] == mode
-                    and r["viewers"] == viewers
+                    if r["rate"] == rate and r["mode"] == mode and r["viewers"] == viewers
                     and r["latency_ms"].get("count")
-                )
-                if not pts:
-                    continue
+                )  # fmt: skip
                 xs = [a for a, _ in pts]
-                label = f"{mode}, {viewers} viewer{'s' if viewers > 1 else ''}"
-                alpha = 1.0 if viewers == 1 else 0.45
-                ax.plot(
-                    xs,
-                    [lat["p50"] for _, lat in pts],
-                    marker=marker,
-                    color=colour,
-                    alpha=alpha,
-                    label=f"{label} p50",
-                )
-                ax.plot(
-                    xs,
-                    [lat["p99"] for _, lat in pts],
-                    marker=marker,
-                    color=colour,
-                    alpha=alpha,
-                    linestyle="--",
-                    label=f"{label} p99",
-                )
+                for key, style in (("p50", "-"), ("p99", "--")):
+                    ys = [lat[key] for _, lat in pts]
+                    ax.plot(xs, ys, marker=marker, color=colour, linestyle=style,
+                            alpha=1.0 if viewers == 1 else 0.5, markersize=4)  # fmt: skip
         if rate:
-            ax.axhline(50, color="#2ca02c", linewidth=0.8, linestyle=":", label="p99 target 50 ms")
+            ax.axhline(50, color="#2ca02c", linewidth=0.8, linestyle=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("concurrent answers")
-        ax.set_ylabel("chunk latency, model send → client (ms)")
-        ax.set_title(f"{_rate(rate)} tokens/s" if rate else "unthrottled")
+        ax.set_ylabel("chunk latency, model send -> client (ms)")
+        ax.set_title(f"{_rate(rate)} tokens/s per answer" if rate else "unthrottled")
         ax.grid(True, which="both", linewidth=0.3)
-    axes[0][0].legend(fontsize=6, loc="upper left", ncol=2)
+    legend = [Line2D([], [], color=c, label=m) for m, c in colours.items()]
+    legend += [Line2D([], [], color="black", marker=mk, linestyle="", label=f"{v} viewer"
+                      + ("s" if v > 1 else "")) for v, mk in markers.items()]  # fmt: skip
+    legend += [
+        Line2D([], [], color="black", linestyle="-", label="p50"),
+        Line2D([], [], color="black", linestyle="--", label="p99"),
+        Line2D([], [], color="#2ca02c", linestyle=":", label="p99 target (1,000 x 20/s)"),
+    ]
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=7, frameon=False)
     machine = result["machine"]
     fig.suptitle(
-        f"tokenrelay relay latency ({machine['cpu']}, {machine['cores']} cores, "
-        f"{result['name']} sweep)",
+        f"tokenrelay chunk latency, {result['name']} sweep ({machine['cpu']}, "
+        f"{machine['cores']} cores, shared)",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
