@@ -15,13 +15,12 @@ from redis.asyncio import Redis
 
 from tests.conftest import running_gateway
 from tests.sse import Event, events
-from tokenrelay.generation import generate
 from tokenrelay.providers.guard import Timeouts
 from tokenrelay.providers.scripted import ScriptedProvider
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.wire import Entry, EntryType, QuestionRequest
-from tokenrelay.writer import ChunkWriter
+from tokenrelay.worker import Answer, ChunkWriter, Generator
 
 WORDS = " ".join(f"t{n}" for n in range(40))
 
@@ -131,18 +130,12 @@ async def test_diverging_regeneration_writes_restart(
     request = QuestionRequest(record.id, "Redis", "diverge")
     await store.start(request, Entry(EntryType.START), {"status": "streaming"})
     await store.append(record.id, Entry(EntryType.CHUNK, "Something else entirely"))
-    writer = ChunkWriter(redis, store.keys, settings.answer_maxlen)
+    writer = ChunkWriter(store)
     writer.start()
     try:
-        status = await generate(
-            store,
-            writer,
-            ScriptedProvider("The real answer.", 1000.0),
-            request,
-            None,
-            Timeouts(5, 5),
-            resumed=True,
-        )
+        provider = ScriptedProvider("The real answer.", 1000.0)
+        gen = Generator(store, writer, provider, Timeouts(5, 5))
+        status = await Answer(store, request, None).run(gen, resumed=True)
     finally:
         await writer.stop()
     entries = await store.read_all(record.id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,7 +25,6 @@ from prometheus_client import (
 )
 from redis.exceptions import RedisError
 
-from tokenrelay.keys import WORKER_GROUP
 from tokenrelay.wire import STATUS_OF_TERMINAL, Entry, EntryType, Status
 
 if TYPE_CHECKING:  # the relay and the store call the hooks below; only the scrape needs them
@@ -161,21 +160,13 @@ async def scrape(store: Store, relay: Relay | None) -> bytes:
         LAG_MAX.set(max(lags, default=0))
         LAG_TOTAL.set(sum(lags))
     try:
-        async with store.redis.pipeline(transaction=False) as pipe:
-            pipe.xpending(store.keys.requests, WORKER_GROUP)
-            pipe.xlen(store.keys.requests)
-            summary, length = await pipe.execute()
+        depth = await store.group.depth()
     except RedisError:
         pass  # keep the last figures: metrics must answer while Redis is away (healthz says it)
     else:
-        pending = int(_get(summary, "pending"))
-        PENDING.set(pending)
-        WAITING.set(max(int(length) - pending, 0))
+        PENDING.set(depth.pending)
+        WAITING.set(depth.waiting)
     return generate_latest(REGISTRY)
-
-
-def _get(summary: Any, name: str) -> Any:
-    return summary.get(name, 0) if isinstance(summary, dict) else 0
 
 
 def serve(host: str, port: int | None) -> Callable[[], None]:

@@ -66,7 +66,6 @@ def make_worker(settings: Settings, store: Store, provider: Provider, redis_url:
         max_deliveries=settings.max_deliveries,
         grace_period_s=settings.grace_period_s,
         timeouts=Timeouts(settings.first_token_timeout_s, settings.stall_timeout_s),
-        answer_maxlen=settings.answer_maxlen,
     )
 
 

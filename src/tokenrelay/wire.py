@@ -7,6 +7,7 @@ raw text for a chunk and a JSON object for every other type.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -46,6 +47,19 @@ STATUS_OF_TERMINAL = {
     EntryType.ERROR: Status.FAILED,
     EntryType.CANCELLED: Status.CANCELLED,
 }
+
+
+class RecordField:
+    """Field names of the question record (a hash) that more than one module reads or writes."""
+
+    TOPIC = "topic"
+    QUESTION = "question"
+    STATUS = "status"
+    CREATED_MS = "created_ms"
+    OWNER = "owner"  # the asking API key's fingerprint
+    CANCEL = "cancel"  # "1" while a cancel waits for the worker to see it
+    FIRST_ENTRY_ID = "first_entry_id"
+    LAST_ENTRY_ID = "last_entry_id"
 
 
 def dumps(value: Any) -> str:
@@ -176,14 +190,14 @@ class QuestionRecord:
             ended_ms=num("ended_ms"),
             model=h.get("model", ""),
             provider=h.get("provider", ""),
-            first_entry_id=h.get("first_entry_id", ""),
-            last_entry_id=h.get("last_entry_id", ""),
+            first_entry_id=h.get(RecordField.FIRST_ENTRY_ID, ""),
+            last_entry_id=h.get(RecordField.LAST_ENTRY_ID, ""),
             prompt_tokens=num("prompt_tokens"),
             completion_tokens=num("completion_tokens"),
             chunks=num("chunks"),
             ttft_ms=num("ttft_ms", -1),
             error=h.get("error", ""),
-            cancel_requested=h.get("cancel", "") == "1",
+            cancel_requested=h.get(RecordField.CANCEL, "") == "1",
         )
 
     def public(self) -> dict[str, Any]:
@@ -208,13 +222,19 @@ class QuestionRecord:
         }
 
 
+_ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+MAX_ID_PART = 2**64 - 1
+
+
 def parse_cursor(value: str | None) -> str:
     """A client's resume cursor: "" or "0" means from the start, else a stream entry ID."""
     if value is None or value in ("", "0", "0-0"):
         return "0-0"
     value = value.strip()
-    parts = value.split("-")
-    if len(parts) == 2 and all(p.isdigit() and 0 < len(p) <= 20 for p in parts):
+    # ASCII digits only (str.isdigit also takes superscripts and Arabic-Indic digits), each
+    # part within Redis's 64 bits.
+    match = _ENTRY_ID.fullmatch(value)
+    if match is not None and all(int(part) <= MAX_ID_PART for part in match.groups()):
         return value
     raise InvalidInput(
         f"malformed cursor {value[:40]!r}: expected a stream entry ID like '1700000000000-0'"

@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import os
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -130,6 +131,7 @@ class LocalProvider:
         self._tickets = 0
         self._served = 0
         self._running_stop: threading.Event | None = None
+        self._stop_asked_at: float | None = None  # monotonic time a running generation was told
         self._closed = False
 
     @classmethod
@@ -162,6 +164,13 @@ class LocalProvider:
     def busy(self) -> bool:
         return self._lock.locked()
 
+    @property
+    def unresponsive_s(self) -> float:
+        """How long the running generation has ignored being told to stop (0 if none has):
+        llama.cpp checks between tokens, so more than a few seconds means it is stuck."""
+        asked = self._stop_asked_at
+        return 0.0 if asked is None else time.monotonic() - asked
+
     async def load(self) -> None:
         """Load the model now (it otherwise loads with the first question)."""
         async with self._turn():
@@ -187,6 +196,7 @@ class LocalProvider:
             # The turn ends when the thread has stopped, not when the consumer left; and
             # before the consumer sees the end, so a next question never finds it busy.
             self._running_stop = None
+            self._stop_asked_at = None
             self._lock.release()
             end: _Item = _Done()
             if job.cancelled():
@@ -220,6 +230,8 @@ class LocalProvider:
         finally:
             # Closed, cancelled or finished: the llama thread stops at its next token.
             stop.set()
+            if self._running_stop is stop:
+                self._stop_asked_at = time.monotonic()
 
     async def aclose(self) -> None:
         if self._closed:

@@ -12,9 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
-from tokenrelay.keys import Keys
+from tokenrelay.store import Store
 from tokenrelay.wire import Entry
 
 log = logging.getLogger(__name__)
@@ -37,10 +35,8 @@ class _Pending:
 
 
 class ChunkWriter:
-    def __init__(self, redis: Redis, keys: Keys, answer_maxlen: int) -> None:
-        self._redis = redis
-        self._keys = keys
-        self._maxlen = answer_maxlen
+    def __init__(self, store: Store) -> None:
+        self._store = store
         self._queue: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -81,17 +77,9 @@ class ChunkWriter:
 
     async def _flush(self, batch: list[_Pending]) -> None:
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for p in batch:
-                    pipe.xadd(
-                        self._keys.answer(p.question_id),
-                        p.entry.fields(),  # type: ignore[arg-type]
-                        maxlen=self._maxlen,
-                        approximate=True,
-                    )
-                    if p.check_cancel:
-                        pipe.hget(self._keys.question(p.question_id), "cancel")
-                results = await pipe.execute()
+            results = await self._store.append_batch(
+                [(p.question_id, p.entry, p.check_cancel) for p in batch]
+            )
         except Exception as e:  # handed to each waiting generation, which ends its answer
             for p in batch:
                 if not p.done.done():
@@ -99,9 +87,6 @@ class ChunkWriter:
             return
         self.batches += 1
         self.written += len(batch)
-        at = 0
-        for p in batch:
-            entry_id, cancel = results[at], p.check_cancel and results[at + 1] == "1"
-            at += 2 if p.check_cancel else 1
+        for p, (entry_id, cancel) in zip(batch, results, strict=True):
             if not p.done.done():
-                p.done.set_result(Appended(str(entry_id), cancel))
+                p.done.set_result(Appended(entry_id, cancel))

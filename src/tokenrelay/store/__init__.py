@@ -1,0 +1,47 @@
+"""Every Redis command of the data model: questions, answers, the request consumer group.
+
+`Store` is what the gateway and the worker hold; `store.group` is the consumer group.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from tokenrelay.keys import Keys
+from tokenrelay.store.answers import XRANGE_PAGE, Answers, answer_text, exclusive
+from tokenrelay.store.base import Limits, now_ms
+from tokenrelay.store.group import Depth, Request, RequestGroup
+from tokenrelay.store.questions import Questions
+
+__all__ = [
+    "XRANGE_PAGE",
+    "Depth",
+    "Limits",
+    "Request",
+    "RequestGroup",
+    "Store",
+    "answer_text",
+    "exclusive",
+    "now_ms",
+]
+
+
+class Store(Questions, Answers):
+    """Every read and write of the data model. Holds no state but names and limits."""
+
+    def __init__(self, redis: Redis, keys: Keys, limits: Limits) -> None:
+        super().__init__(redis, keys, limits)
+        self.group = RequestGroup(redis, keys)
+
+    async def ensure_group(self) -> None:
+        await self.group.ensure()
+
+    async def ack(self, request_entry_id: str) -> None:
+        await self.group.ack(request_entry_id)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except RedisError:
+            return False

@@ -1,0 +1,31 @@
+"""What every part of the store shares: the connection, the key names, the limits."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from tokenrelay.keys import Keys
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    retention_s: int
+    history_max: int
+    answer_maxlen: int
+    request_maxlen: int
+
+
+class StoreBase:
+    """Holds no state but the client, names and limits."""
+
+    def __init__(self, redis: Redis, keys: Keys, limits: Limits) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.limits = limits

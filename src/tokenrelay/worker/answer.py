@@ -1,0 +1,248 @@
+"""One answer's life on a worker: start entry, chunks, then exactly one terminal entry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from tokenrelay import logs, metrics
+from tokenrelay.errors import ProviderError
+from tokenrelay.providers.base import Finish, Prompt, Provider, Waiting
+from tokenrelay.providers.guard import Timeouts, close_stream, guarded
+from tokenrelay.store import Store, answer_text, now_ms
+from tokenrelay.wire import (
+    STATUS_OF_TERMINAL,
+    Entry,
+    EntryType,
+    QuestionRecord,
+    QuestionRequest,
+    Status,
+)
+from tokenrelay.worker.writer import ChunkWriter
+
+log = logging.getLogger(__name__)
+
+# How stale a chunk's view of the cancel flag may be: read with at most one chunk's XADD per
+# interval, not with every chunk (half of the worker's Redis commands at 20 tokens/s).
+CANCEL_CHECK_S = 0.1
+
+
+class _Cancelled(Exception):
+    """The asker cancelled between two chunks."""
+
+
+class _Resume:
+    """Skips the part of a regenerated answer that a crashed worker already wrote.
+
+    A reclaimed request is generated again; when the new text starts with the
+    partial answer already in the stream (deterministic models), viewers see no
+    seam. When it diverges, a `restart` entry tells viewers to drop what they have.
+    """
+
+    def __init__(self, written: str) -> None:
+        self.pending = written
+        self.buffer = ""
+
+    def feed(self, text: str) -> tuple[bool, str]:
+        """(diverged, text to emit now)."""
+        if not self.pending:
+            return False, text
+        self.buffer += text
+        if self.pending.startswith(self.buffer):
+            if len(self.buffer) == len(self.pending):
+                self.pending = ""
+            return False, ""
+        if self.buffer.startswith(self.pending):
+            rest, self.pending = self.buffer[len(self.pending) :], ""
+            return False, rest
+        emit, self.pending = self.buffer, ""
+        return True, emit
+
+
+@dataclass(frozen=True, slots=True)
+class Generator:
+    """What every answer of one worker shares: where it writes, what it asks, how long it
+    waits."""
+
+    store: Store
+    writer: ChunkWriter
+    provider: Provider
+    timeouts: Timeouts
+
+
+class Answer:
+    """One request being answered. `run()` returns the final status.
+
+    Task cancellation (worker shutdown) propagates without a terminal entry and
+    without XACK, so another worker reclaims the request.
+    """
+
+    def __init__(
+        self, store: Store, request: QuestionRequest, request_entry_id: str | None
+    ) -> None:
+        self.store = store
+        self.request = request
+        self.request_entry_id = request_entry_id
+        self.record: QuestionRecord | None = None
+        self.chunks = 0
+        self.first_ms = 0
+        self._resume = _Resume("")
+        self._next_cancel_check = 0.0
+        self._ahead = -1
+        self._gap = metrics.GapTimer()
+
+    async def run(self, gen: Generator, *, resumed: bool = False) -> Status:
+        done = await self._prepare(gen.provider, resumed=resumed)
+        if done is not None:
+            return done
+        try:
+            finish = await self._stream(gen)
+        except _Cancelled:
+            return await self._end(Entry(EntryType.CANCELLED))
+        except ProviderError as e:
+            log.warning("question %s: model error (%s): %s", self.request.id, e.kind, e.message)
+            return await self._end(Entry(EntryType.ERROR, e.message, {"kind": e.kind}), e.message)
+        except Exception as e:
+            log.exception("question %s: unexpected failure", self.request.id)
+            message = f"tokenrelay failed while answering ({type(e).__name__}); see the worker log"
+            return await self._end(Entry(EntryType.ERROR, message, {"kind": "internal"}), message)
+        usage = {
+            "prompt_tokens": finish.prompt_tokens,
+            "completion_tokens": finish.completion_tokens,
+        }
+        end = Entry(EntryType.END, meta={"finish_reason": finish.reason, **usage})
+        return await self._end(end, usage=usage)
+
+    async def fail_undeliverable(self, deliveries: int) -> None:
+        """A request that keeps crashing its workers ends failed instead of looping forever."""
+        message = (
+            f"gave up after {deliveries} attempts: each worker that took this question "
+            "stopped before finishing it"
+        )
+        if await self._load() is None:
+            return
+        assert self.record is not None
+        self.chunks = self.record.chunks
+        await self._end(Entry(EntryType.ERROR, message, {"kind": "undeliverable"}), message)
+
+    # -- steps ---------------------------------------------------------------
+
+    async def _load(self) -> QuestionRecord | None:
+        """The record; None (request acknowledged) when it is gone."""
+        try:
+            self.record = await self.store.record(self.request.id)
+        except LookupError:
+            log.warning(
+                "question %s has no record (expired?); dropping its request", self.request.id
+            )
+            await self._ack()
+            return None
+        return self.record
+
+    async def _prepare(self, provider: Provider, *, resumed: bool) -> Status | None:
+        """Load the record and write the start entry; a status when nothing is left to do."""
+        record = await self._load()
+        if record is None:
+            return Status.FAILED
+        if record.status not in (Status.QUEUED, Status.STREAMING):
+            await self._ack()  # finished before a crash could ack it
+            return record.status
+        if record.cancel_requested:
+            return await self._end(Entry(EntryType.CANCELLED))
+        prior = await self.store.read_all(self.request.id) if resumed else []
+        if not any(e.type is EntryType.START for e in prior):
+            await self._write_start(provider, record)
+        self._resume = _Resume(answer_text(prior))
+        self.chunks = sum(1 for e in prior if e.type is EntryType.CHUNK)
+        return None
+
+    async def _write_start(self, provider: Provider, record: QuestionRecord) -> None:
+        request = self.request
+        start = Entry(
+            EntryType.START,
+            meta={
+                "topic": request.topic,
+                "question": request.question,
+                "model": provider.model,
+                "provider": provider.name,
+                "created_ms": record.created_ms,
+            },
+        )
+        fields = {
+            "status": Status.STREAMING.value,
+            "started_ms": str(now_ms()),
+            "model": provider.model,
+            "provider": provider.name,
+        }
+        await self.store.start(request, start, fields)
+
+    async def _stream(self, gen: Generator) -> Finish:
+        stream = gen.provider.stream(Prompt(self.request.topic, self.request.question))
+        items = guarded(stream, gen.timeouts)
+        finish = Finish()
+        try:
+            async for item in items:
+                if isinstance(item, Finish):
+                    finish = item
+                elif isinstance(item, Waiting):
+                    await self._waiting(gen.writer, item.ahead)
+                else:
+                    await self._text(gen.writer, item)
+        finally:
+            # Close now, not at garbage collection: it ends the model's HTTP stream.
+            await items.aclose()
+            await close_stream(stream)
+        return finish
+
+    async def _waiting(self, writer: ChunkWriter, ahead: int) -> None:
+        if ahead != self._ahead:
+            self._ahead = ahead
+            await writer.append(self.request.id, Entry(EntryType.WAITING, meta={"ahead": ahead}))
+
+    async def _text(self, writer: ChunkWriter, item: str) -> None:
+        diverged, text = self._resume.feed(item)
+        if diverged:
+            await writer.append(self.request.id, Entry(EntryType.RESTART))
+            self.chunks = 0
+        if not text:
+            return
+        now = asyncio.get_running_loop().time()
+        check = now >= self._next_cancel_check
+        if check:
+            self._next_cancel_check = now + CANCEL_CHECK_S
+        appended = await writer.append(
+            self.request.id, Entry(EntryType.CHUNK, text), check_cancel=check
+        )
+        self.chunks += 1
+        self._gap.tick()
+        self.first_ms = self.first_ms or now_ms()
+        if appended.cancel_requested:
+            raise _Cancelled
+
+    async def _end(
+        self, entry: Entry, error: str = "", *, usage: dict[str, int] | None = None
+    ) -> Status:
+        """Write the one terminal entry, close the record, acknowledge the request."""
+        assert self.record is not None
+        created = self.record.created_ms
+        ended = now_ms()
+        ttft_ms = self.first_ms - created if self.first_ms else -1
+        stats = {"chunks": self.chunks, "ttft_ms": ttft_ms, "duration_ms": ended - created}
+        fields: dict[str, object] = {
+            **stats,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            **(usage or {}),
+        }
+        if error:
+            fields["error"] = error
+        metrics.answer_ended(entry, ttft_ms)
+        logs.answer_ended(self.request.id, entry, fields)
+        terminal = Entry(entry.type, entry.text, {**entry.meta, **stats})
+        await self.store.finish(self.request.id, terminal, fields, self.request_entry_id)
+        return STATUS_OF_TERMINAL[entry.type]
+
+    async def _ack(self) -> None:
+        if self.request_entry_id is not None:
+            await self.store.ack(self.request_entry_id)

@@ -1,0 +1,262 @@
+"""The consumer-group loop: take questions, answer them, reclaim what dead workers left.
+
+Lifecycle (staged, as saq does it): `stop()` stops taking work, lets running
+answers finish within the grace period, then cancels what is left and releases
+their requests: they stay pending, marked idle, so any live worker (or this one's
+replacement) reclaims them on its next pass. The consumer is deleted only when
+nothing is pending for it any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from tokenrelay import metrics
+from tokenrelay.providers.base import Provider
+from tokenrelay.providers.guard import Timeouts
+from tokenrelay.store import Store
+from tokenrelay.wire import QuestionRequest
+from tokenrelay.worker.answer import Answer, Generator
+from tokenrelay.worker.writer import ChunkWriter
+
+log = logging.getLogger(__name__)
+
+HARD_DEADLINE_S = 5.0
+# A provider told to stop that is still computing this long after is stuck (native code).
+WEDGED_AFTER_S = 10.0
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        reader: Redis,
+        provider: Provider,
+        *,
+        concurrency: int,
+        block_ms: int,
+        reclaim_idle_ms: int,
+        max_deliveries: int,
+        grace_period_s: float,
+        timeouts: Timeouts,
+        name: str | None = None,
+        on_wedged: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.name = name or consumer_name()
+        self._reader = reader  # a dedicated connection: XREADGROUP blocks on it; closed by stop()
+        self._provider = provider
+        self._concurrency = concurrency
+        self._block_ms = block_ms
+        self._reclaim_idle_ms = reclaim_idle_ms
+        self._max_deliveries = max_deliveries
+        self._grace_period_s = grace_period_s
+        self._writer = ChunkWriter(store)
+        self._gen = Generator(store, self._writer, provider, timeouts)
+        self._on_wedged = on_wedged
+        self._inflight: dict[str, asyncio.Task[Any]] = {}  # request entry id -> task
+        self._slot_free = asyncio.Event()
+        self._reclaim_now = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.reclaimed = 0
+
+    @property
+    def busy(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def free(self) -> int:
+        return self._concurrency - len(self._inflight)
+
+    async def start(self) -> None:
+        await self.store.ensure_group()
+        self._writer.start()
+        metrics.SLOTS.inc(self._concurrency)
+        self._loops = [
+            asyncio.create_task(self._read_loop(), name=f"{self.name}-read"),
+            asyncio.create_task(self._reclaim_loop(), name=f"{self.name}-reclaim"),
+            asyncio.create_task(self._wedge_loop(), name=f"{self.name}-wedge"),
+        ]
+        log.info(
+            "worker %s started: %d slots, provider %s (%s)",
+            self.name,
+            self._concurrency,
+            self._provider.name,
+            self._provider.model,
+        )
+
+    def reclaim_soon(self) -> None:
+        """Run a reclaim pass now (the supervisor released a dead worker's requests)."""
+        self._reclaim_now.set()
+
+    async def stop(self) -> None:
+        """Safe to call twice."""
+        if self._stopping:
+            return
+        self._stopping = True
+        metrics.SLOTS.dec(self._concurrency)
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        await self._drain()
+        await self._writer.stop()
+        await self._let_go()
+        await self._reader.aclose()
+
+    async def _drain(self) -> None:
+        """Let running answers finish within the grace period; cancel the rest."""
+        running = list(self._inflight.values())
+        if not running:
+            return
+        log.info(
+            "worker %s: waiting up to %gs for %d answers",
+            self.name,
+            self._grace_period_s,
+            len(running),
+        )
+        _, pending = await asyncio.wait(running, timeout=self._grace_period_s)
+        if pending:
+            log.warning(
+                "worker %s: stopping %d unfinished answers (%s); their requests are released "
+                "for another worker",
+                self.name,
+                len(pending),
+                ", ".join(t.get_name() for t in pending),
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=HARD_DEADLINE_S)
+
+    async def _let_go(self) -> None:
+        """Release what is still pending for us, and leave the group only when nothing is."""
+        try:
+            released = await self.store.group.release(self.name)
+            if released:
+                log.warning("worker %s: released %d unfinished requests", self.name, released)
+            await self.store.group.forget(self.name)
+        except RedisError as e:  # they stay pending for us: reclaimed after the idle time
+            log.warning("worker %s: could not release its requests (%s)", self.name, e)
+
+    # -- taking work --------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        backoff_s = 0.1
+        while True:
+            if self.free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                requests = await self.store.group.read_new(
+                    self._reader, self.name, self.free, self._block_ms
+                )
+            except (RedisError, OSError) as e:
+                what = "refused" if isinstance(e, ResponseError) else "unavailable"
+                log.warning(
+                    "worker %s: XREADGROUP %s (%s); retrying in %.1fs",
+                    self.name,
+                    what,
+                    e,
+                    backoff_s,
+                )
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                continue
+            backoff_s = 0.1
+            for entry_id, fields in requests:
+                self._spawn(entry_id, fields, resumed=False)
+
+    def _spawn(self, entry_id: str, fields: dict[str, str], *, resumed: bool) -> None:
+        request = QuestionRequest.from_fields(fields)
+        answer = Answer(self.store, request, entry_id)
+        self._track(entry_id, answer.run(self._gen, resumed=resumed), f"answer-{request.id}")
+
+    def _track(self, entry_id: str, work: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run `work` for a request as a slot: a stop waits for it within the grace period."""
+        task = asyncio.create_task(work, name=name)
+        self._inflight[entry_id] = task
+        metrics.SLOTS_IN_USE.inc()
+        task.add_done_callback(lambda t: self._done(entry_id, t))
+
+    def _done(self, entry_id: str, task: asyncio.Task[Any]) -> None:
+        self._inflight.pop(entry_id, None)
+        metrics.SLOTS_IN_USE.dec()
+        self._slot_free.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("answer task for request %s failed: %r", entry_id, task.exception())
+
+    # -- reclaiming ---------------------------------------------------------
+
+    async def _reclaim_loop(self) -> None:
+        # First pass at once: a restarted worker picks up what its predecessor released.
+        interval_s = self._reclaim_idle_ms / 3000
+        while True:
+            try:
+                await self.store.group.heartbeat(self.name, list(self._inflight))
+                await self._reclaim()
+            except (RedisError, OSError) as e:
+                log.warning("worker %s: reclaim pass failed (%s)", self.name, e)
+            self._reclaim_now.clear()
+            try:
+                async with asyncio.timeout(interval_s):
+                    await self._reclaim_now.wait()
+            except TimeoutError:
+                pass
+
+    async def _reclaim(self) -> None:
+        if self.free <= 0 or self._stopping:
+            return
+        group = self.store.group
+        for entry_id, fields in await group.reclaim(self.name, self._reclaim_idle_ms, self.free):
+            if entry_id in self._inflight:  # ours, and still running: a missed heartbeat
+                continue
+            self.reclaimed += 1
+            metrics.RECLAIMED.inc()
+            if not fields:  # deleted (acknowledged) meanwhile
+                await group.ack(entry_id)
+                continue
+            deliveries = await group.deliveries(entry_id)
+            request = QuestionRequest.from_fields(fields)
+            if deliveries > self._max_deliveries:
+                log.error("question %s delivered %d times; failing it", request.id, deliveries)
+                failing = Answer(self.store, request, entry_id).fail_undeliverable(deliveries)
+                self._track(entry_id, failing, f"fail-{request.id}")
+                continue
+            log.warning(
+                "worker %s reclaimed question request %s (delivery %d)",
+                self.name,
+                entry_id,
+                deliveries,
+            )
+            self._spawn(entry_id, fields, resumed=True)
+
+    # -- a provider stuck in native code ---------------------------------------
+
+    async def _wedge_loop(self) -> None:
+        """A provider that ignores being told to stop is dead: say so, and let the owner
+        (the supervisor, through `on_wedged`) replace the process."""
+        while True:
+            await asyncio.sleep(1.0)
+            stuck_s = float(getattr(self._provider, "unresponsive_s", 0.0))
+            if stuck_s > WEDGED_AFTER_S:
+                log.critical(
+                    "worker %s: the model ignored a stop for %.0f s (stuck in native code?)",
+                    self.name,
+                    stuck_s,
+                )
+                if self._on_wedged is not None:
+                    self._on_wedged()
+                return
