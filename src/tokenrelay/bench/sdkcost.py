@@ -1,13 +1,15 @@
 """What reading one streamed chunk from an OpenAI-compatible server costs a worker, by client.
 
-The worker's provider reads the model's stream with the official `openai` SDK. This
-measures, in this process's own CPU time, the SDK against two lean readers of the same
-server-sent events (httpx and aiohttp, each parsing with orjson), with the mock model in
-another process. Run it alone with `python -m tokenrelay.bench.sdkcost`.
+Measures, in this process's own CPU time, the worker's real `openai` provider
+(`OpenAIProvider.stream`, what a worker runs per answer) beside the official `openai` SDK
+and two bare lean readers of the same server-sent events (httpx and aiohttp, each parsing
+with orjson), with the mock model in another process. Run it alone with
+`python -m tokenrelay.bench.sdkcost` (`--help` for streams, tokens, rates and readers).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import resource
 import subprocess
@@ -23,6 +25,9 @@ import orjson
 from tokenrelay.bench.loop import run
 from tokenrelay.bench.stack import free_port
 from tokenrelay.mockllm import directive
+from tokenrelay.providers.base import Prompt
+from tokenrelay.providers.openai import OpenAIProvider
+from tokenrelay.settings import Settings
 
 Reader = Callable[[str], Awaitable[int]]
 
@@ -49,12 +54,25 @@ def _count(events: list[bytes]) -> int:
     return n
 
 
-async def measure(base_url: str, streams: int, tokens: int, rate: float) -> dict[str, float]:
+async def measure(
+    base_url: str, streams: int, tokens: int, rate: float, only: list[str] | None = None
+) -> dict[str, float]:
     """CPU microseconds per content chunk for each reader, `streams` answers at once."""
     question = f"cost {directive(tokens=tokens, rate=rate) if rate else directive(tokens=tokens)}"
+    settings = Settings(
+        _env_file=None,
+        openai_api_key=None,
+        openai_base_url=base_url,
+        openai_model="mock-llm",
+        worker_concurrency=streams,
+    )
+    provider = OpenAIProvider.from_settings(settings)
     sdk = openai.AsyncOpenAI(api_key="unused", base_url=base_url, max_retries=0)
     hx = httpx.AsyncClient(base_url=base_url, timeout=60, limits=httpx.Limits(max_connections=None))
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    async def with_provider(q: str) -> int:
+        return sum([isinstance(item, str) async for item in provider.stream(Prompt("cost", q))])
 
     async def with_sdk(q: str) -> int:
         stream = await sdk.chat.completions.create(
@@ -79,6 +97,7 @@ async def measure(base_url: str, streams: int, tokens: int, rate: float) -> dict
         return n
 
     readers: dict[str, Reader] = {
+        "openai_provider": with_provider,
         "openai_sdk": with_sdk,
         "httpx_orjson": with_httpx,
         "aiohttp_orjson": with_aiohttp,
@@ -86,18 +105,23 @@ async def measure(base_url: str, streams: int, tokens: int, rate: float) -> dict
     out = {}
     try:
         for name, reader in readers.items():
+            if only and name not in only:
+                continue
             await reader(question)  # warm: connections, imports, first-call costs
             before = _cpu_s()
             chunks = sum(await asyncio.gather(*(reader(question) for _ in range(streams))))
             out[name] = round((_cpu_s() - before) * 1e6 / max(1, chunks), 1)
     finally:
+        await provider.aclose()
         await sdk.close()
         await hx.aclose()
         await session.close()
     return out
 
 
-async def _main(streams: int, tokens: int, rates: list[float]) -> dict[str, Any]:
+async def _main(
+    streams: int, tokens: int, rates: list[float], only: list[str] | None = None
+) -> dict[str, Any]:
     port = free_port()
     mock = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "tokenrelay.mockllm", "--port", str(port)),
@@ -115,7 +139,9 @@ async def _main(streams: int, tokens: int, rates: list[float]) -> dict[str, Any]
         results: dict[str, Any] = {"streams": streams, "tokens": tokens}
         for rate in rates:
             label = f"{rate:g}/s" if rate else "unthrottled"
-            results[label] = await measure(f"http://127.0.0.1:{port}/v1", streams, tokens, rate)
+            results[label] = await measure(
+                f"http://127.0.0.1:{port}/v1", streams, tokens, rate, only
+            )
         return results
     finally:
         mock.terminate()
@@ -131,5 +157,24 @@ async def provider_read_cost_async(streams: int = 50, tokens: int = 60) -> dict[
     return await _main(streams, tokens, [20.0, 0.0])
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--streams", type=int, default=50, help="answers read at once")
+    parser.add_argument("--tokens", type=int, default=60, help="content chunks per answer")
+    parser.add_argument(
+        "--rates", default="20,0", help="tokens/s per answer, comma-separated; 0 = unthrottled"
+    )
+    parser.add_argument("--readers", default="", help="comma-separated subset (default: all)")
+    parser.add_argument(
+        "--asyncio", action="store_true", help="asyncio's own loop, as `tokenrelay worker` runs"
+    )
+    args = parser.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")]
+    only = [r for r in args.readers.split(",") if r] or None
+    coro = _main(args.streams, args.tokens, rates, only)
+    results = asyncio.run(coro) if args.asyncio else run(coro)
+    print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
+
+
 if __name__ == "__main__":
-    print(orjson.dumps(provider_read_cost(), option=orjson.OPT_INDENT_2).decode())
+    main()

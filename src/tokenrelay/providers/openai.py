@@ -1,30 +1,55 @@
-"""The `openai` provider: the official SDK, against OpenAI or any OpenAI-compatible server."""
+"""The `openai` provider: OpenAI or any OpenAI-compatible server, its stream read lean.
+
+The official SDK builds a pydantic object for every streamed chunk, most of a worker's
+CPU per chunk. This reads the server-sent events with orjson over one kept-alive httpx
+client, and keeps the SDK's retry rules (`provider_max_retries`, Retry-After) and what
+each failure reports.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
-import openai
-from openai.types import CompletionUsage
-from openai.types.chat import ChatCompletionChunk
+import httpx
+import orjson
 
 from tokenrelay.errors import ConfigError, ProviderError
 from tokenrelay.providers.base import Finish, Prompt
+from tokenrelay.providers.retry import retry_after_s, retry_delay_s, should_retry
+from tokenrelay.providers.sse import SSEDecoder
 from tokenrelay.settings import Settings
 
 OPENAI_URL = "https://api.openai.com/v1"
-# Local servers (vLLM, Ollama, llama.cpp) ignore the key, but the SDK insists on one.
+# Local servers (vLLM, Ollama, llama.cpp) ignore the key; sent as the SDK sent it.
 NO_KEY = "no-key-needed"
 _CONNECT_TIMEOUT_S = 10.0
+_KEEPALIVE_S = 30.0
+_DRAIN_S = 0.1  # after [DONE]: read the body's end, so the connection is kept for reuse
+_ERROR_BODY_BYTES = 64 * 1024
+# httpx leaves some TLS failures unwrapped; they are connection trouble all the same.
+_TRANSPORT_ERRORS = (httpx.RequestError, ssl.SSLError)
 
 
 class OpenAIProvider:
-    def __init__(self, client: openai.AsyncOpenAI, model: str, *, secret: str | None) -> None:
-        self._client = client
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        url: str,
+        model: str,
+        *,
+        secret: str | None,
+        max_retries: int,
+    ) -> None:
+        self._http = http
+        self._url = url.rstrip("/")
+        self._endpoint = f"{self._url}/chat/completions"
         self._model = model
-        self._url = str(client.base_url).rstrip("/")
         self._secret = secret
+        self._max_retries = max_retries
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OpenAIProvider:
@@ -36,13 +61,30 @@ class OpenAIProvider:
             )
         # A backstop at the larger limit: the caller enforces the first-token and stall deadlines.
         read_timeout_s = max(settings.first_token_timeout_s, settings.stall_timeout_s)
-        client = openai.AsyncOpenAI(
-            api_key=key or NO_KEY,
-            base_url=settings.openai_base_url or OPENAI_URL,
-            max_retries=settings.provider_max_retries,
-            timeout=openai.Timeout(read_timeout_s, connect=_CONNECT_TIMEOUT_S),
+        http = httpx.AsyncClient(
+            headers={
+                "authorization": f"Bearer {key or NO_KEY}",
+                "content-type": "application/json",
+                "accept": "application/json",
+                "user-agent": "tokenrelay",
+            },
+            timeout=httpx.Timeout(read_timeout_s, connect=_CONNECT_TIMEOUT_S),
+            # One connection per answer in flight, kept between answers; never a wait for
+            # the pool, so a slow model cannot turn into a false timeout here.
+            limits=httpx.Limits(
+                max_connections=None,
+                max_keepalive_connections=settings.worker_concurrency,
+                keepalive_expiry=_KEEPALIVE_S,
+            ),
+            follow_redirects=True,
         )
-        return cls(client, settings.openai_model, secret=key)
+        return cls(
+            http,
+            settings.openai_base_url or OPENAI_URL,
+            settings.openai_model,
+            secret=key,
+            max_retries=settings.provider_max_retries,
+        )
 
     @property
     def name(self) -> str:
@@ -53,33 +95,48 @@ class OpenAIProvider:
         return self._model
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[str | Finish]:
-        try:
-            chunks = await self._client.chat.completions.create(
-                model=self._model,
-                messages=[
-                    {"role": "system", "content": prompt.system},
-                    {"role": "user", "content": prompt.question},
-                ],
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        except openai.OpenAIError as e:
-            raise self._error(e, started=False) from e
+        response = await self._open(self._request_body(prompt))
+        decoder = SSEDecoder()
         reason: str | None = None
-        usage: CompletionUsage | None = None
+        usage: Any = None
+        done = False
+        # Raw bytes unless the server compressed them: one layer less per read.
+        encoded = response.headers.get("content-encoding", "identity") != "identity"
+        body = response.aiter_bytes() if encoded else response.aiter_raw()
         try:
-            async for chunk in chunks:
-                text, finish = self._read(chunk)
-                usage = getattr(chunk, "usage", None) or usage
-                reason = finish or reason
-                if text:
-                    yield text
-        except (openai.OpenAIError, ValueError) as e:  # ValueError: a chunk that is not JSON
-            raise self._error(e, started=True) from e
+            try:
+                async for data in body:
+                    for payload in decoder.feed(data):
+                        if payload.startswith(b"[DONE]"):
+                            done = True
+                            break
+                        chunk = orjson.loads(payload)
+                        text, finish = self._read(chunk)
+                        usage = chunk.get("usage") or usage
+                        reason = finish or reason
+                        if text:
+                            yield text
+                    if done:
+                        await _drain(body)
+                        break
+            except httpx.TimeoutException as e:
+                raise self._timeout(e) from e
+            except _TRANSPORT_ERRORS as e:
+                raise self._fail(
+                    "incomplete",
+                    f"the connection to {self._url} broke mid-answer ({_say(e)})",
+                    retryable=True,
+                ) from e
+            except ValueError as e:  # a chunk that is not JSON
+                raise self._fail(
+                    "malformed",
+                    f"{self._url} sent a stream chunk tokenrelay cannot read "
+                    f"({type(e).__name__}: {e}); is it an OpenAI-compatible server?",
+                ) from e
         finally:
             # Shielded so that a cancelled consumer still hangs up and the server stops generating.
             with anyio.CancelScope(shield=True):
-                await chunks.close()
+                await response.aclose()
         if reason is None:
             raise self._fail(
                 "incomplete",
@@ -87,28 +144,87 @@ class OpenAIProvider:
                 "reason; the server or a proxy in between closed it",
                 retryable=True,
             )
-        prompt_tokens = getattr(usage, "prompt_tokens", 0)
-        completion_tokens = getattr(usage, "completion_tokens", 0)
-        yield Finish(reason, prompt_tokens, completion_tokens)
+        usage = usage if isinstance(usage, dict) else {}
+        yield Finish(
+            reason, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        )
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._http.aclose()
 
-    def _read(self, chunk: ChatCompletionChunk) -> tuple[str, str | None]:
+    def _request_body(self, prompt: Prompt) -> bytes:
+        return orjson.dumps(
+            {
+                "model": self._model,
+                "messages": [
+                    {"role": "system", "content": prompt.system},
+                    {"role": "user", "content": prompt.question},
+                ],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        )
+
+    async def _open(self, body: bytes) -> httpx.Response:
+        """The streaming response, after the SDK's retries; a failure as `ProviderError`."""
+        for attempt in range(self._max_retries + 1):
+            last = attempt == self._max_retries
+            request = self._http.build_request("POST", self._endpoint, content=body)
+            try:
+                response = await self._http.send(request, stream=True)
+            except httpx.TimeoutException as e:
+                if last:
+                    raise self._timeout(e) from e
+                delay_s = retry_delay_s(attempt, None)
+            except _TRANSPORT_ERRORS as e:
+                if last:
+                    raise self._fail(
+                        "connection",
+                        f"could not reach the model server at {self._url} ({_say(e)}; "
+                        f"{self._retries}); check OPENAI_BASE_URL and that the server is running",
+                        retryable=True,
+                    ) from e
+                delay_s = retry_delay_s(attempt, None)
+            else:
+                if response.is_success:
+                    return response
+                if last or not should_retry(response.status_code, response.headers):
+                    raise await self._refused(response)
+                delay_s = retry_delay_s(attempt, response.headers)
+                await response.aclose()
+            await asyncio.sleep(delay_s)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _read(self, chunk: Any) -> tuple[str, str | None]:
         """The chunk's text and finish reason; compatible servers vary, so check the shape."""
-        choices = getattr(chunk, "choices", None)
-        if choices is None and getattr(chunk, "usage", None) is not None:
-            return "", None  # some servers send the usage chunk with "choices": null
+        if not isinstance(chunk, dict):
+            raise self._fail(
+                "malformed",
+                f"{self._url} sent a stream chunk that is not an object: {chunk!r:.200}",
+            )
+        if chunk.get("error"):
+            raise self._stream_error(chunk["error"])
+        choices = chunk.get("choices")
         if not isinstance(choices, list):
+            if choices is None and chunk.get("usage") is not None:
+                return "", None  # some servers send the usage chunk with "choices": null
             raise self._fail(
                 "malformed", f"{self._url} sent a stream chunk without 'choices': {chunk!r:.200}"
             )
         text, finish = "", None
         for choice in choices:
-            content = getattr(getattr(choice, "delta", None), "content", None)
-            text += content if isinstance(content, str) else ""
-            finish = getattr(choice, "finish_reason", None) or finish
-        return text, finish
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(content, str):
+                text += content
+            finish = choice.get("finish_reason") or finish
+        return text, finish if isinstance(finish, str) else None
+
+    @property
+    def _retries(self) -> str:
+        return f"after {self._max_retries} retries"
 
     def _fail(
         self,
@@ -122,51 +238,53 @@ class OpenAIProvider:
             message = message.replace(self._secret, "***")
         return ProviderError(kind, message, retryable=retryable, retry_after_s=retry_after_s)
 
-    def _error(self, e: Exception, *, started: bool) -> ProviderError:
-        url, retries = self._url, f"after {self._client.max_retries} retries"
-        if isinstance(e, openai.APITimeoutError):
-            return self._fail(
-                "timeout",
-                f"{url} sent nothing for too long ({retries}); it may be overloaded, or raise "
-                "TOKENRELAY_FIRST_TOKEN_TIMEOUT_S / TOKENRELAY_STALL_TIMEOUT_S",
-                retryable=True,
-            )
-        if isinstance(e, openai.APIConnectionError):
-            cause = e.__cause__ or e
-            if started:
-                return self._fail(
-                    "incomplete",
-                    f"the connection to {url} broke mid-answer ({cause})",
-                    retryable=True,
-                )
-            return self._fail(
-                "connection",
-                f"could not reach the model server at {url} ({cause}; {retries}); check "
-                "OPENAI_BASE_URL and that the server is running",
-                retryable=True,
-            )
-        if isinstance(e, openai.APIStatusError):
-            return self._status_error(e)
-        if isinstance(e, ValueError | openai.APIResponseValidationError):
-            return self._fail(
-                "malformed",
-                f"{url} sent a stream chunk tokenrelay cannot read ({type(e).__name__}: {e}); "
-                "is it an OpenAI-compatible server?",
-            )
-        # An error event inside the stream, or anything else the SDK raises.
-        return self._fail("server", f"the model server at {url} failed: {e}", retryable=True)
+    def _timeout(self, e: httpx.TimeoutException) -> ProviderError:
+        return self._fail(
+            "timeout",
+            f"{self._url} sent nothing for too long ({self._retries}); it may be overloaded, or "
+            "raise TOKENRELAY_FIRST_TOKEN_TIMEOUT_S / TOKENRELAY_STALL_TIMEOUT_S",
+            retryable=True,
+        )
 
-    def _status_error(self, e: openai.APIStatusError) -> ProviderError:
-        url, status, retries = self._url, e.status_code, f"after {self._client.max_retries} retries"
-        body = e.body if isinstance(e.body, dict) else {}
-        detail = str(body.get("message") or e.message)[:300].rstrip(".")
+    def _stream_error(self, error: object) -> ProviderError:
+        """An error event inside the stream (the SDK's `APIError`)."""
+        message = error.get("message") if isinstance(error, dict) else None
+        if not isinstance(message, str) or not message:
+            message = "An error occurred during streaming"
+        return self._fail(
+            "server", f"the model server at {self._url} failed: {message}", retryable=True
+        )
+
+    async def _refused(self, response: httpx.Response) -> ProviderError:
+        """The error for a status the SDK would not (or no longer) retry, chained to its body."""
+        raw = await _read_some(response, _ERROR_BODY_BYTES)
+        try:
+            body = orjson.loads(raw)
+        except ValueError:
+            body = None
+        error = body.get("error", body) if isinstance(body, dict) else None
+        error = error if isinstance(error, dict) else {}
+        status, detail = response.status_code, f"Error code: {response.status_code}"
+        if isinstance(error.get("message"), str) and error["message"]:
+            detail += f" - {error['message']}"
+        # The SDK's exception text, kept for the traceback; only redacted text goes further.
+        cause = httpx.HTTPStatusError(detail, request=response.request, response=response)
+        failure = self._status_error(status, error, detail, response.headers)
+        failure.__cause__ = cause
+        return failure
+
+    def _status_error(
+        self, status: int, error: dict[str, Any], said: str, headers: httpx.Headers
+    ) -> ProviderError:
+        url, retries = self._url, self._retries
+        detail = str(error.get("message") or said)[:300].rstrip(".")
         if status in (401, 403):
             return self._fail(
                 "auth",
                 f"the model server at {url} refused access ({status}: {detail}); check "
                 f"OPENAI_API_KEY and that it may use model {self._model!r}",
             )
-        if status == 429 and e.code == "insufficient_quota":
+        if status == 429 and error.get("code") == "insufficient_quota":
             return self._fail(
                 "rate_limit", f"{url} says the quota is used up ({detail}); check the billing"
             )
@@ -175,14 +293,14 @@ class OpenAIProvider:
                 "rate_limit",
                 f"rate limited by {url} ({detail}; {retries}); try again later",
                 retryable=True,
-                retry_after_s=_retry_after_s(e.response.headers),
+                retry_after_s=retry_after_s(headers),
             )
         if status >= 500:
             return self._fail(
                 "server",
                 f"the model server at {url} failed ({status}: {detail}; {retries})",
                 retryable=True,
-                retry_after_s=_retry_after_s(e.response.headers),
+                retry_after_s=retry_after_s(headers),
             )
         return self._fail(
             "bad_request",
@@ -191,10 +309,34 @@ class OpenAIProvider:
         )
 
 
-def _retry_after_s(headers: Mapping[str, str]) -> float | None:
-    for name, per_s in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        try:
-            return max(0.0, float(headers[name]) / per_s)
-        except (KeyError, ValueError):  # absent, or an HTTP date: let the caller choose
-            continue
-    return None
+async def _drain(body: AsyncIterator[bytes]) -> None:
+    """Read what follows [DONE] (the body's end) for a moment, so the connection is reused."""
+    try:
+        with anyio.move_on_after(_DRAIN_S):
+            async for _ in body:
+                pass
+    except _TRANSPORT_ERRORS:
+        pass  # the answer is complete; a connection that cannot be reused is just closed
+
+
+async def _read_some(response: httpx.Response, limit: int) -> bytes:
+    """Up to `limit` bytes of an error's body; a body cut off reads as what arrived."""
+    raw = b""
+    try:
+        async for data in response.aiter_bytes():
+            raw += data
+            if len(raw) >= limit:
+                break
+    except _TRANSPORT_ERRORS:
+        pass
+    finally:
+        await response.aclose()
+    return raw[:limit]
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _say(e: BaseException) -> str:
+    return str(e) or type(e).__name__
