@@ -73,7 +73,7 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def running_gateway(settings: Settings, *, workers: int | None = None) -> AsyncIterator[str]:
+async def running_gateway(settings: Settings, *, workers: int = 1) -> AsyncIterator[str]:
     """A real gateway on a real TCP port, in this event loop. Yields its base URL."""
     app = create_app(settings, workers=workers)
     port = free_port()

@@ -122,8 +122,31 @@ class Cluster:
     async def gateway(
         self, name: str = "gateway", workers: int = 0, log_level: str = "warning", **extra: str
     ) -> Proc:
-        """`tokenrelay serve` (a gateway, plus `workers` in-process workers)."""
+        """`tokenrelay gateway` (one gateway process: killing it kills the gateway), or with
+        `workers`, `tokenrelay serve` supervising that many worker processes."""
+        if workers:
+            return await self.serve(name, workers, log_level, embedded=False, port=None, **extra)
         port = free_port()
+        argv = [*_tokenrelay(), "--log-level", log_level, "gateway", "--port", str(port)]
+        proc = self._spawn(name, argv, self.env(**extra))
+        proc.port, proc.url = port, f"http://127.0.0.1:{port}"
+        await wait_http(proc, f"{proc.url}/healthz")
+        return proc
+
+    async def serve(
+        self,
+        name: str = "serve",
+        workers: int = 2,
+        log_level: str = "warning",
+        *,
+        embedded: bool = False,
+        port: int | None = None,
+        **extra: str,
+    ) -> Proc:
+        """`tokenrelay serve`: the supervisor, its gateway and `workers` worker processes,
+        ready once /healthz shows them all running. `embedded`: its own Valkey in the data
+        directory instead of the session's (REDIS_URL unset), as a newcomer runs it."""
+        port = port or free_port()
         argv = [
             *_tokenrelay(),
             "--log-level",
@@ -134,9 +157,13 @@ class Cluster:
             "--workers",
             str(workers),
         ]
-        proc = self._spawn(name, argv, self.env(**extra))
+        env = self.env(**extra)
+        if embedded:
+            env.pop("REDIS_URL")
+        proc = self._spawn(name, argv, env)
         proc.port, proc.url = port, f"http://127.0.0.1:{port}"
         await wait_http(proc, f"{proc.url}/healthz")
+        await wait_processes(proc, workers)
         return proc
 
     async def worker(self, name: str = "worker", **extra: str) -> Proc:
@@ -182,6 +209,34 @@ async def wait_http(proc: Proc, url: str, timeout_s: float = START_TIMEOUT_S) ->
                     return
             await asyncio.sleep(0.1)
     raise RuntimeError(f"{proc.name} did not come up:\n{proc.text()[-3000:]}")
+
+
+async def processes(proc: Proc) -> dict[str, dict[str, Any]]:
+    """`serve`'s children by name, as its gateway's /healthz shows them."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        body = (await client.get(f"{proc.url}/healthz")).json()
+    return {p["name"]: p for p in body["processes"]}
+
+
+async def wait_processes(
+    proc: Proc, workers: int, timeout_s: float = START_TIMEOUT_S, *, restarts: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Wait until `serve` shows `workers` running worker processes (and, with `restarts`,
+    that many restarts in all); returns its children by name."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive:
+            raise RuntimeError(f"{proc.name} exited:\n{proc.text()[-3000:]}")
+        with suppress(httpx.TransportError, KeyError):
+            children = await processes(proc)
+            running = [
+                p for p in children.values() if p["kind"] == "worker" and p["state"] == "running"
+            ]
+            total = sum(int(p["restarts"]) for p in children.values())
+            if len(running) == workers and total >= restarts:
+                return children
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{proc.name}'s workers did not come up:\n{proc.text()[-3000:]}")
 
 
 async def wait_log(proc: Proc, text: str, timeout_s: float = START_TIMEOUT_S) -> None:

@@ -112,6 +112,24 @@ WAITING = Gauge(
     "Requests no worker has taken yet (whole deployment, read from Redis).",
     registry=REGISTRY,
 )
+PROCESS_UP = Gauge(
+    "tokenrelay_process_up",
+    "1 while a process `serve` supervises runs, 0 while it is down (restarting or stopped).",
+    ["name", "kind"],
+    registry=REGISTRY,
+)
+PROCESS_RESTARTS = Gauge(
+    "tokenrelay_process_restarts",
+    "Times `serve` restarted this process since it started.",
+    ["name", "kind"],
+    registry=REGISTRY,
+)
+PROCESS_PID = Gauge(
+    "tokenrelay_process_pid",
+    "Process id of each process `serve` supervises (0 while down).",
+    ["name", "kind"],
+    registry=REGISTRY,
+)
 
 for _status in (Status.DONE, Status.FAILED, Status.CANCELLED):
     QUESTIONS.labels(_status.value)  # present at 0, so rates work from the first scrape
@@ -150,6 +168,18 @@ class GapTimer:
 
 
 # -- exposing them --------------------------------------------------------------
+
+
+def processes(states: list[dict[str, object]]) -> None:
+    """The supervisor's children, as the gateway read them from its state file."""
+    for state in states:
+        labels = (str(state.get("name")), str(state.get("kind")))
+        up = state.get("state") in ("running", "adopted")
+        PROCESS_UP.labels(*labels).set(1 if up else 0)
+        restarts = state.get("restarts")
+        PROCESS_RESTARTS.labels(*labels).set(restarts if isinstance(restarts, int) else 0)
+        pid = state.get("pid")
+        PROCESS_PID.labels(*labels).set(pid if isinstance(pid, int) else 0)
 
 
 async def scrape(store: Store, relay: Relay | None) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -40,7 +40,7 @@ async def redis_url_for(settings: Settings) -> AsyncIterator[str]:
     if settings.redis_url:
         yield settings.redis_url
         return
-    embedded = EmbeddedValkey(settings.data_dir)
+    embedded = EmbeddedValkey(settings.data_dir, maxmemory=settings.embedded_maxmemory)
     url = await asyncio.to_thread(embedded.start)
     try:
         yield url
@@ -55,7 +55,15 @@ def make_store(settings: Settings, redis: Redis) -> Store:
     return Store(redis, Keys(settings.key_prefix), limits)
 
 
-def make_worker(settings: Settings, store: Store, provider: Provider, redis_url: str) -> Worker:
+def make_worker(
+    settings: Settings,
+    store: Store,
+    provider: Provider,
+    redis_url: str,
+    *,
+    name: str | None = None,
+    on_wedged: Callable[[], None] | None = None,
+) -> Worker:
     return Worker(
         store,
         dedicated_client(redis_url, name="tokenrelay-worker-read", block_ms=settings.block_ms),
@@ -66,12 +74,19 @@ def make_worker(settings: Settings, store: Store, provider: Provider, redis_url:
         max_deliveries=settings.max_deliveries,
         grace_period_s=settings.grace_period_s,
         timeouts=Timeouts(settings.first_token_timeout_s, settings.stall_timeout_s),
+        name=name,
+        on_wedged=on_wedged,
     )
 
 
 @asynccontextmanager
 async def open_services(
-    settings: Settings, *, gateway: bool, workers: int
+    settings: Settings,
+    *,
+    gateway: bool,
+    workers: int,
+    worker_name: str | None = None,
+    on_wedged: Callable[[], None] | None = None,
 ) -> AsyncIterator[Services]:
     """Embedded server -> pool -> group -> relay -> provider -> workers; closed in reverse."""
     async with AsyncExitStack() as stack:
@@ -98,7 +113,9 @@ async def open_services(
         if provider is not None:
             stack.push_async_callback(provider.aclose)
             for _ in range(workers):
-                worker = make_worker(settings, store, provider, url)
+                worker = make_worker(
+                    settings, store, provider, url, name=worker_name, on_wedged=on_wedged
+                )
                 await worker.start()
                 stack.push_async_callback(worker.stop)
                 services.workers.append(worker)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -74,7 +75,11 @@ class Settings(BaseSettings):
     answer_maxlen: int = Field(default=100_000, ge=100)
     request_maxlen: int = Field(default=100_000, ge=100)
 
-    workers: int = Field(default=1, ge=0, description="in-process workers started by serve")
+    worker_processes: int | Literal["auto"] = Field(
+        default="auto",
+        validation_alias=AliasChoices("TOKENRELAY_WORKER_PROCESSES", "TOKENRELAY_WORKERS"),
+        description="worker processes `serve` supervises; auto: one per usable core; 0: none",
+    )
     worker_concurrency: int = Field(default=64, ge=1)
     reclaim_idle_ms: int = Field(default=30_000, ge=100)
     max_deliveries: int = Field(default=3, ge=1)
@@ -94,12 +99,27 @@ class Settings(BaseSettings):
     max_question_chars: int = Field(default=8_000, ge=1)
     max_topic_chars: int = Field(default=200, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated host names the gateway answers to (any port; '*': any);"
+        " unset: the bind address, localhost, 127.0.0.1 and [::1]",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated proxy addresses whose X-Forwarded-For/-Proto are believed;"
+        " unset: none (the peer address is the client)",
+    )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="comma-separated bearer tokens; set: asking, watching, cancelling need one",
     )
     rate_limit_per_min: int = Field(
         default=0, ge=0, description="questions a minute per client (API key, else IP); 0: off"
+    )
+    embedded_maxmemory: str = Field(
+        default="1gb",
+        pattern=r"^[0-9]+(b|kb|mb|gb)?$",
+        description="memory cap of the embedded Valkey (no eviction: asks are refused when full)",
     )
     redis_pool_size: int = Field(default=8, ge=2, le=512)
     viewer_buffer: int = Field(default=1_000, ge=10)
@@ -128,6 +148,13 @@ class Settings(BaseSettings):
             return origins
         return value
 
+    @field_validator("allowed_hosts", "trusted_proxies", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip().lower() for v in value.split(",") if v.strip()]
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -140,6 +167,20 @@ class Settings(BaseSettings):
                 if not isinstance(raw, str) or len(raw) < 16 or not raw.isprintable() or " " in raw:
                     raise ValueError("each key must be 16+ printable characters without spaces")
         return value
+
+    @field_validator("worker_processes")
+    @classmethod
+    def _processes_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 0 or more, or 'auto'")
+        return value
+
+    @property
+    def worker_process_count(self) -> int:
+        """`worker_processes` resolved: auto is one per core this process may use."""
+        if self.worker_processes == "auto":
+            return max(len(os.sched_getaffinity(0)), 1)
+        return self.worker_processes
 
     @field_validator("key_prefix")
     @classmethod

@@ -108,7 +108,7 @@ class Stack:
             worker = [sys.executable, "-c", UVLOOP_WORKER]
         self._spawn("worker", worker, env)
         gateway_port = free_port()
-        serve = ["serve", "--workers", "0", "--port", str(gateway_port)]
+        serve = ["gateway", "--port", str(gateway_port)]
         self._spawn("gateway", [*_tokenrelay_command(), "--log-level", "warning", *serve], env)
         self.gateway_url = f"http://127.0.0.1:{gateway_port}"
         await self._wait_http(f"{self.gateway_url}/healthz", "gateway")

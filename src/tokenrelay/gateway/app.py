@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenrelay import logs, metrics
+from tokenrelay.children import read_state
 from tokenrelay.errors import InvalidInput, NotFound, StoreError
 from tokenrelay.gateway.access import Access, RateLimited, Unauthorized
 from tokenrelay.gateway.http import router
@@ -77,9 +78,13 @@ def _first_problem(exc: RequestValidationError) -> str:
     return "invalid request"
 
 
-def create_app(settings: Settings, *, workers: int | None = None) -> ASGIApp:
-    """The gateway (plus `workers` in-process workers; default from settings)."""
-    worker_count = settings.workers if workers is None else workers
+def create_app(
+    settings: Settings, *, workers: int = 0, supervisor_state: Path | None = None
+) -> ASGIApp:
+    """The gateway. `workers` in-process workers are for tests and embedding: `serve` runs
+    workers as processes of their own. `supervisor_state` is where `serve` writes its
+    children's state, shown by /healthz and /metrics."""
+    worker_count = workers
     origins = list(settings.cors_origins)
     # None: Socket.IO accepts only same-origin browsers unless origins are listed.
     sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins=origins or None)
@@ -110,6 +115,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> ASGIApp:
         return svc
 
     api.state.access = access
+    api.state.supervisor_state = supervisor_state
     api.state.sockets = SocketGateway(sio, current, access)
 
     @api.exception_handler(InvalidInput)
@@ -160,6 +166,7 @@ def create_app(settings: Settings, *, workers: int | None = None) -> ASGIApp:
     @api.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
         svc = current()
+        metrics.processes(read_state(supervisor_state))
         body = await metrics.scrape(svc.store, svc.relay)
         return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
 

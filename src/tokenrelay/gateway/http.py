@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from tokenrelay.children import read_state
 from tokenrelay.gateway.access import Access, Caller
 from tokenrelay.gateway.answers import whole_answer
 from tokenrelay.gateway.inputs import ask_input, question_id, reachable_cursor
@@ -196,9 +197,16 @@ async def healthz(request: Request) -> Any:
     svc = services(request)
     ok = await svc.store.ping()
     queued = request.app.state.sockets.queued()
+    # Under `serve`: every supervised process (valkey, gateway, workers) with pid, state,
+    # restarts and the reason of its last exit.
+    processes = read_state(request.app.state.supervisor_state)
     body = {
         "status": "ok" if ok else "redis unavailable",
         "workers": len(svc.workers),
+        "worker_processes": sum(
+            1 for p in processes if p.get("kind") == "worker" and p.get("state") == "running"
+        ),
+        "processes": processes,
         "answers_in_progress": sum(w.busy for w in svc.workers),
         "viewers": svc.relay.viewers if svc.relay else 0,
         # Socket.IO packets waiting for slow clients; bounded per socket (SOCKET_QUEUE_MAX).
