@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-stamp
 WHEELS := $(HOME)/.cache/tokenrelay/wheels
 
-.PHONY: run test lint typecheck pytest install web browser test-local test-faults reliability clean
+.PHONY: run test lint typecheck pytest install web browser local-model test-local test-faults reliability clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ run: web
 browser:
 	@bash scripts/install-browser.sh
 
+# The local model `make run` uses: llama-cpp-python compiled once per machine (portable
+# flags, cached in ~/.cache/tokenrelay), so the default path is tested by `make test`.
+local-model: install
+	@bash scripts/install-local.sh
+
 lint: install
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
@@ -36,7 +41,7 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-pytest: install web browser
+pytest: install web browser local-model
 	$(VENV)/bin/pytest -m "not local" $(PYTEST_ARGS)
 
 test: lint typecheck pytest
@@ -58,8 +63,7 @@ reliability: install
 bench: $(STAMP)
 	$(VENV)/bin/tokenrelay-bench $(BENCH_ARGS)
 
-test-local: web
-	@bash scripts/install-local.sh
+test-local: web local-model
 	$(VENV)/bin/pytest -m local $(PYTEST_ARGS)
 
 clean:
