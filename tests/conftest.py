@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import os
 import secrets
 import socket
@@ -73,8 +75,11 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def running_gateway(settings: Settings, *, workers: int = 1) -> AsyncIterator[str]:
-    """A real gateway on a real TCP port, in this event loop. Yields its base URL."""
+async def running_gateway(
+    settings: Settings, *, workers: int = 1, **uvicorn_options: Any
+) -> AsyncIterator[str]:
+    """A real gateway on a real TCP port, in this event loop. Yields its base URL.
+    `uvicorn_options` go to uvicorn.Config (e.g. `tokenrelay.gateway.server.uvicorn_options`)."""
     app = create_app(settings, workers=workers)
     port = free_port()
     config = uvicorn.Config(
@@ -84,6 +89,7 @@ async def running_gateway(settings: Settings, *, workers: int = 1) -> AsyncItera
         log_level="warning",
         lifespan="on",
         timeout_graceful_shutdown=2,
+        **uvicorn_options,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -103,3 +109,40 @@ async def running_gateway(settings: Settings, *, workers: int = 1) -> AsyncItera
 async def gateway(make_settings: Callable[..., Settings]) -> AsyncIterator[str]:
     async with running_gateway(make_settings()) as url:
         yield url
+
+
+# Each async test runs under an asyncio deadline a little inside pytest-timeout's: when it
+# fires, the test's own `finally` and `async with` blocks still run, so the gateways,
+# workers and processes it started are stopped. pytest-timeout's signal, the last resort,
+# would stop the shared event loop mid-test and leave them running into the next tests.
+DEADLINE_MARGIN_S = 15.0
+
+
+def _deadline_s(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    limit = (
+        float(marker.args[0])
+        if marker and marker.args
+        else float(item.config.getini("timeout") or 120)
+    )
+    return max(limit - DEADLINE_MARGIN_S, limit / 2)
+
+
+def _bounded(test: Callable[..., Any], limit_s: float) -> Callable[..., Any]:
+    @functools.wraps(test)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(limit_s):
+                return await test(*args, **kwargs)
+        except TimeoutError as e:
+            raise TimeoutError(
+                f"test ran past {limit_s:g} s; what it started has been stopped"
+            ) from e
+
+    return run
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.obj = _bounded(item.obj, _deadline_s(item))

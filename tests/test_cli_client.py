@@ -39,7 +39,12 @@ async def start(
 
 async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await start(*args, env=env, stdout=PIPE, stderr=PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:  # timed out or cancelled: never leave it running
+            proc.kill()
+            await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
