@@ -27,6 +27,7 @@ or received twice, checked against the answer stream as Redis holds it (XRANGE).
 Regenerate with `make reliability` (it runs the scenarios and rewrites this file).
 Bad input (`tests/test_fuzz.py`: hypothesis and schemathesis) and access rules
 (`tests/test_access.py`) are tested too and run in `make test`; they produce no rows.
+Hardening against attacks has its own table, [Security](#security), at the end.
 
 """
 
@@ -36,6 +37,20 @@ def _cell(value: object) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+SECURITY = "Security: "
+SECURITY_HEADER = """\
+## Security
+
+Attacks and careless clients (issue 12), each an automated test against a real
+`tokenrelay serve` over real sockets; the browser rows drive a real Chromium
+(`tests/test_web_security.py`, skipped without `make browser`).
+"""
+
+
+def _ordered(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    return sorted(rows, key=lambda r: (int(str(r.get("order", 0))), str(r["scenario"])))
+
+
 def render(rows: list[dict[str, object]], machine: str) -> str:
     lines = [
         HEADER,
@@ -43,10 +58,17 @@ def render(rows: list[dict[str, object]], machine: str) -> str:
         "| scenario | load | faults injected | chunks lost | chunks doubled | result |",
         "|---|---|---|---|---|---|",
     ]
-    for row in sorted(rows, key=lambda r: (int(str(r.get("order", 0))), str(r["scenario"]))):
+    security = [r for r in rows if str(r["scenario"]).startswith(SECURITY)]
+    for row in _ordered([r for r in rows if r not in security]):
         cells = [row["scenario"], row["load"], row["faults"], row["lost"], row["doubled"]]
         cells.append(row["result"])
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    if security:
+        lines += ["", SECURITY_HEADER, "| what | load | attack | result |", "|---|---|---|---|"]
+        for row in _ordered(security):
+            what = str(row["scenario"]).removeprefix(SECURITY)
+            cells = [what, row["load"], row["faults"], row["result"]]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     failed = [r for r in rows if str(r["result"]).startswith("FAIL")]
     lines.append("")
     lines.append(

@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from tests.conftest import free_port, running_gateway
+from tests.faults_report import record
 from tokenrelay import Client
 from tokenrelay.settings import Settings, env_name
 from tokenrelay.testing import MockLLM, directive
@@ -228,3 +229,60 @@ async def test_api_key_from_the_environment(make_settings: Callable[..., Setting
         env = environment(TOKENRELAY_API_KEY=key, TOKENRELAY_SERVER=url)
         code, out, _ = await run("ask", "Hi?", "--no-stream", env=env)
         assert code == 0 and out == TEXT + "\n"
+
+
+HOSTILE = (
+    "title\x1b]0;pwned\x07 clear\x1b[2J back\rover bell\x07 \u202eevil\u2066 c1\x9b31m\nnext line"
+)
+
+
+@pytest.mark.faults  # `make reliability` writes its row
+async def test_output_strips_control_and_bidi_characters(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A question or answer with ESC sequences, CR, BEL or U+202E cannot rewrite the terminal."""
+    from tokenrelay.terminal import UNSAFE
+
+    def clean(text: str) -> bool:
+        return not any(ord(ch) in UNSAFE for ch in text)
+
+    async with running_gateway(make_settings(scripted_text=HOSTILE)) as url:
+        code, out, _ = await run("ask", f"Who? {HOSTILE}", "--topic", HOSTILE, "--server", url)
+        assert code == 0 and clean(out), repr(out)
+        assert "title]0;pwned clear[2J backover bell evil c131m\nnext line" in out
+        code, out, _ = await run("ask", "Whole?", "--no-stream", "--server", url)
+        assert code == 0 and clean(out) and "\nnext line" in out, repr(out)
+        code, out, _ = await run("history", "--server", url)
+        assert code == 0 and clean(out) and len(out.splitlines()) == 2, repr(out)
+        assert "[title]0;pwned clear[2J backover bell evil c131m next line] Who? title" in out
+        for command in (("history", "--json"), ("ask", "Json?", "--json")):
+            code, out, _ = await run(*command, "--server", url)
+            assert code == 0 and clean(out), repr(out)
+            # The data is intact for a program: JSON escapes carry every character.
+            texts = [orjson.loads(line).get("text", "") for line in out.splitlines()]
+            questions = [orjson.loads(line).get("topic", "") for line in out.splitlines()]
+            assert HOSTILE in "".join(texts) or HOSTILE in questions
+        async with Client(url) as client:
+            qid = (await client.history(1))[0].id
+        main, child = pty.openpty()
+        env = environment(TERM="xterm-256color", COLUMNS="80", LINES="40")
+        env.pop("NO_COLOR")
+        proc = await start("watch", qid, "--server", url, env=env, stdout=child, stderr=child)
+        os.close(child)
+        screen = (await asyncio.to_thread(read_all, main)).decode(errors="replace")
+        assert await proc.wait() == 0
+    # rich styles with CSI sequences of its own; none of the answer's reach the screen.
+    for bad in ("\x1b]0;", "\x07", "\x1b[2J", "\u202e", "\u2066", "\x9b"):
+        assert bad not in screen, (bad, screen)
+    assert "pwned" in screen and "evil" in screen
+    record(
+        "Security: terminal output of the CLI",
+        order=1208,
+        load="a question, topic and answer holding OSC and CSI sequences, CR, BEL, C1 and "
+        "U+202E/U+2066; `ask` (pipe, --no-stream, --json), `history` (--json), `watch` on a pty",
+        faults="terminal escape injection",
+        lost=None,
+        doubled=None,
+        result="pass: none of those characters reach the terminal; answers keep their "
+        "newlines; --json escapes them (\\u202e) so the data is intact",
+    )

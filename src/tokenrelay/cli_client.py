@@ -31,6 +31,7 @@ from tokenrelay.client import (
     ServerUnreachable,
 )
 from tokenrelay.settings import Settings
+from tokenrelay.terminal import safe_json, safe_line, safe_text
 
 COMMANDS = ("ask", "watch", "history")
 INTERRUPTED = 130
@@ -64,13 +65,14 @@ class Printer:
     def event(self, event: AnswerEvent) -> None:
         self.last = event
         if self.json:
-            self._write(orjson.dumps(dict(event.data)).decode() + "\n")
+            self._write(safe_json(orjson.dumps(dict(event.data)).decode()) + "\n")
         elif event.type == "chunk":
-            self.text += event.text
+            text = safe_text(event.text)
+            self.text += text
             if self._live is not None:
                 self._live.update(Markdown(self.text))
             else:
-                self._write(event.text)
+                self._write(text)
         elif event.type == "restart":
             self.text = ""
             if self._live is None:
@@ -78,12 +80,12 @@ class Printer:
 
     def whole(self, answer: Answer) -> None:
         if self.json:
-            self._write(orjson.dumps({**answer.end.data, "id": answer.id, "text": answer.text}))
-            self._write("\n")
+            line = orjson.dumps({**answer.end.data, "id": answer.id, "text": answer.text})
+            self._write(safe_json(line.decode()) + "\n")
         elif self.console.is_terminal:
-            self.console.print(Markdown(answer.text))
+            self.console.print(Markdown(safe_text(answer.text)))
         else:
-            self._write(answer.text + "\n")
+            self._write(safe_text(answer.text) + "\n")
 
     def _write(self, text: str | bytes) -> None:
         out = self.console.file
@@ -191,17 +193,19 @@ async def _follow(
 
 
 def _error(message: str) -> None:
-    # Not through rich: one unwrapped line, and no "[...]" read as markup.
-    print(message, file=sys.stderr, flush=True)
+    # Not through rich: one unwrapped line, and no "[...]" read as markup. Error texts can
+    # quote the model or its server: no control characters reach the terminal.
+    print(safe_line(message), file=sys.stderr, flush=True)
 
 
 async def _history(client: Client, limit: int, *, json: bool) -> int:
     out = sys.stdout
     for q in await client.history(limit):
         if json:
-            out.write(orjson.dumps(q).decode() + "\n")
+            out.write(safe_json(orjson.dumps(q).decode()) + "\n")
             continue
         when = datetime.fromtimestamp(q.created_ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
-        out.write(f"{q.id}  {q.status:<9}  {when}  [{q.topic}] {q.question}\n")
+        line = f"{q.id}  {q.status:<9}  {when}  [{q.topic}] {q.question}"
+        out.write(safe_line(line) + "\n")
     out.flush()
     return 0

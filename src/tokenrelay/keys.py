@@ -20,7 +20,8 @@ from dataclasses import dataclass
 WORKER_GROUP = "workers"
 ID_BYTES = 16
 # token_urlsafe(16) gives 22 characters of [A-Za-z0-9_-]: 128 bits, unguessable.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{22}$")
+# fullmatch, not match: `$` also matches before a trailing newline.
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
 
 
 def new_question_id() -> str:
@@ -28,7 +29,7 @@ def new_question_id() -> str:
 
 
 def is_question_id(value: str) -> bool:
-    return bool(ID_PATTERN.match(value))
+    return ID_PATTERN.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)

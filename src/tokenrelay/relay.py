@@ -30,6 +30,32 @@ XREAD_COUNT = 512
 # ~2,000 re-arms a second. At least this long per watched answer between two re-arms
 # (2 ms at 1,000 answers, 0.2 ms at 100) lets entries gather instead.
 REARM_PER_KEY_S = 2e-6
+# A viewer that stops reading keeps what it was handed alive: its catch-up page and its
+# live buffer. Both are bounded by the text they hold, not only by entries (500 entries of
+# 5 KB held 2.7 MB per stalled SSE reader).
+PAGE_BYTES = 64 * 1024
+BUFFER_BYTES = 1024 * 1024
+FIRST_PAGE = 8
+ENTRY_OVERHEAD_BYTES = 100  # an Entry and its event's other fields, roughly
+
+
+def _size(entries: list[Entry]) -> int:
+    return sum(len(e.text) for e in entries) + ENTRY_OVERHEAD_BYTES * len(entries)
+
+
+class _PageSize:
+    """How many entries the next catch-up XRANGE asks for: as many as fit in PAGE_BYTES at
+    the sizes seen so far (XRANGE counts entries, not bytes), from 1 to XRANGE_PAGE."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = FIRST_PAGE
+
+    def seen(self, page: list[Entry]) -> None:
+        if page:
+            per_entry = _size(page) / len(page)
+            self.count = max(1, min(XRANGE_PAGE, int(PAGE_BYTES // per_entry)))
 
 
 def _bulk(text: str) -> bytes:
@@ -82,11 +108,12 @@ class _ReadSet:
 class Subscription:
     """A viewer's bounded buffer of live entries for one answer."""
 
-    __slots__ = ("_limit", "buffer", "key", "overflowed", "ready")
+    __slots__ = ("_bytes", "_limit", "buffer", "key", "overflowed", "ready")
 
     def __init__(self, key: str, limit: int) -> None:
         self.key = key
         self._limit = limit
+        self._bytes = 0
         self.buffer: deque[Entry] = deque()
         self.overflowed = False
         self.ready = asyncio.Event()
@@ -94,13 +121,21 @@ class Subscription:
     def push(self, entries: list[Entry]) -> None:
         if self.overflowed:
             return
-        if len(self.buffer) + len(entries) > self._limit:
+        size = _size(entries)
+        if len(self.buffer) + len(entries) > self._limit or self._bytes + size > BUFFER_BYTES:
             # Drop rather than grow: the viewer re-reads these from Redis.
             self.buffer.clear()
+            self._bytes = 0
             self.overflowed = True
         else:
             self.buffer.extend(entries)
+            self._bytes += size
         self.ready.set()
+
+    def take(self) -> Entry:
+        entry = self.buffer.popleft()
+        self._bytes -= len(entry.text) + ENTRY_OVERHEAD_BYTES
+        return entry
 
 
 class Relay:
@@ -181,35 +216,45 @@ class Relay:
         store = self._store
         key = store.keys.answer(question_id)
         last = after
+        size = _PageSize()
         while True:
-            # Catch up from the stream until its current end.
+            # Catch up from the stream until its current end, a page of bounded size at a time.
             while True:
-                page = await store.read(question_id, last)
+                count = size.count
+                page = await store.read(question_id, last, count)
+                size.seen(page)
                 for entry in page:
                     last = entry.entry_id
                     metrics.relayed(entry)
                     yield entry
                     if entry.terminal:
                         return
-                if len(page) < XRANGE_PAGE:
+                if len(page) < count:
                     break
             sub, cursor = self._subscribe(key, last)
             try:
-                if entry_id_after(cursor, last):
-                    for entry in await store.read_all(question_id, last):
-                        if not entry_id_after(entry.entry_id, cursor):
-                            last = entry.entry_id
-                            metrics.relayed(entry)
-                            yield entry
-                            if entry.terminal:
-                                return
+                # Entries up to the shared read's cursor will not come live: read them here.
+                while entry_id_after(cursor, last):
+                    count = size.count
+                    page = await store.read(question_id, last, count)
+                    size.seen(page)
+                    for entry in page:
+                        if entry_id_after(entry.entry_id, cursor):
+                            break
+                        last = entry.entry_id
+                        metrics.relayed(entry)
+                        yield entry
+                        if entry.terminal:
+                            return
+                    if len(page) < count or entry_id_after(page[-1].entry_id, cursor):
+                        break
                 while True:
                     await sub.ready.wait()
                     sub.ready.clear()
                     if sub.overflowed:
                         break  # back to catching up from Redis
                     while sub.buffer:
-                        entry = sub.buffer.popleft()
+                        entry = sub.take()
                         if not entry_id_after(entry.entry_id, last):
                             continue
                         last = entry.entry_id

@@ -21,7 +21,10 @@ from tokenrelay import logs, metrics
 from tokenrelay.children import read_state
 from tokenrelay.errors import InvalidInput, NotFound, StoreError
 from tokenrelay.gateway.access import Access, RateLimited, Unauthorized
+from tokenrelay.gateway.headers import SecurityHeaders
+from tokenrelay.gateway.hosts import HostGuard, OriginPolicy, allowed_hosts
 from tokenrelay.gateway.http import router
+from tokenrelay.gateway.inputs import NotJson
 from tokenrelay.gateway.openai_compat import router as openai_router
 from tokenrelay.gateway.sockets import SocketGateway
 from tokenrelay.services import Services, open_services
@@ -86,8 +89,8 @@ def create_app(
     children's state, shown by /healthz and /metrics."""
     worker_count = workers
     origins = list(settings.cors_origins)
-    # None: Socket.IO accepts only same-origin browsers unless origins are listed.
-    sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins=origins or None)
+    # Explicit origins (engine.io's default trusts "Origin equals Host", and Host is forgeable).
+    sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins=OriginPolicy(settings))
     access = Access(settings)
 
     @asynccontextmanager
@@ -121,6 +124,10 @@ def create_app(
     @api.exception_handler(InvalidInput)
     async def invalid(_: Request, exc: InvalidInput) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=422)
+
+    @api.exception_handler(NotJson)
+    async def not_json(_: Request, exc: NotJson) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=415)
 
     @api.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound) -> JSONResponse:
@@ -182,7 +189,8 @@ def create_app(
         )
     api.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     asgi: ASGIApp = socketio.ASGIApp(sio, other_asgi_app=api)
-    return asgi
+    # Outermost: a forged Host is refused before Socket.IO or FastAPI read anything.
+    return SecurityHeaders(HostGuard(asgi, allowed_hosts(settings)))
 
 
 def from_environment() -> ASGIApp:

@@ -13,8 +13,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from tokenrelay.children import read_state
 from tokenrelay.gateway.access import Access, Caller
-from tokenrelay.gateway.answers import whole_answer
-from tokenrelay.gateway.inputs import ask_input, question_id, reachable_cursor
+from tokenrelay.gateway.answers import answer_page, whole_answer
+from tokenrelay.gateway.inputs import ask_input, question_id, reachable_cursor, require_json
 from tokenrelay.services import Services
 from tokenrelay.store import answer_text
 from tokenrelay.wire import EntryType, dumps, parse_cursor
@@ -66,6 +66,14 @@ async def caller(
 Who = Annotated[Caller, Depends(caller)]
 
 
+async def json_body(request: Request) -> None:
+    """415 unless the body is declared JSON (a cross-site form or text/plain fetch is not)."""
+    require_json(request.headers.get("content-type"))
+
+
+JSON_ONLY = [Depends(json_body)]
+
+
 async def owned(request: Request, qid: str, who: Caller) -> str:
     """The valid question id `qid` when `who` may see it; else 422 or 404."""
     valid = question_id(qid)
@@ -77,7 +85,7 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
-@router.post("/api/questions", status_code=202, tags=["questions"])
+@router.post("/api/questions", status_code=202, tags=["questions"], dependencies=JSON_ONLY)
 async def ask(body: AskBody, request: Request, who: Who) -> Any:
     """Ask a question. `stream: true` answers at once with the id; watch it over SSE or
     Socket.IO. `stream: false` waits and returns the whole answer."""
@@ -116,7 +124,7 @@ def _failed(qid: str, kind: EntryType, message: str) -> JSONResponse:
     return error(502, message or "the model failed to answer", id=qid)
 
 
-@router.post("/askQuestionWithoutStream", tags=["seed"])
+@router.post("/askQuestionWithoutStream", tags=["seed"], dependencies=JSON_ONLY)
 async def ask_without_stream(body: SeedAskBody, request: Request, who: Who) -> Any:
     """The seed page's "Without Stream": `{topic, topicQuestion}` in, `{output}` out."""
     svc = services(request)
@@ -143,15 +151,23 @@ async def history(
 
 
 @router.get("/api/questions/{qid}", tags=["questions"])
-async def question(qid: str, request: Request, who: Who) -> Any:
-    """The question record and its answer so far."""
+async def question(
+    qid: str,
+    request: Request,
+    who: Who,
+    after: Annotated[str | None, Query(description="the entries after this entry ID")] = None,
+) -> Any:
+    """The question record and its answer so far, up to 1 MiB of text per call: past that,
+    `next_after` is the entry ID to ask from next (`?after=`), or follow `events_url`."""
     store = services(request).store
     record = await store.record(await owned(request, qid, who))
-    entries = await store.read_all(record.id)
+    entries, next_after = await answer_page(store, record.id, parse_cursor(after))
     return {
         "question": record.public(),
         "answer": answer_text(entries),
         "entries": [e.event(record.id) for e in entries],
+        "next_after": next_after,
+        "events_url": f"/api/questions/{record.id}/events",
     }
 
 

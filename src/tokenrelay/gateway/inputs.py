@@ -12,6 +12,19 @@ from tokenrelay.store import Store
 from tokenrelay.wire import entry_id_after, parse_cursor
 
 
+class NotJson(InvalidInput):
+    """A body sent as something other than `application/json` (answered 415)."""
+
+
+def require_json(content_type: str | None) -> None:
+    """NotJson unless the media type is application/json: a page on another site can POST
+    text/plain (or no type at all) without asking the browser's CORS preflight."""
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        shown = repr(media_type[:60]) if media_type else "missing"
+        raise NotJson(f"the body must be sent as Content-Type: application/json (got {shown})")
+
+
 @dataclass(frozen=True, slots=True)
 class AskInput:
     topic: str
@@ -34,6 +47,14 @@ def _text(
         raise InvalidInput(f"'{name}' is {len(value)} characters; the limit is {limit}")
     if "\x00" in value:
         raise InvalidInput(f"'{name}' must not contain NUL characters")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError as e:
+            # JSON's "\ud800" escapes decode to lone surrogates, which no UTF-8 store takes.
+            raise InvalidInput(
+                f"'{name}' holds a lone surrogate (character {e.start}): not valid Unicode text"
+            ) from e
     return value
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -23,7 +24,13 @@ from tokenrelay.errors import InvalidInput, NotFound
 from tokenrelay.gateway.access import Caller, RateLimited, Unauthorized, bearer
 from tokenrelay.gateway.answers import whole_answer
 from tokenrelay.gateway.http import SSE_PING_S, access, services
-from tokenrelay.gateway.inputs import ask_input, question_id, reachable_cursor
+from tokenrelay.gateway.inputs import (
+    NotJson,
+    ask_input,
+    question_id,
+    reachable_cursor,
+    require_json,
+)
 from tokenrelay.wire import Entry, EntryType, QuestionRecord, dumps, parse_cursor
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -106,10 +113,13 @@ async def chat_completions(request: Request) -> Response:
     qid = ""
     try:
         who = _caller(request)
+        require_json(request.headers.get("content-type"))
         try:
-            body = await request.json()
-        except ValueError as e:
-            raise InvalidInput("the body must be a JSON object") from e
+            # orjson: nesting past 1,024 levels and lone surrogates are decode errors here,
+            # where the standard library would recurse out (500) or let them through.
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as e:
+            raise InvalidInput(f"the body must be a JSON object ({e})") from e
         if not isinstance(body, dict) or not isinstance(body.get("stream", False), bool):
             raise InvalidInput("the body must be a JSON object; 'stream' true or false")
         qid, cursor = await _attach(request, body, who)
@@ -119,6 +129,8 @@ async def chat_completions(request: Request) -> Response:
             usage = isinstance(options, dict) and options.get("include_usage") is True
             return _stream(request, record, cursor, usage=usage)
         return await _whole(request, record)
+    except NotJson as e:
+        return OpenAIError(415, str(e), "unsupported_media_type").response(qid)
     except InvalidInput as e:
         return OpenAIError(400, str(e)).response(qid)
     except NotFound as e:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import socketio
 
 from tokenrelay import metrics
 from tokenrelay.errors import InvalidInput, NotFound, TokenRelayError
 from tokenrelay.gateway.access import Access, Caller, Unauthorized, socket_address, socket_token
-from tokenrelay.gateway.answers import whole_answer
+from tokenrelay.gateway.answers import WholeAnswer, whole_answer
 from tokenrelay.gateway.inputs import ask_input, question_id, reachable_cursor, watch_input
 from tokenrelay.services import Services
 from tokenrelay.wire import EntryType, dumps
@@ -26,6 +27,7 @@ from tokenrelay.wire import EntryType, dumps
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, Any], Awaitable[Any]]
+T = TypeVar("T")
 
 # Packets waiting in engine.io's queue for one socket before its watches pause.
 SOCKET_QUEUE_MAX = 64
@@ -39,8 +41,10 @@ class SocketGateway:
         self.sio = sio
         self._services = services
         self._access = access
-        self._watches: dict[str, dict[str, asyncio.Task[None]]] = {}
+        self._watches: dict[str, dict[str, asyncio.Task[Any]]] = {}
         self._callers: dict[str, Caller] = {}
+        # Watches promised to an ask still in flight, so the cap holds before asking.
+        self._reserved: dict[str, int] = {}
         sio.on("connect", self._connect)
         sio.on("disconnect", self._disconnect)
         for event, handler in (
@@ -106,6 +110,10 @@ class SocketGateway:
             except TokenRelayError as e:
                 log.warning("socket %s: %s failed: %s", sid, event, e)
                 message = str(e)
+            except Exception:
+                # Every event gets an answer: a client must never wait on an ack that never comes.
+                log.exception("socket %s: %s failed unexpectedly", sid, event)
+                message = f"{event} failed: an internal error (logged by the server)"
             await self.sio.emit("error", {"message": message, "event": event}, to=sid)
             return {"error": message}
 
@@ -123,30 +131,54 @@ class SocketGateway:
     async def _disconnect(self, sid: str, reason: Any = None) -> None:
         metrics.SOCKETS.dec()
         self._callers.pop(sid, None)
+        self._reserved.pop(sid, None)
         for task in self._watches.pop(sid, {}).values():
             task.cancel()
 
-    def _own(self, sid: str, key: str, coro: Coroutine[Any, Any, None]) -> None:
+    def _check_room(self, sid: str, reserved: int = 0) -> None:
+        """InvalidInput when this socket is at its cap of watches (and asks being made)."""
+        held = len(self._watches.get(sid, {})) + self._reserved.get(sid, 0) - reserved
+        if held >= MAX_WATCHES_PER_SOCKET:
+            raise InvalidInput(
+                f"this connection already watches {MAX_WATCHES_PER_SOCKET} answers; "
+                "unwatch one (or wait for one to end) before asking or watching another"
+            )
+
+    @contextmanager
+    def _slot(self, sid: str) -> Iterator[None]:
+        """Hold a watch slot while asking, so the cap is checked before anything is asked."""
+        self._check_room(sid)
+        self._reserved[sid] = self._reserved.get(sid, 0) + 1
+        try:
+            yield
+        finally:
+            if sid in self._reserved:
+                self._reserved[sid] -= 1
+
+    def _own(
+        self, sid: str, key: str, coro: Coroutine[Any, Any, T], *, reserved: bool = False
+    ) -> asyncio.Task[T]:
         watches = self._watches.setdefault(sid, {})
         old = watches.pop(key, None)
         if old is not None:
             old.cancel()
-        elif len(watches) >= MAX_WATCHES_PER_SOCKET:
-            coro.close()
-            raise InvalidInput(
-                f"this connection already watches {MAX_WATCHES_PER_SOCKET} answers; "
-                "unwatch one first"
-            )
+        else:
+            try:
+                self._check_room(sid, reserved=1 if reserved else 0)
+            except InvalidInput:
+                coro.close()
+                raise
         task = asyncio.ensure_future(coro)
         watches[key] = task
 
-        def forget(t: asyncio.Task[None]) -> None:
+        def forget(t: asyncio.Task[T]) -> None:
             if watches.get(key) is t:
                 del watches[key]
             if not t.cancelled() and t.exception() is not None:
                 log.error("socket %s: watch of %s failed: %r", sid, key, t.exception())
 
         task.add_done_callback(forget)
+        return task
 
     # -- the seed's protocol ------------------------------------------------
 
@@ -154,9 +186,10 @@ class SocketGateway:
         svc = self._services()
         caller = self._caller(sid)
         asked = ask_input(data, svc.settings, question_field="topicQuestion", default_topic=None)
-        self._access.admit_question(caller)
-        record = await svc.store.ask(asked.topic, asked.question, owner=caller.owner)
-        self._own(sid, f"seed:{record.id}", self._relay_seed(sid, record.id))
+        with self._slot(sid):
+            self._access.admit_question(caller)
+            record = await svc.store.ask(asked.topic, asked.question, owner=caller.owner)
+            self._own(sid, f"seed:{record.id}", self._relay_seed(sid, record.id), reserved=True)
         return {"id": record.id}
 
     async def _relay_seed(self, sid: str, qid: str) -> None:
@@ -181,12 +214,22 @@ class SocketGateway:
         svc = self._services()
         caller = self._caller(sid)
         asked = ask_input(data, svc.settings)
-        self._access.admit_question(caller)
-        record = await svc.store.ask(asked.topic, asked.question, owner=caller.owner)
         if asked.stream:
+            self._access.admit_question(caller)
+            record = await svc.store.ask(asked.topic, asked.question, owner=caller.owner)
             return {"id": record.id}
         assert svc.relay is not None
-        whole = await whole_answer(svc.relay, record.id)
+        # Waiting for the whole answer holds a viewer: it takes a watch slot like any other.
+        with self._slot(sid):
+            self._access.admit_question(caller)
+            record = await svc.store.ask(asked.topic, asked.question, owner=caller.owner)
+            waiting = self._own(
+                sid, f"whole:{record.id}", self._wait_whole(record.id), reserved=True
+            )
+        await asyncio.wait({waiting})  # not `await waiting`: a disconnect cancels it
+        whole = None if waiting.cancelled() else waiting.result()
+        if whole is None:
+            return {"id": record.id, "error": "the answer did not finish in time; watch it"}
         if not whole.ok:
             return {"id": record.id, "error": whole.last.text or whole.last.type.value}
         return {
@@ -194,6 +237,14 @@ class SocketGateway:
             "output": whole.text,
             "record": (await svc.store.record(record.id)).public(),
         }
+
+    async def _wait_whole(self, qid: str) -> WholeAnswer | None:
+        relay = self._services().relay
+        assert relay is not None
+        try:
+            return await whole_answer(relay, qid)
+        except TimeoutError:
+            return None
 
     async def _watch(self, sid: str, data: Any) -> dict[str, Any]:
         qid, after = watch_input(data)
