@@ -113,7 +113,7 @@ class Cluster:
     async def mock(self, name: str = "mock", port: int | None = None) -> Proc:
         """The OpenAI-compatible mock model server, in its own process."""
         port = port or free_port()
-        argv = [sys.executable, "-m", "tokenrelay.mockllm", "--port", str(port)]
+        argv = [sys.executable, "-m", "tokenrelay.testing.mockllm", "--port", str(port)]
         proc = self._spawn(name, argv, clean_env())
         proc.port, proc.url = port, f"http://127.0.0.1:{port}/v1"
         await wait_http(proc, f"{proc.url}/models")

@@ -17,7 +17,7 @@ import socketio
 
 from tests.faults_procs import Cluster, Proc, clean_env
 from tests.sse import events
-from tokenrelay.mockllm import directive
+from tokenrelay.testing import directive
 
 KEY_A = "key-a-" + secrets.token_urlsafe(24)
 KEY_B = "key-b-" + secrets.token_urlsafe(24)

@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from tests.conftest import free_port
-from tokenrelay.mockllm import answer_text
 from tokenrelay.providers.select import local_available
+from tokenrelay.testing import answer_text
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -144,7 +144,7 @@ def test_serve_answers_through_an_openai_compatible_server(tmp_path: Path) -> No
     """`OPENAI_BASE_URL` alone is enough: serve picks the openai provider and streams."""
     mock_port, port = free_port(), free_port()
     mock = subprocess.Popen(
-        [sys.executable, "-m", "tokenrelay.mockllm", "--port", str(mock_port)],
+        [sys.executable, "-m", "tokenrelay.testing.mockllm", "--port", str(mock_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -13,8 +13,8 @@ import pytest
 from tests.conftest import free_port, running_gateway
 from tokenrelay import Client
 from tokenrelay.client import AnswerEvent, AnswerFailed, RequestRejected, ServerUnreachable
-from tokenrelay.mockllm import MockLLM, directive
 from tokenrelay.settings import Settings
+from tokenrelay.testing import MockLLM, directive
 
 TEXT = " ".join(f"word{i}" for i in range(40))
 

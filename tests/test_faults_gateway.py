@@ -21,7 +21,7 @@ from tests.faults_clients import Viewer, percentile, tally
 from tests.faults_procs import Cluster
 from tests.faults_report import record
 from tokenrelay.keys import Keys
-from tokenrelay.mockllm import answer_text, directive
+from tokenrelay.testing import answer_text, directive
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 

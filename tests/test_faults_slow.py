@@ -24,7 +24,7 @@ from tests.faults_report import record
 from tests.test_faults_gateway import chunk_ids
 from tokenrelay.gateway.sockets import SOCKET_QUEUE_MAX
 from tokenrelay.keys import Keys
-from tokenrelay.mockllm import directive
+from tokenrelay.testing import directive
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 

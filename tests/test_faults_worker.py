@@ -22,7 +22,7 @@ from tests.faults_procs import Cluster, Proc
 from tests.faults_report import record
 from tests.test_faults_gateway import chunk_ids
 from tokenrelay.keys import WORKER_GROUP, Keys
-from tokenrelay.mockllm import answer_text, directive
+from tokenrelay.testing import answer_text, directive
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 

@@ -17,9 +17,9 @@ from langchain_openai import ChatOpenAI
 from tests.conftest import running_gateway
 from tokenrelay import Client
 from tokenrelay.client import AnswerFailed
-from tokenrelay.mockllm import MockLLM, answer_text, directive
 from tokenrelay.providers.base import SYSTEM_PROMPT
 from tokenrelay.settings import Settings
+from tokenrelay.testing import MockLLM, answer_text, directive
 
 SECRET = "lc-test-key-0123456789abcdef"  # not sk-shaped: found in the runnable itself
 # The runnables below are built when the gateway starts, pointed at this module's mock.

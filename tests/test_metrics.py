@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port, running_gateway
 from tokenrelay import Client
-from tokenrelay.mockllm import MockLLM, directive
 from tokenrelay.settings import Settings
+from tokenrelay.testing import MockLLM, directive
 
 WORDS = " ".join(f"w{n}" for n in range(30))
 

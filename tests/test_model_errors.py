@@ -13,8 +13,8 @@ import pytest
 
 from tests.conftest import free_port, running_gateway
 from tests.sse import Event, events
-from tokenrelay.mockllm import MockLLM, answer_text, directive
 from tokenrelay.settings import Settings
+from tokenrelay.testing import MockLLM, answer_text, directive
 
 SECRET = "sk-test-never-shown-0123456789"
 

@@ -14,8 +14,8 @@ from openai.types.chat import ChatCompletionChunk
 from tests.conftest import running_gateway
 from tests.test_client import CuttingProxy
 from tokenrelay import Client
-from tokenrelay.mockllm import MockLLM, directive
 from tokenrelay.settings import Settings
+from tokenrelay.testing import MockLLM, directive
 
 TEXT = " ".join(f"tok{i}" for i in range(40))
 KEY = "front-door-key-0123456789"

@@ -10,10 +10,10 @@ import pytest
 from pydantic import SecretStr
 
 from tokenrelay.errors import ConfigError, ProviderError
-from tokenrelay.mockllm import MockLLM, answer_pieces, answer_text, directive
 from tokenrelay.providers.base import Finish, Prompt
 from tokenrelay.providers.openai import OpenAIProvider
 from tokenrelay.settings import Settings
+from tokenrelay.testing import MockLLM, answer_pieces, answer_text, directive
 
 KEY = "sk-test-tokenrelay-0123456789abcdef"
 MODEL = "mock-model"

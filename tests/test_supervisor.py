@@ -25,7 +25,7 @@ from tests.faults_report import record
 from tests.stuck_model import WORDS
 from tests.test_faults_gateway import chunk_ids
 from tokenrelay.keys import WORKER_GROUP, Keys
-from tokenrelay.mockllm import answer_text, directive
+from tokenrelay.testing import answer_text, directive
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 

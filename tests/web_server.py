@@ -131,11 +131,18 @@ def serve(
 
 @contextmanager
 def mock_model(workdir: Path) -> Iterator[ServerProcess]:
-    """The OpenAI-compatible mock (`python -m tokenrelay.mockllm`); its base URL ends in /v1."""
+    """The mock model (`python -m tokenrelay.testing.mockllm`); its base URL ends in /v1."""
     port = free_port()
     proc = start_process(
         "mockllm",
-        [sys.executable, "-m", "tokenrelay.mockllm", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "tokenrelay.testing.mockllm",
+            "--host",
+            "127.0.0.1",
+            *("--port", str(port)),
+        ],
         workdir=workdir,
         port=port,
         health_path="/v1/models",

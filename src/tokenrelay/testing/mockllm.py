@@ -1,4 +1,4 @@
-"""An OpenAI-compatible model server for tests and benchmarks: real HTTP, scripted behaviour.
+"""An OpenAI-compatible model server for tests (yours too) and benchmarks: real HTTP, scripted.
 
 The last user message may carry a directive, built with `directive(...)`, e.g.
 `[[mock tokens=50 rate=20 fail=429 fail_times=1 retry_after=0]]`:
@@ -11,7 +11,7 @@ The last user message may carry a directive, built with `directive(...)`, e.g.
 - `malformed_after=N` send `data: {not json` after N chunks;
 - `cut_after=N` end the response after N chunks, with no finish_reason and no [DONE].
 
-Run alone with `python -m tokenrelay.mockllm --host 127.0.0.1 --port 8100`.
+Run alone with `python -m tokenrelay.testing.mockllm --host 127.0.0.1 --port 8100`.
 """
 
 from __future__ import annotations
