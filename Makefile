@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-stamp
 WHEELS := $(HOME)/.cache/tokenrelay/wheels
 
-.PHONY: run test lint typecheck pytest install web browser local-model test-local test-faults reliability clean
+.PHONY: run test lint typecheck pytest install web browser local-model screenshot test-local test-faults reliability clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ reliability: install
 
 bench: $(STAMP)
 	$(VENV)/bin/tokenrelay-bench $(BENCH_ARGS)
+
+# docs/screenshot.png, from the browser test that shows an answer mid-stream.
+screenshot: web browser
+	TOKENRELAY_SCREENSHOT=$(CURDIR)/docs/screenshot.png $(VENV)/bin/pytest -m browser \
+		tests/test_web.py -k screenshot
 
 test-local: web local-model
 	$(VENV)/bin/pytest -m local $(PYTEST_ARGS)

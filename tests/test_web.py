@@ -8,6 +8,7 @@ off the page.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +19,6 @@ import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext
 
 from tests.web_browser import (
-    ROOT,
     Tab,
     build_bundle,
     chromium,
@@ -26,7 +26,7 @@ from tests.web_browser import (
     open_tab,
 )
 from tests.web_server import ServerProcess, free_port, mock_model, serve
-from tokenrelay.testing import directive
+from tokenrelay.mockllm import directive
 
 pytestmark = [pytest.mark.browser]
 
@@ -50,7 +50,8 @@ SCRIPT = (
 ALL_MARKERS = [f"w{i:02d}" for i in range(1, 41)]
 SCRIPT_CHUNKS = len(SCRIPT.split())
 SCRIPT_RATE = 25.0  # chunks per second: about five seconds per answer
-SCREENSHOT = ROOT / "docs" / "screenshot.png"
+# `make screenshot` sets it to docs/screenshot.png; a test run leaves the work tree alone.
+SCREENSHOT_ENV = "TOKENRELAY_SCREENSHOT"
 
 
 @pytest.fixture(scope="module")
@@ -515,10 +516,10 @@ async def test_screenshot_of_an_answer_mid_stream(
             while len((await tab.answer_text()).split()) < expected * 0.6:
                 await asyncio.sleep(0.02)
             await tab.page.evaluate("document.activeElement.blur()")
-            SCREENSHOT.parent.mkdir(exist_ok=True)
-            await tab.page.screenshot(path=str(SCREENSHOT))
+            shot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "screenshot.png")
+            await tab.page.screenshot(path=str(shot))
             assert await tab.status() == "streaming", "the picture shows an answer mid-stream"
-            assert SCREENSHOT.stat().st_size > 10_000
+            assert len(await asyncio.to_thread(shot.read_bytes)) > 10_000
             await tab.wait_status("done")
             assert_healthy(tab)
     finally:
