@@ -35,8 +35,8 @@ local-model: install
 	@bash scripts/install-local.sh
 
 lint: install
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 
 typecheck: install
 	$(VENV)/bin/mypy
@@ -61,7 +61,7 @@ reliability: install
 .PHONY: bench
 
 bench: $(STAMP)
-	$(VENV)/bin/tokenrelay-bench $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 # docs/screenshot.png, from the browser test that shows an answer mid-stream.
 screenshot: web browser

@@ -1,5 +1,5 @@
 import sys
 
-from tokenrelay.bench.harness import main
+from bench.harness import main
 
 sys.exit(main())

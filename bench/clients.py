@@ -22,9 +22,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from tokenrelay.bench.drivers import DRIVERS, Answer, Driver
-from tokenrelay.bench.loop import run
-from tokenrelay.bench.spec import Load
+from bench.drivers import DRIVERS, Answer, Driver
+from bench.loop import run
+from bench.spec import Load
 
 LAG_TICK_S = 0.01
 

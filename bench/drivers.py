@@ -11,9 +11,9 @@ from collections.abc import Callable
 import aiohttp
 import orjson
 
-from tokenrelay.bench.mock import stamp_of
-from tokenrelay.bench.sio import SocketIOClient
-from tokenrelay.bench.spec import Load, question_for
+from bench.mock import stamp_of
+from bench.sio import SocketIOClient
+from bench.spec import Load, question_for
 
 TERMINAL = frozenset({"end", "error", "cancelled"})
 CONNECT_AT_ONCE = 100

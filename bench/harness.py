@@ -1,9 +1,11 @@
-"""`tokenrelay-bench`: start the system, sweep the cells over every transport, judge the targets.
+"""`python -m bench`: start the system, sweep the cells over every transport, judge the targets.
 
-tokenrelay-bench --quick          # a few cells, about two minutes
-tokenrelay-bench                  # the full sweep (1-1,000 answers, 1 and 10 viewers,
-                                  # 20 tokens/s and unthrottled), about 15 minutes
-tokenrelay-bench --report bench/results/full.json   # print and plot a saved sweep
+Run from the repository root:
+
+python -m bench --quick          # a few cells, about two minutes
+python -m bench                  # the full sweep (1-1,000 answers, 1 and 10 viewers,
+                                 # 20 tokens/s and unthrottled), about 15 minutes
+python -m bench --report bench/results/full.json   # print and plot a saved sweep
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ from typing import Any
 import orjson
 import psutil
 
-from tokenrelay.bench import report
-from tokenrelay.bench.loop import run
-from tokenrelay.bench.memory import check_gone, measure_memory
-from tokenrelay.bench.runs import run_one
-from tokenrelay.bench.sdkcost import provider_read_cost_async
-from tokenrelay.bench.spec import MODES, Cell, Mode
-from tokenrelay.bench.stack import Stack, StackConfig
-from tokenrelay.bench.sweep import FULL, QUICK_CELLS, Grid
-from tokenrelay.bench.targets import MEMORY_TOKENS, evaluate
+from bench import report
+from bench.loop import run
+from bench.memory import check_gone, measure_memory
+from bench.runs import run_one
+from bench.sdkcost import provider_read_cost_async
+from bench.spec import MODES, Cell, Mode
+from bench.stack import Stack, StackConfig
+from bench.sweep import FULL, QUICK_CELLS, Grid
+from bench.targets import MEMORY_TOKENS, evaluate
 
 WARMUP = Cell(10, 1, 20.0, 20)
 # 10,000 viewers at once: answers slow enough (30 s) to outlast 10,000 watches arriving.
@@ -89,7 +91,7 @@ def _csv(kind: type[int] | type[float]) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tokenrelay-bench",
+        prog="python -m bench",
         description="Measure tokenrelay against a direct stream from the same mock model, on "
         "real processes: a gateway, a worker, Valkey, the mock, and client processes.",
     )
@@ -211,7 +213,7 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
         "provider_read_cost_us": None,
         "targets": [],
     }
-    print(f"tokenrelay-bench: {len(cells)} cells x {len(modes)} transports; work dir {workdir}")
+    print(f"bench: {len(cells)} cells x {len(modes)} transports; work dir {workdir}")
     kw = {"ramp_s": args.ramp_s, "most_clients": args.clients, "workdir": workdir}
     try:
         async with Stack(workdir, config) as stack:

@@ -7,8 +7,8 @@ import secrets
 import time
 from typing import Any
 
-from tokenrelay.bench.spec import question_for
-from tokenrelay.bench.stack import Stack
+from bench.spec import question_for
+from bench.stack import Stack
 
 
 async def measure_memory(stack: Stack, answers: int, tokens: int) -> dict[str, Any]:

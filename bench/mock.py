@@ -1,4 +1,4 @@
-"""The benchmark's model server: `tokenrelay.mockllm`, plus a record of every chunk's send time.
+"""The benchmark's model server: `tokenrelay.testing`'s mock model, plus each chunk's send time.
 
 The mock stamps each content chunk with `tokenrelay_sent_ns`. A direct client reads the
 stamp from the chunk itself; tokenrelay's viewers never see it (the worker passes on the
@@ -6,7 +6,7 @@ text only, as it must), so this server also keeps the stamps of each question, i
 and hands them to the clients at the end: chunk *i* a viewer receives is chunk *i* the
 model sent. Questions are told apart by the nonce the client put in them.
 
-Run it alone with `python -m tokenrelay.bench.mock --port 8100`.
+Run it alone with `python -m bench.mock --port 8100`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from tokenrelay.bench.loop import run
-from tokenrelay.mockllm import MockBackend, MockLLM
+from bench.loop import run
+from tokenrelay.testing.mockllm import MockBackend, MockLLM
 
 NONCE = re.compile(r"bench-([0-9a-f]{8,32})")
 _STAMP = b'"tokenrelay_sent_ns":'

@@ -16,11 +16,12 @@ from typing import Any
 
 import orjson
 
-from tokenrelay.bench.clients import SERIES
-from tokenrelay.bench.profile import Profiler
-from tokenrelay.bench.spec import Cell, Load, Mode
-from tokenrelay.bench.stack import Stack
-from tokenrelay.bench.stats import read_ns, summary_ms
+from bench import ROOT
+from bench.clients import SERIES
+from bench.profile import Profiler
+from bench.spec import Cell, Load, Mode
+from bench.stack import Stack
+from bench.stats import read_ns, summary_ms
 
 READY_TIMEOUT_S = 180.0
 SAMPLE_EVERY_S = 1.0  # a /healthz and a CLIENT LIST each time: kept rare
@@ -51,10 +52,11 @@ class ClientProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "tokenrelay.bench.clients",
+                "bench.clients",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log,
+                cwd=ROOT,
             )
         await self.send(orjson.dumps(self.load.to_json()).decode())
 

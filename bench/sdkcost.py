@@ -4,7 +4,7 @@ Measures, in this process's own CPU time, the worker's real `openai` provider
 (`OpenAIProvider.stream`, what a worker runs per answer) beside the official `openai` SDK
 and two bare lean readers of the same server-sent events (httpx and aiohttp, each parsing
 with orjson), with the mock model in another process. Run it alone with
-`python -m tokenrelay.bench.sdkcost` (`--help` for streams, tokens, rates and readers).
+`python -m bench.sdkcost` (`--help` for streams, tokens, rates and readers).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import httpx
 import openai
 import orjson
 
-from tokenrelay.bench.loop import run
-from tokenrelay.bench.stack import free_port
-from tokenrelay.mockllm import directive
+from bench.loop import run
+from bench.stack import free_port
 from tokenrelay.providers.base import Prompt
 from tokenrelay.providers.openai import OpenAIProvider
 from tokenrelay.settings import Settings
+from tokenrelay.testing.mockllm import directive
 
 Reader = Callable[[str], Awaitable[int]]
 
@@ -124,7 +124,7 @@ async def _main(
 ) -> dict[str, Any]:
     port = free_port()
     mock = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "tokenrelay.mockllm", "--port", str(port)),
+        *(sys.executable, "-m", "tokenrelay.testing.mockllm", "--port", str(port)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -58,7 +58,7 @@ class Load:
 
 
 def question_for(nonce: str, tokens: int, rate: float) -> str:
-    from tokenrelay.mockllm import directive
+    from tokenrelay.testing.mockllm import directive
 
     rule = directive(tokens=tokens, rate=rate) if rate else directive(tokens=tokens)
     return f"bench-{nonce} how fast is the relay? {rule}"

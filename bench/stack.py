@@ -24,6 +24,7 @@ import aiohttp
 import psutil
 from redis.asyncio import Redis
 
+from bench import ROOT
 from tokenrelay.keys import Keys
 
 START_TIMEOUT_S = 60.0
@@ -97,7 +98,9 @@ class Stack:
 
         mock_port = free_port()
         self._spawn(
-            "mock", [sys.executable, "-m", "tokenrelay.bench.mock", "--port", str(mock_port)]
+            "mock",
+            [sys.executable, "-m", "bench.mock", "--port", str(mock_port)],
+            {**os.environ, "PYTHONPATH": str(ROOT)},
         )
         self.mock_url = f"http://127.0.0.1:{mock_port}"
         await self._wait_http(f"{self.mock_url}/v1/models", "mock")

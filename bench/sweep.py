@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from tokenrelay.bench.spec import Cell
+from bench.spec import Cell
 
 MIN_TOKENS = 20
 UNTHROTTLED_TOKENS = 500

@@ -11,12 +11,13 @@ from typing import Any
 import orjson
 import pytest
 
-from tokenrelay.bench.mock import nonce_of, stamp_of
-from tokenrelay.bench.profile import summarise
-from tokenrelay.bench.spec import question_for
-from tokenrelay.bench.stats import percentile, summary_ms
-from tokenrelay.bench.sweep import FULL
-from tokenrelay.bench.targets import evaluate
+from bench import ROOT
+from bench.mock import nonce_of, stamp_of
+from bench.profile import summarise
+from bench.spec import question_for
+from bench.stats import percentile, summary_ms
+from bench.sweep import FULL
+from bench.targets import evaluate
 
 
 def test_percentiles_are_nearest_rank() -> None:
@@ -107,10 +108,10 @@ def test_targets_are_judged_strictly() -> None:
 @pytest.mark.timeout(300)
 def test_tiny_sweep_reports_every_figure(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tokenrelay.bench", "--answers", "2", "--viewers", "1,2",
+        [sys.executable, "-m", "bench", "--answers", "2", "--viewers", "1,2",
          "--rates", "0", "--tokens", "10", "--memory-answers", "1", "--retention-s", "1",
          "--out", str(tmp_path), "--name", "smoke"],
-        capture_output=True, text=True, timeout=280, cwd=tmp_path,
+        capture_output=True, text=True, timeout=280, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     report = orjson.loads((tmp_path / "smoke.json").read_bytes())
