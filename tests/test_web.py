@@ -26,7 +26,7 @@ from tests.web_browser import (
     open_tab,
 )
 from tests.web_server import ServerProcess, free_port, mock_model, serve
-from tokenrelay.mockllm import directive
+from tokenrelay.testing import directive
 
 pytestmark = [pytest.mark.browser]
 

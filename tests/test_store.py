@@ -1,0 +1,475 @@
+"""The store against a real Valkey: questions, answers, and the request consumer group."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from tokenrelay.errors import NotFound, StoreError, TokenRelayError
+from tokenrelay.keys import WORKER_GROUP
+from tokenrelay.services import make_store
+from tokenrelay.settings import Settings
+from tokenrelay.store import XRANGE_PAGE, Store, answer_text, exclusive
+from tokenrelay.wire import Entry, EntryType, QuestionRequest, RecordField, Status
+
+StoreFactory = Callable[..., Store]
+
+
+@pytest.fixture
+def store_with(make_settings: Callable[..., Settings], redis: Redis) -> StoreFactory:
+    """A store over the test's own key prefix; keyword arguments override settings."""
+
+    def make(**overrides: Any) -> Store:
+        return make_store(make_settings(**overrides), redis)
+
+    return make
+
+
+@pytest.fixture
+async def store(store_with: StoreFactory) -> Store:
+    s = store_with()
+    await s.ensure_group()
+    return s
+
+
+def chunks(n: int, start: int = 0) -> list[Entry]:
+    return [Entry(EntryType.CHUNK, f"c{i} ") for i in range(start, start + n)]
+
+
+async def write(store: Store, question_id: str, entries: list[Entry]) -> list[str]:
+    done = await store.append_batch([(question_id, e, False) for e in entries])
+    return [entry_id for entry_id, _ in done]
+
+
+async def take(store: Store, consumer: str, count: int = 10) -> list[str]:
+    """Entry ids of requests `consumer` takes from the group now."""
+    return [
+        entry_id for entry_id, _ in await store.group.read_new(store.redis, consumer, count, 10)
+    ]
+
+
+async def pending(store: Store) -> list[dict[str, Any]]:
+    rows: Any = await store.redis.xpending_range(
+        store.keys.requests, WORKER_GROUP, min="-", max="+", count=1000
+    )
+    return list(rows)
+
+
+async def consumers(store: Store) -> dict[str, int]:
+    rows: Any = await store.redis.xinfo_consumers(store.keys.requests, WORKER_GROUP)
+    return {str(row["name"]): int(row["pending"]) for row in rows}
+
+
+# -- questions ---------------------------------------------------------------------
+
+
+async def test_ask_writes_record_history_and_request(store: Store) -> None:
+    record = await store.ask("Redis", "What is XADD?", model="m1")
+    assert record.status is Status.QUEUED and record.topic == "Redis"
+    assert record.question == "What is XADD?" and record.created_ms > 0
+
+    assert await store.record(record.id) == record
+    score = await store.redis.zscore(store.keys.history, record.id)
+    assert score == record.created_ms
+    raw: Any = await store.redis.xrange(store.keys.requests)
+    assert [fields for _, fields in raw] == [
+        QuestionRequest(record.id, "Redis", "What is XADD?", "m1").fields()
+    ]
+    assert await store.owner(record.id) == ""
+    assert RecordField.OWNER not in await store.redis.hgetall(store.keys.question(record.id))
+
+
+async def test_owner(store: Store) -> None:
+    record = await store.ask("t", "q", owner="fingerprint-a")
+    assert await store.owner(record.id) == "fingerprint-a"
+    assert await store.owner("never-asked") == ""
+
+
+async def test_record_of_unknown_id_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFound, match="never-asked"):
+        await store.record("never-asked")
+    with pytest.raises(LookupError):
+        await store.request_cancel("never-asked")
+
+
+async def test_cancel_sets_the_flag_only_while_running(store: Store) -> None:
+    queued = await store.ask("t", "q")
+    assert (await store.request_cancel(queued.id)).status is Status.QUEUED
+    assert (await store.record(queued.id)).cancel_requested
+
+    done = await store.ask("t", "q")
+    await store.finish(done.id, Entry(EntryType.END), {}, None)
+    assert (await store.request_cancel(done.id)).status is Status.DONE
+    flag = await store.redis.hget(store.keys.question(done.id), RecordField.CANCEL)
+    assert flag is None, "a finished answer is not flagged for a worker that will never look"
+
+
+async def test_history_is_newest_first_and_bounded(store_with: StoreFactory) -> None:
+    store = store_with(history_max=3)
+    ids = []
+    for n in range(5):
+        ids.append((await store.ask("t", f"q{n}")).id)
+        await asyncio.sleep(0.003)  # distinct creation times: the index is scored by ms
+    assert await store.redis.zcard(store.keys.history) == 3
+    assert [r.id for r in await store.history(10)] == ids[:1:-1]
+    assert [r.id for r in await store.history(2)] == ids[:2:-1]
+    # The records beyond the bound are still readable by id until they expire.
+    assert (await store.record(ids[0])).question == "q0"
+
+
+async def test_history_owner_filter_pages_past_other_owners(store_with: StoreFactory) -> None:
+    store = store_with(history_max=1000)
+    mine = []
+    for n in range(3):
+        mine.append((await store.ask("t", f"mine{n}", owner="a")).id)
+        await asyncio.sleep(0.003)
+    await asyncio.sleep(0.003)
+    # More newer questions of someone else than one page of the filtered scan holds.
+    for n in range(130):
+        await store.ask("t", f"theirs{n}", owner="b")
+    found = await store.history(3, owner="a")
+    assert [r.id for r in found] == mine[::-1]
+    assert len(await store.history(500, owner="b")) == 130
+    assert await store.history(5, owner="nobody") == []
+    assert len(await store.history(1000)) == 133
+
+
+async def test_history_drops_expired_records_from_the_index(store: Store) -> None:
+    kept = await store.ask("t", "kept")
+    gone = await store.ask("t", "gone")
+    await store.redis.delete(store.keys.question(gone.id))  # as its TTL would
+    assert [r.id for r in await store.history(10)] == [kept.id]
+    assert await store.redis.zscore(store.keys.history, gone.id) is None
+
+
+async def test_out_of_memory_is_a_store_error(store: Store) -> None:
+    """A full Valkey (maxmemory, noeviction) is a clear StoreError for the asker. FAILS today:
+    redis-py raises OutOfMemoryError for the OOM reply, and inside a pipeline its message
+    starts "Command # 1 (HSET ...) of pipeline caused error", so ask()'s
+    `str(e).startswith("OOM")` never matches and the raw redis error escapes (a 500)."""
+    if os.environ.get("TOKENRELAY_TEST_REDIS_URL"):
+        pytest.skip("changes maxmemory: only on the test's own embedded Valkey")
+    before: Any = await store.redis.config_get("maxmemory*")
+    try:
+        await store.redis.config_set("maxmemory-policy", "noeviction")
+        await store.redis.config_set("maxmemory", "1")
+        with pytest.raises(StoreError, match="out of memory"):
+            await store.ask("t", "q")
+    finally:
+        await store.redis.config_set("maxmemory", before["maxmemory"])
+        await store.redis.config_set("maxmemory-policy", before["maxmemory-policy"])
+    await store.ask("t", "fine again")
+
+
+async def test_a_full_backlog_refuses_asks_instead_of_dropping_queued_ones(
+    store_with: StoreFactory,
+) -> None:
+    """DESIGN: the request stream "is never trimmed past work no worker has taken (a full
+    backlog refuses new asks instead)". FAILS today: XADD MAXLEN ~request_maxlen in ask()
+    trims the oldest requests nobody took; their records stay `queued` for ever."""
+    store = store_with(request_maxlen=100)
+    await store.ensure_group()
+    asked: list[str] = []
+    refused = 0
+    for n in range(250):
+        try:
+            asked.append((await store.ask("t", f"q{n}")).id)
+        except TokenRelayError:
+            refused += 1
+    taken = await store.group.read_new(store.redis, "w", 1000, 10)
+    lost = set(asked) - {fields["id"] for _, fields in taken}
+    assert not lost, f"{len(lost)} accepted questions can never be answered (trimmed away)"
+    assert len(asked) >= 100 and refused > 0
+
+
+# -- answers: reading ------------------------------------------------------------------
+
+
+def test_exclusive_start() -> None:
+    assert exclusive("0-0") == "-"
+    assert exclusive("5-1") == "(5-1"
+
+
+def test_answer_text_keeps_chunks_since_the_last_restart() -> None:
+    entries = [
+        Entry(EntryType.START),
+        *chunks(2),
+        Entry(EntryType.RESTART),
+        Entry(EntryType.WAITING),
+        Entry(EntryType.CHUNK, "again"),
+        Entry(EntryType.END, "not text"),
+    ]
+    assert answer_text(entries) == "again"
+    assert answer_text(chunks(3)) == "c0 c1 c2 "
+
+
+async def test_read_pages_strictly_after_the_cursor(store: Store) -> None:
+    ids = await write(store, "q", chunks(10))
+    assert [e.entry_id for e in await store.read("q")] == ids
+    assert [e.entry_id for e in await store.read("q", ids[3])] == ids[4:]
+    assert [e.entry_id for e in await store.read("q", ids[3], count=2)] == ids[4:6]
+    assert await store.read("q", ids[-1]) == []
+    assert await store.read("never-written") == []
+    assert [e.text for e in await store.read("q", "0-0", count=1)] == ["c0 "]
+
+
+async def test_read_all_pages_past_500_entries(store: Store) -> None:
+    total = 2 * XRANGE_PAGE + 203
+    ids: list[str] = []
+    for start in range(0, total, 400):
+        ids += await write(store, "long", chunks(min(400, total - start), start))
+    assert len(await store.read("long")) == XRANGE_PAGE  # one page by default
+
+    everything = await store.read_all("long")
+    assert [e.entry_id for e in everything] == ids
+    assert [e.text for e in everything] == [f"c{i} " for i in range(total)]
+    # Exactly a page's worth after the cursor: the last page is empty, not repeated.
+    tail = await store.read_all("long", ids[total - 2 * XRANGE_PAGE - 1])
+    assert [e.entry_id for e in tail] == ids[-2 * XRANGE_PAGE :]
+    assert await store.read_all("long", ids[-1]) == []
+
+
+async def test_last_entry_id(store: Store) -> None:
+    assert await store.last_entry_id("nothing") == "0-0"
+    ids = await write(store, "q", chunks(3))
+    assert await store.last_entry_id("q") == ids[-1]
+
+
+# -- answers: writing ------------------------------------------------------------------
+
+
+async def test_start_writes_the_start_entry_and_marks_streaming(store: Store) -> None:
+    asked = await store.ask("t", "q")
+    request = QuestionRequest(asked.id, "t", "q")
+    entry_id = await store.start(
+        request,
+        Entry(EntryType.START, meta={"model": "m"}),
+        {RecordField.STATUS: Status.STREAMING.value, "started_ms": "123", "model": "m"},
+    )
+    record = await store.record(asked.id)
+    assert record.status is Status.STREAMING and record.started_ms == 123
+    assert record.first_entry_id == entry_id and record.model == "m"
+    assert await store.read(asked.id) == [
+        Entry(EntryType.START, meta={"model": "m"}, entry_id=entry_id)
+    ]
+
+
+async def test_append(store: Store) -> None:
+    first = await store.append("q", Entry(EntryType.CHUNK, "a"))
+    second = await store.append("q", Entry(EntryType.WAITING, meta={"ahead": 1}))
+    assert [(e.entry_id, e.type, e.text) for e in await store.read("q")] == [
+        (first, EntryType.CHUNK, "a"),
+        (second, EntryType.WAITING, ""),
+    ]
+
+
+async def test_append_batch_reads_cancel_flags_only_when_asked(store: Store) -> None:
+    cancelled = await store.ask("t", "cancelled")
+    running = await store.ask("t", "running")
+    await store.request_cancel(cancelled.id)
+    results = await store.append_batch(
+        [
+            (cancelled.id, Entry(EntryType.CHUNK, "1"), False),
+            (running.id, Entry(EntryType.CHUNK, "a"), True),
+            (cancelled.id, Entry(EntryType.CHUNK, "2"), True),
+            (running.id, Entry(EntryType.CHUNK, "b"), False),
+            (cancelled.id, Entry(EntryType.CHUNK, "3"), False),
+        ]
+    )
+    assert [cancel for _, cancel in results] == [False, False, True, False, False]
+    on_cancelled = await store.read(cancelled.id)
+    on_running = await store.read(running.id)
+    assert [e.text for e in on_cancelled] == ["1", "2", "3"]
+    assert [e.text for e in on_running] == ["a", "b"]
+    # Each result is the id of its own entry, whatever the mix of HGETs in the pipeline.
+    assert [entry_id for entry_id, _ in results] == [
+        on_cancelled[0].entry_id,
+        on_running[0].entry_id,
+        on_cancelled[1].entry_id,
+        on_running[1].entry_id,
+        on_cancelled[2].entry_id,
+    ]
+    assert await store.append_batch([]) == []
+
+
+@pytest.mark.parametrize(
+    ("terminal", "status"),
+    [
+        (EntryType.END, Status.DONE),
+        (EntryType.ERROR, Status.FAILED),
+        (EntryType.CANCELLED, Status.CANCELLED),
+    ],
+)
+async def test_finish_closes_the_answer(
+    store_with: StoreFactory, terminal: EntryType, status: Status
+) -> None:
+    store = store_with(retention_s=600)
+    await store.ensure_group()
+    asked = await store.ask("t", "q")
+    (request_entry_id,) = await take(store, "w")
+    await store.request_cancel(asked.id)
+    await write(store, asked.id, chunks(2))
+
+    entry_id = await store.finish(
+        asked.id, Entry(terminal, meta={"chunks": 2}), {"chunks": 2}, request_entry_id
+    )
+    last = (await store.read(asked.id))[-1]
+    assert last == Entry(terminal, meta={"chunks": 2}, entry_id=entry_id)
+    record = await store.record(asked.id)
+    assert record.status is status and record.last_entry_id == entry_id
+    assert record.chunks == 2 and record.ended_ms >= record.created_ms
+    assert not record.cancel_requested
+    for key in (store.keys.answer(asked.id), store.keys.question(asked.id)):
+        assert 590 <= await store.redis.ttl(key) <= 600
+    # Acknowledged and deleted: the request stream only holds live work.
+    assert await pending(store) == []
+    assert await store.redis.xlen(store.keys.requests) == 0
+
+
+async def test_finish_keeps_answers_forever_with_retention_zero(store_with: StoreFactory) -> None:
+    store = store_with(retention_s=0)
+    asked = await store.ask("t", "q")
+    await store.finish(asked.id, Entry(EntryType.END), {}, None)
+    assert await store.redis.ttl(store.keys.answer(asked.id)) == -1
+    assert await store.redis.ttl(store.keys.question(asked.id)) == -1
+    # No request id: nothing acknowledged, the request is still there.
+    assert await store.redis.xlen(store.keys.requests) == 1
+
+
+# -- the consumer group ---------------------------------------------------------------
+
+
+async def test_ensure_twice_and_read_new(store: Store) -> None:
+    await store.ensure_group()  # "already exists" is fine
+    asked = await store.ask("t", "q")
+    taken = await store.group.read_new(store.redis, "w1", 10, 10)
+    assert [fields["id"] for _, fields in taken] == [asked.id]
+    assert await store.group.read_new(store.redis, "w2", 10, 10) == [], "taken once only"
+    assert await store.group.pending_of("w1") == [taken[0][0]]
+    assert await store.group.deliveries(taken[0][0]) == 1
+
+
+async def test_read_new_recreates_a_vanished_group(store: Store) -> None:
+    await store.redis.delete(store.keys.requests)
+    assert await store.group.read_new(store.redis, "w", 10, 10) == []
+    asked = await store.ask("t", "after the flush")
+    taken = await store.group.read_new(store.redis, "w", 10, 10)
+    assert [fields["id"] for _, fields in taken] == [asked.id]
+
+
+async def test_ensure_on_a_key_of_the_wrong_type_is_a_store_error(store_with: StoreFactory) -> None:
+    store = store_with()
+    await store.redis.set(store.keys.requests, "not a stream")
+    with pytest.raises(StoreError):
+        await store.ensure_group()
+
+
+async def test_heartbeat_keeps_idle_low_without_counting_a_delivery(store: Store) -> None:
+    for n in range(2):
+        await store.ask("t", f"q{n}")
+    beating, quiet = await take(store, "w")
+    await asyncio.sleep(0.3)
+    await store.group.heartbeat("w", [beating])
+    await store.group.heartbeat("w", [])  # nothing in flight: no command, no error
+    idle = {str(r["message_id"]): int(r["time_since_delivered"]) for r in await pending(store)}
+    assert idle[beating] < 150 <= 300 <= idle[quiet]
+    assert await store.group.deliveries(beating) == 1
+    # Kept fresh, it is not reclaimed; the quiet one is.
+    reclaimed = await store.group.reclaim("other", 250, 10)
+    assert [entry_id for entry_id, _ in reclaimed] == [quiet]
+
+
+async def test_reclaim_takes_idle_requests_and_counts_deliveries(store: Store) -> None:
+    asked = await store.ask("t", "q")
+    (entry_id,) = await take(store, "dead")
+    assert await store.group.reclaim("live", 200, 10) == [], "not idle long enough yet"
+    await asyncio.sleep(0.25)
+    reclaimed = await store.group.reclaim("live", 200, 10)
+    assert [(i, f["id"]) for i, f in reclaimed] == [(entry_id, asked.id)]
+    assert await store.group.deliveries(entry_id) == 2
+    assert await store.group.pending_of("live") == [entry_id]
+    assert await store.group.pending_of("dead") == []
+
+
+async def test_reclaim_respects_count(store: Store) -> None:
+    for n in range(5):
+        await store.ask("t", f"q{n}")
+    await take(store, "dead")
+    await asyncio.sleep(0.15)
+    assert len(await store.group.reclaim("live", 100, 2)) == 2
+    assert len(await store.group.pending_of("dead")) == 3
+
+
+async def test_release_makes_requests_claimable_at_once(store: Store) -> None:
+    for n in range(3):
+        await store.ask("t", f"q{n}")
+    taken = await take(store, "stopping")
+    # A reclaim threshold no real idle time reaches in a test: only a release passes it.
+    assert await store.group.reclaim("live", 60_000, 10) == []
+    assert await store.group.release("stopping") == 3
+    reclaimed = await store.group.reclaim("live", 60_000, 10)
+    assert sorted(entry_id for entry_id, _ in reclaimed) == sorted(taken)
+    assert await store.group.release("stopping") == 0
+
+
+async def test_forget_keeps_a_consumer_with_pending_requests(store: Store) -> None:
+    """XGROUP DELCONSUMER drops the consumer's pending entries with it: they could never be
+    reclaimed. forget() must refuse while anything is pending."""
+    await store.ask("t", "q")
+    (entry_id,) = await take(store, "stopping")
+    assert await store.group.forget("stopping") is False
+    assert await consumers(store) == {"stopping": 1}
+    assert [str(r["message_id"]) for r in await pending(store)] == [entry_id]
+    # Still reclaimable by a live worker, which is the point.
+    await store.group.release("stopping")
+    assert [i for i, _ in await store.group.reclaim("live", 60_000, 10)] == [entry_id]
+
+
+async def test_forget_deletes_a_consumer_with_nothing_pending(store: Store) -> None:
+    await store.ask("t", "q")
+    (entry_id,) = await take(store, "done")
+    await store.ack(entry_id)
+    assert await store.group.forget("done") is True
+    assert await consumers(store) == {}
+    assert await store.group.forget("never-existed") is True
+
+
+async def test_depth(store: Store) -> None:
+    for n in range(5):
+        await store.ask("t", f"q{n}")
+    taken = await take(store, "w", count=2)
+    depth = await store.group.depth()
+    assert (depth.pending, depth.waiting) == (2, 3)
+    await store.ack(taken[0])
+    depth = await store.group.depth()
+    assert (depth.pending, depth.waiting) == (1, 3)
+
+
+async def test_ack_deletes_the_request(store: Store) -> None:
+    await store.ask("t", "q")
+    (entry_id,) = await take(store, "w")
+    await store.ack(entry_id)
+    assert await pending(store) == []
+    assert await store.redis.xlen(store.keys.requests) == 0
+
+
+async def test_ping(store: Store) -> None:
+    assert await store.ping() is True
+    dead = Store(Redis.from_url("redis://127.0.0.1:1/0"), store.keys, store.limits)
+    try:
+        assert await dead.ping() is False
+    finally:
+        await dead.redis.aclose()
+
+
+async def test_group_commands_fail_loudly_without_a_group(store_with: StoreFactory) -> None:
+    store = store_with()  # no ensure_group()
+    await store.redis.xadd(store.keys.requests, {"id": "x"})
+    with pytest.raises((ResponseError, StoreError), match="NOGROUP"):
+        await store.group.reclaim("w", 0, 10)
