@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import os
 import threading
@@ -179,9 +180,24 @@ class LocalProvider:
     async def stream(self, prompt: Prompt) -> AsyncGenerator[str | Finish | Waiting, None]:
         async for waiting in self._wait_turn():
             yield waiting
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         stop = threading.Event()
+        self._start(prompt, queue, stop)
+        try:
+            while True:
+                item = self._checked(await queue.get())
+                yield item
+                if isinstance(item, Finish):
+                    return
+        finally:
+            # Closed, cancelled or finished: the llama thread stops at its next token.
+            stop.set()
+            if self._running_stop is stop:
+                self._stop_asked_at = time.monotonic()
+
+    def _start(self, prompt: Prompt, queue: asyncio.Queue[_Item], stop: threading.Event) -> None:
+        """Run the generation on the llama thread; its items and its end go to `queue`."""
+        loop = asyncio.get_running_loop()
 
         def emit(item: _Item) -> bool:
             if stop.is_set():
@@ -192,46 +208,41 @@ class LocalProvider:
                 return False
             return True
 
-        def job_done(job: asyncio.Future[Finish | ProviderError | None]) -> None:
-            # The turn ends when the thread has stopped, not when the consumer left; and
-            # before the consumer sees the end, so a next question never finds it busy.
-            self._running_stop = None
-            self._stop_asked_at = None
-            self._lock.release()
-            end: _Item = _Done()
-            if job.cancelled():
-                pass
-            elif (exc := job.exception()) is not None:
-                end = ProviderError("generation", f"the local model crashed: {exc!r}")
-                end.__cause__ = exc
-            else:
-                end = job.result() or end
-            queue.put_nowait(end)
-
         try:
             job = loop.run_in_executor(self._executor, self._generate, prompt, stop, emit)
         except BaseException:
             self._lock.release()
             raise
         self._running_stop = stop
-        job.add_done_callback(job_done)
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, ProviderError):
-                    raise item
-                if isinstance(item, _Done):
-                    if self._closed:
-                        raise ProviderError("closed", "the local model is shutting down")
-                    raise ProviderError("generation", "the local model stopped without finishing")
-                yield item
-                if isinstance(item, Finish):
-                    return
-        finally:
-            # Closed, cancelled or finished: the llama thread stops at its next token.
-            stop.set()
-            if self._running_stop is stop:
-                self._stop_asked_at = time.monotonic()
+        job.add_done_callback(functools.partial(self._job_done, queue))
+
+    def _job_done(
+        self, queue: asyncio.Queue[_Item], job: asyncio.Future[Finish | ProviderError | None]
+    ) -> None:
+        # The turn ends when the thread has stopped, not when the consumer left; and
+        # before the consumer sees the end, so a next question never finds it busy.
+        self._running_stop = None
+        self._stop_asked_at = None
+        self._lock.release()
+        end: _Item = _Done()
+        if job.cancelled():
+            pass
+        elif (exc := job.exception()) is not None:
+            end = ProviderError("generation", f"the local model crashed: {exc!r}")
+            end.__cause__ = exc
+        else:
+            end = job.result() or end
+        queue.put_nowait(end)
+
+    def _checked(self, item: _Item) -> str | Finish:
+        """An item for the consumer; the thread's end or failure raised as a ProviderError."""
+        if isinstance(item, ProviderError):
+            raise item
+        if isinstance(item, _Done):
+            if self._closed:
+                raise ProviderError("closed", "the local model is shutting down")
+            raise ProviderError("generation", "the local model stopped without finishing")
+        return item
 
     async def aclose(self) -> None:
         if self._closed:
