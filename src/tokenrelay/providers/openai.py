@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from tokenrelay.errors import ConfigError, ProviderError
 from tokenrelay.providers.base import Finish, Prompt
 from tokenrelay.providers.retry import retry_after_s, retry_delay_s, should_retry
 from tokenrelay.providers.sse import SSEDecoder
+from tokenrelay.providers.transport import LeanTransport
 from tokenrelay.settings import Settings
 
 OPENAI_URL = "https://api.openai.com/v1"
@@ -61,6 +63,13 @@ class OpenAIProvider:
             )
         # A backstop at the larger limit: the caller enforces the first-token and stall deadlines.
         read_timeout_s = max(settings.first_token_timeout_s, settings.stall_timeout_s)
+        # One connection per answer in flight, kept between answers; never a wait for the
+        # pool, so a slow model cannot turn into a false timeout here.
+        limits = httpx.Limits(
+            max_connections=None,
+            max_keepalive_connections=settings.worker_concurrency,
+            keepalive_expiry=_KEEPALIVE_S,
+        )
         http = httpx.AsyncClient(
             headers={
                 "authorization": f"Bearer {key or NO_KEY}",
@@ -69,13 +78,9 @@ class OpenAIProvider:
                 "user-agent": "tokenrelay",
             },
             timeout=httpx.Timeout(read_timeout_s, connect=_CONNECT_TIMEOUT_S),
-            # One connection per answer in flight, kept between answers; never a wait for
-            # the pool, so a slow model cannot turn into a false timeout here.
-            limits=httpx.Limits(
-                max_connections=None,
-                max_keepalive_connections=settings.worker_concurrency,
-                keepalive_expiry=_KEEPALIVE_S,
-            ),
+            limits=limits,
+            # httpx reads no proxy variable once given a transport: behind one, keep its own.
+            transport=None if _proxied() else LeanTransport(limits),
             follow_redirects=True,
         )
         return cls(
@@ -332,6 +337,10 @@ async def _read_some(response: httpx.Response, limit: int) -> bytes:
     finally:
         await response.aclose()
     return raw[:limit]
+
+
+def _proxied() -> bool:
+    return any(scheme in urllib.request.getproxies() for scheme in ("http", "https", "all"))
 
 
 def _count(value: object) -> int:
