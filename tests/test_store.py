@@ -124,7 +124,7 @@ async def test_history_is_newest_first_and_bounded(store_with: StoreFactory) -> 
 
 
 async def test_history_owner_filter_pages_past_other_owners(store_with: StoreFactory) -> None:
-    store = store_with(history_max=1000)
+    store = store_with(history_max=1000, max_queued_per_caller=1000)
     mine = []
     for n in range(3):
         mine.append((await store.ask("t", f"mine{n}", owner="a")).id)
@@ -171,9 +171,9 @@ async def test_a_full_backlog_refuses_asks_instead_of_dropping_queued_ones(
     store_with: StoreFactory,
 ) -> None:
     """DESIGN: the request stream "is never trimmed past work no worker has taken (a full
-    backlog refuses new asks instead)". FAILS today: XADD MAXLEN ~request_maxlen in ask()
-    trims the oldest requests nobody took; their records stay `queued` for ever."""
-    store = store_with(request_maxlen=100)
+    backlog refuses new asks instead)". It used to XADD with MAXLEN ~request_maxlen, which
+    trimmed the oldest requests nobody took; their records stayed `queued` for ever."""
+    store = store_with(max_queued=100)
     await store.ensure_group()
     asked: list[str] = []
     refused = 0

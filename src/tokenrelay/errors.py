@@ -23,6 +23,19 @@ class StoreError(TokenRelayError, RuntimeError):
     """Redis did not do what the data model needs (connection lost, NOGROUP, ...)."""
 
 
+class Overloaded(TokenRelayError, RuntimeError):
+    """Too much is queued (in all, or by this caller): the ask is refused, not forgotten.
+    `retry_after_s` says when trying again makes sense."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class CallerFull(Overloaded):
+    """This caller has as many unfinished questions as one caller may."""
+
+
 class ProviderError(TokenRelayError, RuntimeError):
     """The model provider failed; `kind` names how, the message says what to do.
 

@@ -6,6 +6,8 @@ Layout (prefix `tokenrelay:` by default):
     {prefix}{q:<id>}:answer           stream   the answer's typed entries (start, chunk, end, ...)
     {prefix}{q:<id>}:question         hash     the question record, readable in Redis Insight
     {prefix}history                   zset     question ids scored by creation time (ms)
+    {prefix}caller:{c:<hash>}:asks    zset     a caller's unfinished question ids (per-caller cap)
+    {prefix}sweep-lock                string   one worker at a time looks for lost requests
 
 The `{q:<id>}` hash tag puts a question's answer and record in one Redis Cluster
 slot, so the worker can write both in one pipeline and MULTI.
@@ -13,6 +15,7 @@ slot, so the worker can write both in one pipeline and MULTI.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -45,6 +48,16 @@ class Keys:
     @property
     def history(self) -> str:
         return f"{self.prefix}history"
+
+    def caller_asks(self, caller: str) -> str:
+        """Sorted set of a caller's unfinished question ids (scored by ask time). The caller
+        (an API key's fingerprint or an IP address) is hashed: no key material in key names."""
+        digest = hashlib.sha256(caller.encode()).hexdigest()[:16]
+        return f"{self.prefix}caller:{{c:{digest}}}:asks"
+
+    @property
+    def sweep_lock(self) -> str:
+        return f"{self.prefix}sweep-lock"
 
     def answer(self, question_id: str) -> str:
         return f"{self.prefix}{{q:{question_id}}}:answer"

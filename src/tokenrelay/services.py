@@ -50,7 +50,11 @@ async def redis_url_for(settings: Settings) -> AsyncIterator[str]:
 
 def make_store(settings: Settings, redis: Redis) -> Store:
     limits = Limits(
-        settings.retention_s, settings.history_max, settings.answer_maxlen, settings.request_maxlen
+        settings.retention_s,
+        settings.history_max,
+        settings.answer_maxlen,
+        settings.max_queued,
+        settings.max_queued_per_caller,
     )
     return Store(redis, Keys(settings.key_prefix), limits)
 

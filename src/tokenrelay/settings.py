@@ -73,7 +73,16 @@ class Settings(BaseSettings):
     retention_s: int = Field(default=7 * 24 * 3600, ge=0, description="0 keeps answers forever")
     history_max: int = Field(default=1000, ge=1)
     answer_maxlen: int = Field(default=100_000, ge=100)
-    request_maxlen: int = Field(default=100_000, ge=100)
+    max_queued: int = Field(
+        default=10_000,
+        ge=1,
+        description="unfinished questions in all; past it asks are refused (503), never dropped",
+    )
+    max_queued_per_caller: int = Field(
+        default=100,
+        ge=1,
+        description="unfinished questions per caller (API key, else IP); past it: 429",
+    )
 
     worker_processes: int | Literal["auto"] = Field(
         default="auto",

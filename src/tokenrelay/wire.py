@@ -57,6 +57,8 @@ class RecordField:
     STATUS = "status"
     CREATED_MS = "created_ms"
     OWNER = "owner"  # the asking API key's fingerprint
+    CALLER = "caller"  # who the per-caller cap counts this question for
+    REQUEST_ID = "request_id"  # its entry in the request stream
     CANCEL = "cancel"  # "1" while a cancel waits for the worker to see it
     FIRST_ENTRY_ID = "first_entry_id"
     LAST_ENTRY_ID = "last_entry_id"
@@ -167,6 +169,8 @@ class QuestionRecord:
     ttft_ms: int = -1
     error: str = ""
     cancel_requested: bool = False
+    caller: str = ""
+    request_id: str = ""
 
     @classmethod
     def from_hash(cls, question_id: str, h: dict[str, str]) -> QuestionRecord:
@@ -198,6 +202,8 @@ class QuestionRecord:
             ttft_ms=num("ttft_ms", -1),
             error=h.get("error", ""),
             cancel_requested=h.get(RecordField.CANCEL, "") == "1",
+            caller=h.get(RecordField.CALLER, ""),
+            request_id=h.get(RecordField.REQUEST_ID, ""),
         )
 
     def public(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenrelay import logs, metrics
 from tokenrelay.children import read_state
-from tokenrelay.errors import InvalidInput, NotFound, StoreError
+from tokenrelay.errors import CallerFull, InvalidInput, NotFound, Overloaded, StoreError
 from tokenrelay.gateway.access import Access, RateLimited, Unauthorized
 from tokenrelay.gateway.headers import SecurityHeaders
 from tokenrelay.gateway.hosts import HostGuard, OriginPolicy, allowed_hosts
@@ -152,6 +152,13 @@ def create_app(
     @api.exception_handler(BodyTooLarge)
     async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, status_code=413)
+
+    @api.exception_handler(Overloaded)
+    async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        # The whole backlog full: 503; this caller's share full: 429. Never a dropped ask.
+        status = 429 if isinstance(exc, CallerFull) else 503
+        headers = {"Retry-After": str(int(exc.retry_after_s))}
+        return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
 
     @api.exception_handler(StoreError)
     async def store_error(_: Request, exc: StoreError) -> JSONResponse:

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from tokenrelay.errors import InvalidInput, NotFound
+from tokenrelay.errors import CallerFull, InvalidInput, NotFound, Overloaded
 from tokenrelay.gateway.access import Caller, RateLimited, Unauthorized, bearer
 from tokenrelay.gateway.answers import whole_answer
 from tokenrelay.gateway.http import SSE_PING_S, access, services
@@ -103,7 +103,11 @@ async def _attach(request: Request, body: dict[str, Any], who: Caller) -> tuple[
         access(request).admit_question(who)
     except RateLimited as e:
         raise OpenAIError(429, str(e), "rate_limit_exceeded", retry_after_s=e.retry_after_s) from e
-    record = await svc.store.ask(asked.topic, asked.question, owner=who.owner)
+    try:
+        record = await svc.store.ask(asked.topic, asked.question, owner=who.owner)
+    except Overloaded as e:
+        status, code = (429, "rate_limit_exceeded") if isinstance(e, CallerFull) else (503, None)
+        raise OpenAIError(status, str(e), code, retry_after_s=e.retry_after_s) from e
     return record.id, "0-0"
 
 

@@ -110,9 +110,15 @@ class Answers(StoreBase):
         return out
 
     async def finish(
-        self, question_id: str, entry: Entry, fields: dict[str, Any], request_entry_id: str | None
+        self,
+        question_id: str,
+        entry: Entry,
+        fields: dict[str, Any],
+        request_entry_id: str | None,
+        caller: str = "",
     ) -> str:
-        """Write the terminal entry, close the record, set retention, ack the request."""
+        """Write the terminal entry, close the record, set retention, ack the request, and
+        free the question's place in its caller's cap."""
         answer_key = self.keys.answer(question_id)
         record_key = self.keys.question(question_id)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -139,4 +145,6 @@ class Answers(StoreBase):
         await self.redis.hset(record_key, RecordField.LAST_ENTRY_ID, entry_id)
         if request_entry_id is not None:
             await self.group.ack(request_entry_id)
+        if caller:
+            await self.redis.zrem(self.keys.caller_asks(caller), question_id)
         return entry_id

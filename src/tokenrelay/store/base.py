@@ -19,7 +19,8 @@ class Limits:
     retention_s: int
     history_max: int
     answer_maxlen: int
-    request_maxlen: int
+    max_queued: int  # requests in the stream (queued or being answered) before asks are refused
+    max_queued_per_caller: int
 
 
 class StoreBase:

@@ -4,21 +4,43 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
-from tokenrelay.errors import NotFound, StoreError
+from tokenrelay.errors import CallerFull, NotFound, Overloaded, StoreError
 from tokenrelay.keys import new_question_id
 from tokenrelay.store.base import StoreBase, now_ms
 from tokenrelay.wire import QuestionRecord, QuestionRequest, RecordField, Status
 
+# A caller's question that is still unfinished this long after it was asked no longer
+# counts toward its cap (its answer was lost with a Redis that restarted without it).
+CALLER_STALE_MS = 3_600_000
+FULL_RETRY_AFTER_S = 5.0
+
+# Reserve a place for a question in its caller's set, unless the caller is at its cap.
+_RESERVE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
 
 class Questions(StoreBase):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reserve = self.redis.register_script(_RESERVE)
+
     async def ask(
-        self, topic: str, question: str, model: str = "", owner: str = ""
+        self, topic: str, question: str, model: str = "", owner: str = "", caller: str = ""
     ) -> QuestionRecord:
-        """Queue a question. `owner`, when set, names who may watch and cancel it."""
+        """Queue a question. `owner`, when set, names who may watch and cancel it; `caller`
+        (default: the owner) is who the per-caller cap counts it for. Refused with
+        Overloaded, never dropped later, when the backlog or the caller is full."""
         question_id = new_question_id()
         created = now_ms()
+        caller = caller or owner
+        await self._admit(question_id, created, caller)
         request = QuestionRequest(question_id, topic, question, model)
         record = {
             RecordField.TOPIC: topic,
@@ -28,23 +50,53 @@ class Questions(StoreBase):
         }
         if owner:
             record[RecordField.OWNER] = owner
+        if caller:
+            record[RecordField.CALLER] = caller
+        record_key = self.keys.question(question_id)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(self.keys.question(question_id), mapping=record)  # type: ignore[arg-type]
+                pipe.hset(record_key, mapping=record)  # type: ignore[arg-type]
+                if self.limits.retention_s > 0:  # every record expires, whatever its status
+                    pipe.expire(record_key, self.limits.retention_s)
                 pipe.zadd(self.keys.history, {question_id: created})
                 pipe.zremrangebyrank(self.keys.history, 0, -(self.limits.history_max + 1))
-                pipe.xadd(
-                    self.keys.requests,
-                    request.fields(),  # type: ignore[arg-type]
-                    maxlen=self.limits.request_maxlen,
-                    approximate=True,
-                )
-                await pipe.execute()
+                # Never trimmed: a request leaves the stream when its answer ends.
+                pipe.xadd(self.keys.requests, request.fields())  # type: ignore[arg-type]
+                *_, request_id = await pipe.execute()
+            await self.redis.hset(record_key, RecordField.REQUEST_ID, str(request_id))
         except ResponseError as e:
-            if str(e).startswith("OOM"):
+            # redis-py raises OutOfMemoryError for an OOM reply; inside a pipeline the message
+            # names the command first ("Command # 1 (HSET ...) of pipeline caused error: OOM").
+            if isinstance(e, OutOfMemoryError) or "OOM" in str(e):
                 raise StoreError("Redis is out of memory (maxmemory); try again later") from e
             raise
+        record[RecordField.REQUEST_ID] = str(request_id)
         return QuestionRecord.from_hash(question_id, record)
+
+    async def _admit(self, question_id: str, created: int, caller: str) -> None:
+        waiting = int(await self.redis.xlen(self.keys.requests))
+        if waiting >= self.limits.max_queued:
+            raise Overloaded(
+                f"tokenrelay is full: {waiting} questions are queued or being answered; "
+                f"try again in {FULL_RETRY_AFTER_S:g} s",
+                FULL_RETRY_AFTER_S,
+            )
+        if not caller:
+            return
+        cap = self.limits.max_queued_per_caller
+        args: list[int | str] = [
+            created,
+            created - CALLER_STALE_MS,
+            cap,
+            question_id,
+            CALLER_STALE_MS,
+        ]
+        if not await self._reserve(keys=[self.keys.caller_asks(caller)], args=args):
+            raise CallerFull(
+                f"you have {cap} questions queued or being answered, the most one caller may; "
+                "wait for one to finish",
+                FULL_RETRY_AFTER_S,
+            )
 
     async def record(self, question_id: str) -> QuestionRecord:
         h: Any = await self.redis.hgetall(self.keys.question(question_id))
@@ -97,3 +149,31 @@ class Questions(StoreBase):
             if h and (owner is None or h.get(RecordField.OWNER, "") == owner)
         ]
         return records, len(ids)
+
+    async def lost(self, older_than_ms: int, lock_ms: int) -> list[QuestionRecord]:
+        """Questions still `queued` whose request is no longer in the request stream (lost
+        with a Redis that restarted without it): nothing would ever answer them. Only one
+        caller at a time gets them (a lock for `lock_ms`); the others get []."""
+        if not await self.redis.set(self.keys.sweep_lock, "1", nx=True, px=lock_ms):
+            return []
+        ids: Any = await self.redis.zrangebyscore(
+            self.keys.history, "-inf", now_ms() - older_than_ms
+        )
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for question_id in ids:
+                pipe.hgetall(self.keys.question(question_id))
+            hashes: list[dict[str, str]] = await pipe.execute()
+        queued = [
+            QuestionRecord.from_hash(qid, h)
+            for qid, h in zip(ids, hashes, strict=True)
+            if h.get(RecordField.STATUS) == Status.QUEUED.value and h.get(RecordField.REQUEST_ID)
+        ]
+        if not queued:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for record in queued:
+                pipe.xrange(self.keys.requests, record.request_id, record.request_id, count=1)
+            found: list[Any] = await pipe.execute()
+        return [record for record, rows in zip(queued, found, strict=True) if not rows]

@@ -126,6 +126,15 @@ class Answer:
         self.chunks = self.record.chunks
         await self._end(Entry(EntryType.ERROR, message, {"kind": "undeliverable"}), message)
 
+    async def fail_lost(self, record: QuestionRecord) -> None:
+        """A queued question whose request vanished ends failed instead of waiting forever."""
+        self.record = record
+        message = (
+            "this question's request was lost before any worker took it (Redis restarted "
+            "without it?); ask again"
+        )
+        await self._end(Entry(EntryType.ERROR, message, {"kind": "lost"}), message)
+
     # -- steps ---------------------------------------------------------------
 
     async def _load(self) -> QuestionRecord | None:
@@ -240,7 +249,9 @@ class Answer:
         metrics.answer_ended(entry, ttft_ms)
         logs.answer_ended(self.request.id, entry, fields)
         terminal = Entry(entry.type, entry.text, {**entry.meta, **stats})
-        await self.store.finish(self.request.id, terminal, fields, self.request_entry_id)
+        await self.store.finish(
+            self.request.id, terminal, fields, self.request_entry_id, self.record.caller
+        )
         return STATUS_OF_TERMINAL[entry.type]
 
     async def _ack(self) -> None:

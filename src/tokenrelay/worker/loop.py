@@ -30,6 +30,9 @@ from tokenrelay.worker.writer import ChunkWriter
 log = logging.getLogger(__name__)
 
 HARD_DEADLINE_S = 5.0
+# How often, and past what age, workers look for queued questions whose request was lost.
+SWEEP_EVERY_S = 60.0
+LOST_AFTER_MS = 60_000
 # A provider told to stop that is still computing this long after is stuck (native code).
 WEDGED_AFTER_S = 10.0
 
@@ -71,6 +74,7 @@ class Worker:
         self._reclaim_now = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._next_sweep = 0.0
         self.reclaimed = 0
 
     @property
@@ -207,6 +211,7 @@ class Worker:
             try:
                 await self.store.group.heartbeat(self.name, list(self._inflight))
                 await self._reclaim()
+                await self._sweep()
             except (RedisError, OSError) as e:
                 log.warning("worker %s: reclaim pass failed (%s)", self.name, e)
             self._reclaim_now.clear()
@@ -242,6 +247,17 @@ class Worker:
                 deliveries,
             )
             self._spawn(entry_id, fields, resumed=True)
+
+    async def _sweep(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now < self._next_sweep or self._stopping:
+            return
+        self._next_sweep = now + SWEEP_EVERY_S
+        lost_after_ms = max(LOST_AFTER_MS, 3 * self._reclaim_idle_ms)
+        for record in await self.store.lost(lost_after_ms, int(SWEEP_EVERY_S * 900)):
+            log.error("question %s: its request is gone from the stream; failing it", record.id)
+            request = QuestionRequest(record.id, record.topic, record.question)
+            await Answer(self.store, request, None).fail_lost(record)
 
     # -- a provider stuck in native code ---------------------------------------
 
