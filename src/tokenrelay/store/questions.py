@@ -25,11 +25,18 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
+# XADD the request (ARGV[2..]: field, value, ...) unless the stream holds ARGV[1] entries.
+_ENQUEUE = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+"""
+
 
 class Questions(StoreBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reserve = self.redis.register_script(_RESERVE)
+        self._enqueue_script = self.redis.register_script(_ENQUEUE)
 
     async def ask(
         self, topic: str, question: str, model: str = "", owner: str = "", caller: str = ""
@@ -40,8 +47,7 @@ class Questions(StoreBase):
         question_id = new_question_id()
         created = now_ms()
         caller = caller or owner
-        await self._admit(question_id, created, caller)
-        request = QuestionRequest(question_id, topic, question, model)
+        await self._reserve_for(caller, question_id, created)
         record = {
             RecordField.TOPIC: topic,
             RecordField.QUESTION: question,
@@ -52,35 +58,26 @@ class Questions(StoreBase):
             record[RecordField.OWNER] = owner
         if caller:
             record[RecordField.CALLER] = caller
-        record_key = self.keys.question(question_id)
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(record_key, mapping=record)  # type: ignore[arg-type]
-                if self.limits.retention_s > 0:  # every record expires, whatever its status
-                    pipe.expire(record_key, self.limits.retention_s)
-                pipe.zadd(self.keys.history, {question_id: created})
-                pipe.zremrangebyrank(self.keys.history, 0, -(self.limits.history_max + 1))
-                # Never trimmed: a request leaves the stream when its answer ends.
-                pipe.xadd(self.keys.requests, request.fields())  # type: ignore[arg-type]
-                *_, request_id = await pipe.execute()
-            await self.redis.hset(record_key, RecordField.REQUEST_ID, str(request_id))
+            # The record first: a worker that takes the request always finds it.
+            await self._write_record(question_id, created, record)
+            request = QuestionRequest(question_id, topic, question, model)
+            request_id = await self._enqueue(request)
         except ResponseError as e:
+            await self._withdraw(question_id, caller)
             # redis-py raises OutOfMemoryError for an OOM reply; inside a pipeline the message
             # names the command first ("Command # 1 (HSET ...) of pipeline caused error: OOM").
             if isinstance(e, OutOfMemoryError) or "OOM" in str(e):
                 raise StoreError("Redis is out of memory (maxmemory); try again later") from e
             raise
-        record[RecordField.REQUEST_ID] = str(request_id)
+        except Overloaded:
+            await self._withdraw(question_id, caller)
+            raise
+        record[RecordField.REQUEST_ID] = request_id
         return QuestionRecord.from_hash(question_id, record)
 
-    async def _admit(self, question_id: str, created: int, caller: str) -> None:
-        waiting = int(await self.redis.xlen(self.keys.requests))
-        if waiting >= self.limits.max_queued:
-            raise Overloaded(
-                f"tokenrelay is full: {waiting} questions are queued or being answered; "
-                f"try again in {FULL_RETRY_AFTER_S:g} s",
-                FULL_RETRY_AFTER_S,
-            )
+    async def _reserve_for(self, caller: str, question_id: str, created: int) -> None:
+        """A place in the caller's share (CallerFull when it has none left)."""
         if not caller:
             return
         cap = self.limits.max_queued_per_caller
@@ -97,6 +94,42 @@ class Questions(StoreBase):
                 "wait for one to finish",
                 FULL_RETRY_AFTER_S,
             )
+
+    async def _write_record(self, question_id: str, created: int, record: dict[str, str]) -> None:
+        record_key = self.keys.question(question_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(record_key, mapping=record)  # type: ignore[arg-type]
+            if self.limits.retention_s > 0:  # every record expires, whatever its status
+                pipe.expire(record_key, self.limits.retention_s)
+            pipe.zadd(self.keys.history, {question_id: created})
+            pipe.zremrangebyrank(self.keys.history, 0, -(self.limits.history_max + 1))
+            await pipe.execute()
+
+    async def _enqueue(self, request: QuestionRequest) -> str:
+        """Append the request unless the stream is full (checked and added atomically; the
+        stream is never trimmed: a request leaves it when its answer ends)."""
+        args: list[int | str] = [self.limits.max_queued]
+        for name, value in request.fields().items():
+            args += [name, value]
+        request_id = await self._enqueue_script(keys=[self.keys.requests], args=args)
+        if not request_id:
+            raise Overloaded(
+                f"tokenrelay is full: {self.limits.max_queued} questions are queued or being "
+                f"answered; try again in {FULL_RETRY_AFTER_S:g} s",
+                FULL_RETRY_AFTER_S,
+            )
+        request_id = str(request_id)
+        await self.redis.hset(self.keys.question(request.id), RecordField.REQUEST_ID, request_id)
+        return request_id
+
+    async def _withdraw(self, question_id: str, caller: str) -> None:
+        """Undo a refused ask: no record, no history entry, no place held."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.keys.question(question_id))
+            pipe.zrem(self.keys.history, question_id)
+            if caller:
+                pipe.zrem(self.keys.caller_asks(caller), question_id)
+            await pipe.execute()
 
     async def record(self, question_id: str) -> QuestionRecord:
         h: Any = await self.redis.hgetall(self.keys.question(question_id))

@@ -30,9 +30,9 @@ from tokenrelay.worker.writer import ChunkWriter
 log = logging.getLogger(__name__)
 
 HARD_DEADLINE_S = 5.0
-# How often, and past what age, workers look for queued questions whose request was lost.
-SWEEP_EVERY_S = 60.0
-LOST_AFTER_MS = 60_000
+# How often, at most, workers look for queued questions whose request was lost; one whose
+# request has been gone for three reclaim idle times is failed.
+SWEEP_EVERY_MAX_S = 60.0
 # A provider told to stop that is still computing this long after is stuck (native code).
 WEDGED_AFTER_S = 10.0
 
@@ -252,9 +252,10 @@ class Worker:
         now = asyncio.get_running_loop().time()
         if now < self._next_sweep or self._stopping:
             return
-        self._next_sweep = now + SWEEP_EVERY_S
-        lost_after_ms = max(LOST_AFTER_MS, 3 * self._reclaim_idle_ms)
-        for record in await self.store.lost(lost_after_ms, int(SWEEP_EVERY_S * 900)):
+        every_s = min(3 * self._reclaim_idle_ms / 1000, SWEEP_EVERY_MAX_S)
+        self._next_sweep = now + every_s
+        lost_after_ms = 3 * self._reclaim_idle_ms
+        for record in await self.store.lost(lost_after_ms, int(every_s * 900)):
             log.error("question %s: its request is gone from the stream; failing it", record.id)
             request = QuestionRequest(record.id, record.topic, record.question)
             await Answer(self.store, request, None).fail_lost(record)
