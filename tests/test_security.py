@@ -325,6 +325,18 @@ async def test_lone_surrogates_non_ascii_digits_overflows_and_deep_json(gw: Proc
     finally:
         await client.disconnect()
         await client.wait()
+    # Socket.IO events whose JSON cannot be read: nested 100,000 deep, or broken.
+    ws_url = gw.url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+    with connect(ws_url, max_size=None, open_timeout=10) as ws:
+        assert str(ws.recv(timeout=10)).startswith("0")
+        ws.send("40")
+        assert str(ws.recv(timeout=10)).startswith("40")
+        for number, packet in [(1, "[" * 100_000 + "]" * 100_000), (2, '["ask", {"question": ')]:
+            ws.send(f"42{number}{packet}")
+            replies = [str(ws.recv(timeout=10)) for _ in range(2)]  # the error event and the ack
+            ack = next(r for r in replies if r.startswith(f"43{number}"))
+            problem = "nests too deep" if number == 1 else "is not valid JSON"
+            assert problem in orjson.loads(ack[3:])[0]["error"], replies
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
         assert await asked(http) == before + 1
         assert (await http.get("/healthz")).json()["status"] == "ok"
@@ -334,7 +346,7 @@ async def test_lone_surrogates_non_ascii_digits_overflows_and_deep_json(gw: Proc
         load="lone surrogates in question and topic (3 HTTP routes, askQuestion, ask), cursors "
         "'\u00b2-0', '\u0661-\u0660', '1-99999999999999999999' (SSE ?after and Last-Event-ID, "
         "GET ?after, the front door's re-attach and X-TokenRelay-After, watch), ids with a "
-        "trailing newline, JSON nested 100,000 deep on the 3 routes",
+        "trailing newline, JSON nested 100,000 deep on the 3 routes and in a Socket.IO event",
         faults="bad input",
         lost=None,
         doubled=None,

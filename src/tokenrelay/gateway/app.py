@@ -26,6 +26,7 @@ from tokenrelay.gateway.hosts import HostGuard, OriginPolicy, allowed_hosts
 from tokenrelay.gateway.http import router
 from tokenrelay.gateway.inputs import NotJson
 from tokenrelay.gateway.openai_compat import router as openai_router
+from tokenrelay.gateway.packets import TolerantPacket
 from tokenrelay.gateway.sockets import SocketGateway
 from tokenrelay.services import Services, open_services
 from tokenrelay.settings import Settings, load_settings
@@ -90,7 +91,9 @@ def create_app(
     worker_count = workers
     origins = list(settings.cors_origins)
     # Explicit origins (engine.io's default trusts "Origin equals Host", and Host is forgeable).
-    sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins=OriginPolicy(settings))
+    sio = socketio.AsyncServer(
+        async_mode="asgi", cors_allowed_origins=OriginPolicy(settings), serializer=TolerantPacket
+    )
     access = Access(settings)
 
     @asynccontextmanager

@@ -21,6 +21,7 @@ from tokenrelay.errors import InvalidInput, NotFound, TokenRelayError
 from tokenrelay.gateway.access import Access, Caller, Unauthorized, socket_address, socket_token
 from tokenrelay.gateway.answers import WholeAnswer, whole_answer
 from tokenrelay.gateway.inputs import ask_input, question_id, reachable_cursor, watch_input
+from tokenrelay.gateway.packets import UNREADABLE
 from tokenrelay.services import Services
 from tokenrelay.wire import EntryType, dumps
 
@@ -53,6 +54,7 @@ class SocketGateway:
             ("watch", self._watch),
             ("unwatch", self._unwatch),
             ("cancel", self._cancel),
+            (UNREADABLE, self._unreadable),
         ):
             sio.on(event, self._guard(event, handler))
 
@@ -267,6 +269,9 @@ class SocketGateway:
         if task is not None:
             task.cancel()
         return {"ok": True}
+
+    async def _unreadable(self, sid: str, problem: Any) -> dict[str, Any]:
+        raise InvalidInput(str(problem))
 
     async def _cancel(self, sid: str, data: Any) -> dict[str, Any]:
         qid = question_id(data.get("id") if isinstance(data, dict) else data)
