@@ -20,7 +20,7 @@ from playwright.async_api import Browser, Route, async_playwright
 
 from tests.conftest import free_port
 from tests.faults_report import record
-from tests.support.procs import Cluster, Proc
+from tests.faults_procs import Cluster, Proc
 from tests.web_browser import CHROMIUM, CHROMIUM_ARGS, require_browser
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -208,7 +208,8 @@ async def test_dns_rebinding_page_is_refused(gateway: Proc) -> None:
         "Security: DNS rebinding from Chromium",
         order=1202,
         load="a page on evil.example:PORT, the name resolved to 127.0.0.1 "
-        "(--host-resolver-rules): history, ask, Engine.IO polling and WebSocket",
+        "(--host-resolver-rules; Chromium's own Local Network Access check off, so the gateway "
+        "alone decides): history, ask, Engine.IO polling and WebSocket",
         faults="DNS rebinding (Host: evil.example)",
         lost=None,
         doubled=None,
