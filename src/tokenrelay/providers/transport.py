@@ -15,7 +15,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import httpcore
 import httpx
@@ -52,6 +52,9 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
+        # asyncio's loop races IPv6 and IPv4 as AnyIO did; uvloop's has no such option.
+        racing = isinstance(loop, asyncio.BaseEventLoop)
+        eyeballs: dict[str, Any] = {"happy_eyeballs_delay": _HAPPY_EYEBALLS_S} if racing else {}
         try:
             async with asyncio.timeout(timeout):
                 transport, protocol = await loop.create_connection(
@@ -59,7 +62,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
                     host,
                     port,
                     local_addr=(local_address, 0) if local_address else None,
-                    happy_eyeballs_delay=_HAPPY_EYEBALLS_S,
+                    **eyeballs,
                 )
         except TimeoutError as e:
             raise httpcore.ConnectTimeout(str(e) or "connect timed out") from e
@@ -138,8 +141,8 @@ class _Protocol(asyncio.Protocol):
         self._timer_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream socket's transport; uvloop's do not subclass asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
