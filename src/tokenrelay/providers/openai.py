@@ -196,7 +196,7 @@ class OpenAIProvider:
                 if last or not should_retry(response.status_code, response.headers):
                     raise await self._refused(response)
                 delay_s = retry_delay_s(attempt, response.headers)
-                await response.aclose()
+                await _read_some(response, _ERROR_BODY_BYTES)  # read whole: the connection stays
             await asyncio.sleep(delay_s)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
