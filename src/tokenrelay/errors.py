@@ -36,6 +36,11 @@ class CallerFull(Overloaded):
     """This caller has as many unfinished questions as one caller may."""
 
 
+class Fenced(TokenRelayError, RuntimeError):
+    """This worker's delivery of a request is no longer current: another worker has taken
+    over the answer, so this one must not write to it."""
+
+
 class ProviderError(TokenRelayError, RuntimeError):
     """The model provider failed; `kind` names how, the message says what to do.
 

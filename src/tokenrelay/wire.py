@@ -59,6 +59,7 @@ class RecordField:
     OWNER = "owner"  # the asking API key's fingerprint
     CALLER = "caller"  # who the per-caller cap counts this question for
     REQUEST_ID = "request_id"  # its entry in the request stream
+    EPOCH = "epoch"  # the current delivery: only its worker may write the answer
     CANCEL = "cancel"  # "1" while a cancel waits for the worker to see it
     FIRST_ENTRY_ID = "first_entry_id"
     LAST_ENTRY_ID = "last_entry_id"

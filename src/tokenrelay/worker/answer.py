@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from tokenrelay import logs, metrics
-from tokenrelay.errors import ProviderError
+from tokenrelay.errors import Fenced, ProviderError
 from tokenrelay.providers.base import Finish, Prompt, Provider, Waiting
 from tokenrelay.providers.guard import Timeouts, close_stream, guarded
 from tokenrelay.store import Store, answer_text, now_ms
@@ -85,6 +85,7 @@ class Answer:
         self.request = request
         self.request_entry_id = request_entry_id
         self.record: QuestionRecord | None = None
+        self.epoch = 0  # this delivery's: set by `begin`, checked by every write
         self.chunks = 0
         self.first_ms = 0
         self._resume = _Resume("")
@@ -93,6 +94,15 @@ class Answer:
         self._gap = metrics.GapTimer()
 
     async def run(self, gen: Generator, *, resumed: bool = False) -> Status:
+        try:
+            return await self._run(gen, resumed=resumed)
+        except Fenced:
+            # Paused long enough to be reclaimed: the answer is another worker's now. No
+            # terminal entry, no ack: they are the new writer's to make.
+            log.warning("question %s: another worker took over; this one stops", self.request.id)
+            return Status.STREAMING
+
+    async def _run(self, gen: Generator, *, resumed: bool) -> Status:
         done = await self._prepare(gen.provider, resumed=resumed)
         if done is not None:
             return done
@@ -124,11 +134,13 @@ class Answer:
             return
         assert self.record is not None
         self.chunks = self.record.chunks
+        self.epoch = await self.store.begin(self.request.id)
         await self._end(Entry(EntryType.ERROR, message, {"kind": "undeliverable"}), message)
 
     async def fail_lost(self, record: QuestionRecord) -> None:
         """A queued question whose request vanished ends failed instead of waiting forever."""
         self.record = record
+        self.epoch = await self.store.begin(self.request.id)
         message = (
             "this question's request was lost before any worker took it (Redis restarted "
             "without it?); ask again"
@@ -157,6 +169,7 @@ class Answer:
         if record.status not in (Status.QUEUED, Status.STREAMING):
             await self._ack()  # finished before a crash could ack it
             return record.status
+        self.epoch = await self.store.begin(self.request.id)
         if record.cancel_requested:
             return await self._end(Entry(EntryType.CANCELLED))
         prior = await self.store.read_all(self.request.id) if resumed else []
@@ -184,7 +197,7 @@ class Answer:
             "model": provider.model,
             "provider": provider.name,
         }
-        await self.store.start(request, start, fields)
+        await self.store.start(request, start, fields, self.epoch)
 
     async def _stream(self, gen: Generator) -> Finish:
         stream = gen.provider.stream(Prompt(self.request.topic, self.request.question))
@@ -207,12 +220,13 @@ class Answer:
     async def _waiting(self, writer: ChunkWriter, ahead: int) -> None:
         if ahead != self._ahead:
             self._ahead = ahead
-            await writer.append(self.request.id, Entry(EntryType.WAITING, meta={"ahead": ahead}))
+            wait = Entry(EntryType.WAITING, meta={"ahead": ahead})
+            await writer.append(self.request.id, wait, epoch=self.epoch)
 
     async def _text(self, writer: ChunkWriter, item: str) -> None:
         diverged, text = self._resume.feed(item)
         if diverged:
-            await writer.append(self.request.id, Entry(EntryType.RESTART))
+            await writer.append(self.request.id, Entry(EntryType.RESTART), epoch=self.epoch)
             self.chunks = 0
         if not text:
             return
@@ -221,7 +235,7 @@ class Answer:
         if check:
             self._next_cancel_check = now + CANCEL_CHECK_S
         appended = await writer.append(
-            self.request.id, Entry(EntryType.CHUNK, text), check_cancel=check
+            self.request.id, Entry(EntryType.CHUNK, text), check_cancel=check, epoch=self.epoch
         )
         self.chunks += 1
         self._gap.tick()
@@ -250,7 +264,7 @@ class Answer:
         logs.answer_ended(self.request.id, entry, fields)
         terminal = Entry(entry.type, entry.text, {**entry.meta, **stats})
         await self.store.finish(
-            self.request.id, terminal, fields, self.request_entry_id, self.record.caller
+            self.request.id, terminal, fields, self.request_entry_id, self.record.caller, self.epoch
         )
         return STATUS_OF_TERMINAL[entry.type]
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from tokenrelay.errors import Fenced
 from tokenrelay.store import Store
 from tokenrelay.wire import Entry
 
@@ -31,6 +32,7 @@ class _Pending:
     question_id: str
     entry: Entry
     check_cancel: bool
+    epoch: int
     done: asyncio.Future[Appended]
 
 
@@ -58,12 +60,13 @@ class ChunkWriter:
         self._queue.clear()
 
     async def append(
-        self, question_id: str, entry: Entry, *, check_cancel: bool = True
+        self, question_id: str, entry: Entry, *, check_cancel: bool = True, epoch: int = 0
     ) -> Appended:
-        """Write `entry`; with `check_cancel`, also read the answer's cancel flag (else the
-        result says not cancelled)."""
+        """Write `entry` if `epoch` is still the answer's (else raise Fenced); with
+        `check_cancel`, also read the answer's cancel flag (else the result says not
+        cancelled)."""
         done: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(question_id, entry, check_cancel, done))
+        self._queue.append(_Pending(question_id, entry, check_cancel, epoch, done))
         self._wake.set()
         return await done
 
@@ -78,7 +81,7 @@ class ChunkWriter:
     async def _flush(self, batch: list[_Pending]) -> None:
         try:
             results = await self._store.append_batch(
-                [(p.question_id, p.entry, p.check_cancel) for p in batch]
+                [(p.question_id, p.entry, p.check_cancel, p.epoch) for p in batch]
             )
         except Exception as e:  # handed to each waiting generation, which ends its answer
             for p in batch:
@@ -88,5 +91,11 @@ class ChunkWriter:
         self.batches += 1
         self.written += len(batch)
         for p, (entry_id, cancel) in zip(batch, results, strict=True):
-            if not p.done.done():
+            if p.done.done():
+                continue
+            if entry_id is None:
+                p.done.set_exception(
+                    Fenced(f"question {p.question_id}: another worker has taken over its answer")
+                )
+            else:
                 p.done.set_result(Appended(entry_id, cancel))
