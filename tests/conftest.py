@@ -7,7 +7,6 @@ import functools
 import inspect
 import os
 import secrets
-import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import uvicorn
 from redis.asyncio import Redis
 
+from tests.support.net import free_port as free_port  # re-exported for older imports
 from tokenrelay.gateway import create_app
 from tokenrelay.settings import Settings
 
@@ -66,12 +66,6 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @asynccontextmanager

@@ -21,6 +21,8 @@ import orjson
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import WebSocketException
 
+from tests.support.sse import Parser
+
 TERMINAL = ("end", "error", "cancelled")
 
 
@@ -141,8 +143,8 @@ class Viewer:
                 await writer.wait_closed()
 
     async def _read_sse(self, reader: asyncio.StreamReader) -> None:
-        # Chunked transfer encoding: a size line, then data; SSE lines inside the data.
-        buffer = b""
+        # Chunked transfer encoding: a size line, then data (SSE) and CRLF.
+        parser = Parser()
         while True:
             size_line = await reader.readline()
             if not size_line:
@@ -152,17 +154,12 @@ class Viewer:
                 if self.done:
                     return
                 raise EOFError("the stream ended before a terminal entry")
-            buffer += await reader.readexactly(size + 2)
-            buffer = buffer[:-2] if buffer.endswith(b"\r\n") else buffer
-            while b"\r\n\r\n" in buffer or b"\n\n" in buffer:
-                sep = b"\r\n\r\n" if b"\r\n\r\n" in buffer else b"\n\n"
-                block, buffer = buffer.split(sep, 1)
-                for line in block.splitlines():
-                    if line.startswith(b"data:"):
-                        self._take(orjson.loads(line[5:]))
-                        if self.done:
-                            return
-                        await self._pace()
+            data = await reader.readexactly(size + 2)
+            for event in parser.feed(data[:-2]):
+                self._take(orjson.loads(event.data))
+                if self.done:
+                    return
+                await self._pace()
 
     async def _socketio(self, url: str) -> None:
         ws_url = url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import socketio
 
-from tests.faults_procs import Cluster, Proc, clean_env
-from tests.sse import events
+from tests.support.procs import Cluster, Proc, clean_env
+from tests.support.sse import events
 from tokenrelay.testing import directive
 
 KEY_A = "key-a-" + secrets.token_urlsafe(24)

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import free_port
+from tests.support.net import free_port
 from tokenrelay.providers.select import local_available
 from tokenrelay.testing import answer_text
 

@@ -15,8 +15,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import free_port, running_gateway
+from tests.conftest import running_gateway
 from tests.faults_report import record
+from tests.support.net import free_port
 from tokenrelay import Client
 from tokenrelay.settings import Settings, env_name
 from tokenrelay.testing import MockLLM, directive

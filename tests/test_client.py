@@ -10,7 +10,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import free_port, running_gateway
+from tests.conftest import running_gateway
+from tests.support.net import free_port
 from tokenrelay import Client
 from tokenrelay.client import AnswerEvent, AnswerFailed, RequestRejected, ServerUnreachable
 from tokenrelay.settings import Settings

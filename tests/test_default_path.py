@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import socketio
 
-from tests.faults_procs import Cluster, processes
+from tests.support.procs import Cluster, processes
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -11,15 +11,15 @@ import asyncio
 import secrets
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import Redis
 
 from tests.faults_clients import Viewer, percentile, tally
-from tests.faults_procs import Cluster
 from tests.faults_report import record
+from tests.support.procs import Cluster
+from tests.support.streams import chunk_ids
 from tokenrelay.keys import Keys
 from tokenrelay.testing import answer_text, directive
 
@@ -28,11 +28,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 ANSWERS = 5
 VIEWERS = 50
 TOKENS = 80
-
-
-async def chunk_ids(redis: Redis, keys: Keys, qid: str) -> list[str]:
-    entries: Any = await redis.xrange(keys.answer(qid))
-    return [str(entry_id) for entry_id, fields in entries if fields.get("type") == "chunk"]
 
 
 async def test_gateway_killed_mid_answer_viewers_resume_on_another(

@@ -19,9 +19,9 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.faults_clients import Viewer, percentile, tally
-from tests.faults_procs import Cluster, Proc
 from tests.faults_report import record
-from tests.test_faults_gateway import chunk_ids
+from tests.support.procs import Cluster, Proc
+from tests.support.streams import chunk_ids
 from tokenrelay.keys import Keys
 from tokenrelay.testing import answer_text, directive
 

@@ -19,7 +19,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.faults_report import record
-from tests.faults_procs import Cluster, Proc
+from tests.support.procs import Cluster, Proc
 from tokenrelay.gateway.answers import MAX_ANSWER_BYTES
 from tokenrelay.keys import Keys
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import running_gateway
-from tests.sse import events
+from tests.support.sse import events
 from tokenrelay.settings import Settings
 
 TEXT = "Streams keep every token, **even** after a reload.\n\n- one\n- two"

@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import running_gateway
-from tests.sse import events
+from tests.support.sse import events
 from tokenrelay.keys import Keys
 from tokenrelay.settings import Settings
 

@@ -16,7 +16,8 @@ import orjson
 import socketio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port, running_gateway
+from tests.conftest import running_gateway
+from tests.support.net import free_port
 from tokenrelay import Client
 from tokenrelay.settings import Settings
 from tokenrelay.testing import MockLLM, directive

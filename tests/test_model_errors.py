@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from tests.conftest import free_port, running_gateway
-from tests.sse import Event, events
+from tests.conftest import running_gateway
+from tests.support.net import free_port
+from tests.support.sse import Event, events
 from tokenrelay.settings import Settings
 from tokenrelay.testing import MockLLM, answer_text, directive
 

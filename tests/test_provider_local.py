@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import running_gateway
-from tests.sse import events
+from tests.support.sse import events
 from tokenrelay.errors import ProviderError
 from tokenrelay.providers.base import Finish, Prompt, Waiting
 from tokenrelay.providers.local import LocalProvider

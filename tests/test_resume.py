@@ -9,7 +9,7 @@ import httpx
 from redis.asyncio import Redis
 
 from tests.conftest import running_gateway
-from tests.sse import Event, events
+from tests.support.sse import Event, events
 from tests.test_sockets import connected, wait_for
 from tokenrelay.settings import Settings
 

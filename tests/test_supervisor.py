@@ -20,10 +20,10 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.faults_clients import Viewer, tally
-from tests.faults_procs import Cluster, processes, wait_http, wait_processes
 from tests.faults_report import record
 from tests.stuck_model import WORDS
-from tests.test_faults_gateway import chunk_ids
+from tests.support.procs import Cluster, processes, wait_http, wait_processes
+from tests.support.streams import chunk_ids
 from tokenrelay.keys import WORKER_GROUP, Keys
 from tokenrelay.testing import answer_text, directive
 

@@ -18,8 +18,15 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext
 
+from tests.support.web import (
+    ALL_MARKERS,
+    SCRIPT,
+    SCRIPT_CHUNKS,
+    SCRIPT_RATE,
+    assert_healthy,
+    scripted_env,
+)
 from tests.web_browser import (
-    Tab,
     build_bundle,
     chromium,
     markers,
@@ -30,26 +37,6 @@ from tokenrelay.testing import directive
 
 pytestmark = [pytest.mark.browser]
 
-SCRIPT = (
-    "## Why Redis Streams w01\n\n"
-    "An answer takes w02 seconds to w03 minutes, so every w04 chunk is appended w05 to a "
-    "**stream** w06 in Redis. A w07 reload, a w08 second tab w09 or a w10 flaky network "
-    "loses w11 nothing.\n\n"
-    "- Resume w12 from the last w13 entry id\n"
-    "- Fan out w14 to every w15 viewer\n"
-    "- Replay w16 at the w17 original pace\n\n"
-    "```python\n"
-    "await redis.xadd(key, {'type': 'chunk', 'data': text})  # w18\n"
-    "```\n\n"
-    "Each entry id w19 carries the w20 time it w21 was written, w22 which is how w23 this "
-    "page measures w24 tokens per w25 second and replays w26 a stored w27 answer at w28 its "
-    "own pace. w29 A consumer w30 group hands w31 each question w32 to one worker, w33 and "
-    "a crashed w34 worker's request w35 is claimed w36 by another. w37 The end w38 entry "
-    "records w39 usage and w40 timing."
-)
-ALL_MARKERS = [f"w{i:02d}" for i in range(1, 41)]
-SCRIPT_CHUNKS = len(SCRIPT.split())
-SCRIPT_RATE = 25.0  # chunks per second: about five seconds per answer
 # `make screenshot` sets it to docs/screenshot.png; a test run leaves the work tree alone.
 SCREENSHOT_ENV = "TOKENRELAY_SCREENSHOT"
 
@@ -63,15 +50,6 @@ def bundle() -> None:
 async def browser() -> AsyncIterator[Browser]:
     async with chromium() as launched:
         yield launched
-
-
-def scripted_env(rate: float = SCRIPT_RATE) -> dict[str, str]:
-    return {
-        "TOKENRELAY_PROVIDER": "scripted",
-        "TOKENRELAY_SCRIPTED_TEXT": SCRIPT,
-        "TOKENRELAY_SCRIPTED_RATE": str(rate),
-        "TOKENRELAY_RECLAIM_IDLE_MS": "1000",
-    }
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +91,6 @@ async def context(browser: Browser) -> AsyncIterator[BrowserContext]:
         yield ctx
     finally:
         await ctx.close()
-
-
-def assert_healthy(*tabs: Tab) -> None:
-    for tab in tabs:
-        assert tab.page_errors == [], f"uncaught errors in the page: {tab.page_errors}"
-        assert tab.dialogs == [], f"dialogs opened: {tab.dialogs}"
 
 
 async def stored(server: ServerProcess, qid: str) -> dict[str, object]:

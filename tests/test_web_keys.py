@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Request
 
-from tests.test_web import ALL_MARKERS, assert_healthy, scripted_env
+from tests.support.web import ALL_MARKERS, assert_healthy, scripted_env
 from tests.web_browser import Tab, build_bundle, chromium, markers, open_tab
 from tests.web_server import ServerProcess, serve
 

@@ -20,7 +20,7 @@ from playwright.async_api import Browser, Route, async_playwright
 
 from tests.conftest import free_port
 from tests.faults_report import record
-from tests.faults_procs import Cluster, Proc
+from tests.support.procs import Cluster, Proc
 from tests.web_browser import CHROMIUM, CHROMIUM_ARGS, require_browser
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]

@@ -14,7 +14,7 @@ import httpx
 from redis.asyncio import Redis
 
 from tests.conftest import running_gateway
-from tests.sse import Event, events
+from tests.support.sse import Event, events
 from tokenrelay.providers.guard import Timeouts
 from tokenrelay.providers.scripted import ScriptedProvider
 from tokenrelay.services import make_store
