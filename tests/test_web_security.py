@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +22,7 @@ from playwright.async_api import Browser, Route, async_playwright
 from tests.conftest import free_port
 from tests.faults_report import record
 from tests.support.procs import Cluster, Proc
-from tests.web_browser import CHROMIUM, CHROMIUM_ARGS, require_browser
+from tests.web_browser import CHROMIUM, CHROMIUM_ARGS, build_bundle, require_browser
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
@@ -217,3 +218,26 @@ async def test_dns_rebinding_page_is_refused(gateway: Proc) -> None:
         f"ask {control['ask']}, polling {control['polling']}, WebSocket open "
         "(was: handshake, asks, streams and every caller's history)",
     )
+
+
+async def test_the_page_shows_a_stored_answer_longer_than_one_read(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """GET /api/questions/{id} returns 1 MiB of text at a time: the page reads on."""
+    build_bundle()
+    text = " ".join(f"p{n:04d}" + "z" * 3994 for n in range(600))  # 2.4 MB in 600 chunks
+    (tmp_path / ".env").write_text(f"TOKENRELAY_SCRIPTED_TEXT={text}\n")
+    settings = {"TOKENRELAY_PROVIDER": "scripted", "TOKENRELAY_SCRIPTED_RATE": "5000"}
+    async with Cluster(tmp_path, redis_url, f"b{secrets.token_hex(4)}:", settings) as cluster:
+        gw = await cluster.gateway(workers=1)
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as http:
+            r = await http.post("/api/questions", json={"question": "long?", "stream": False})
+            qid = r.json()["id"]
+            assert (await http.get(f"/api/questions/{qid}")).json()["next_after"]
+        async with chromium() as browser:
+            page = await browser.new_page()
+            await page.goto(f"{gw.url}/?q={qid}")
+            await page.wait_for_selector('#answer[data-status="done"]', timeout=60_000)
+            shown = await page.inner_text("#answer-body")
+            await page.close()
+    assert re.findall(r"p(\d{4})", shown) == [f"{n:04d}" for n in range(600)]

@@ -40,6 +40,16 @@ export async function listQuestions(limit = 30) {
 
 /** @returns {Promise<{question: object, answer: string, entries: object[]}>} */
 export async function getQuestion(id) {
-  const body = await getJSON(`/api/questions/${encodeURIComponent(id)}`);
-  return { question: body?.question, answer: body?.answer ?? "", entries: body?.entries ?? [] };
+  const path = `/api/questions/${encodeURIComponent(id)}`;
+  let body = await getJSON(path);
+  const question = body?.question;
+  let answer = body?.answer ?? "";
+  const entries = Array.from(body?.entries ?? []);
+  // The gateway sends at most 1 MiB of text per call; `next_after` says where the rest starts.
+  while (typeof body?.next_after === "string" && body.next_after) {
+    body = await getJSON(`${path}?after=${encodeURIComponent(body.next_after)}`);
+    answer += body?.answer ?? "";
+    for (const entry of body?.entries ?? []) entries.push(entry);
+  }
+  return { question, answer, entries };
 }
