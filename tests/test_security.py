@@ -24,6 +24,7 @@ from websockets.typing import Origin
 from tests.conftest import running_gateway
 from tests.faults_procs import Cluster, Proc
 from tests.faults_report import record
+from tokenrelay import Client
 from tokenrelay.gateway.answers import MAX_ANSWER_BYTES
 from tokenrelay.gateway.headers import PAGE_CSP
 from tokenrelay.gateway.server import uvicorn_options
@@ -486,6 +487,9 @@ async def test_question_record_is_read_in_bounded_pages(
             after = page["next_after"]
             pages += 1
         assert whole == text and pages == 3
+        async with Client(url) as client:
+            _, read = await client.question(qid)  # the Python client reads on by itself
+        assert read == text
 
 
 # -- point 10: security headers --------------------------------------------------------

@@ -258,9 +258,21 @@ class Client:
         return [Question.from_json(q) for q in reply.get("questions", [])]
 
     async def question(self, question_id: str) -> tuple[Question, str]:
-        """A question's record and its answer text so far."""
-        reply = await self._call("GET", f"/api/questions/{question_id}")
-        return Question.from_json(reply["question"]), str(reply.get("answer", ""))
+        """A question's record and its answer text so far (read 1 MiB at a time)."""
+        path = f"/api/questions/{question_id}"
+        reply = await self._call("GET", path)
+        record = Question.from_json(reply["question"])
+        parts: list[str] = []
+        while True:
+            for event in reply.get("entries", []):
+                if event.get("type") == "restart":
+                    parts.clear()  # a worker started the answer over
+                elif event.get("type") == "chunk":
+                    parts.append(str(event.get("text", "")))
+            after = reply.get("next_after")
+            if not after:
+                return record, "".join(parts)
+            reply = await self._call("GET", path, params={"after": after})
 
     async def _call(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
         try:
