@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from tokenrelay.errors import Fenced
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import Store
@@ -80,9 +81,7 @@ async def test_batches_are_bounded(store: Store, writer: ChunkWriter) -> None:
     assert len(await store.read_all("big")) == n
 
 
-async def test_cancel_flag_is_reported_only_when_asked(
-    store: Store, writer: ChunkWriter
-) -> None:
+async def test_cancel_flag_is_reported_only_when_asked(store: Store, writer: ChunkWriter) -> None:
     """Each write is one script call that checks the answer's epoch and reads its cancel flag
     in the same round trip (so reading it costs no extra command); the flag is reported only
     to writes that asked for it."""
@@ -151,3 +150,42 @@ async def test_stop_cancels_appends_still_queued(store: Store) -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert await store.read("q") == []
+
+
+async def test_an_outbox_coalesces_chunks_queued_behind_a_write(
+    store: Store, writer: ChunkWriter
+) -> None:
+    """The answer does not wait for its writes: chunks that queue up while a write is on its
+    way go out as one entry, in order, with nothing lost."""
+    asked = await store.ask("t", "q")
+    box = writer.outbox(asked.id, await store.begin(asked.id))
+    box.put(Entry(EntryType.START))
+    for i in range(200):
+        box.put(Entry(EntryType.CHUNK, f"{i} "))
+    await box.drain()
+    entries = await store.read_all(asked.id)
+    assert entries[0].type is EntryType.START
+    assert "".join(e.text for e in entries[1:]) == "".join(f"{i} " for i in range(200))
+    assert 2 <= len(entries) < 50, len(entries)
+    assert box.written == len(entries)
+    assert not box.cancel_requested
+    await store.request_cancel(asked.id)
+    box.put(Entry(EntryType.CHUNK, "more"))
+    await box.drain()
+    assert box.cancel_requested  # learned from the write itself
+
+
+async def test_an_outbox_of_an_old_epoch_is_fenced(store: Store, writer: ChunkWriter) -> None:
+    asked = await store.ask("t", "q")
+    old = writer.outbox(asked.id, await store.begin(asked.id))
+    old.put(Entry(EntryType.CHUNK, "mine "))
+    await old.drain()
+    new = writer.outbox(asked.id, await store.begin(asked.id))  # another delivery took over
+    old.put(Entry(EntryType.CHUNK, "too late"))
+    with pytest.raises(Fenced):
+        await old.drain()
+    with pytest.raises(Fenced):
+        old.put(Entry(EntryType.CHUNK, "again"))
+    new.put(Entry(EntryType.CHUNK, "theirs"))
+    await new.drain()
+    assert [e.text for e in await store.read_all(asked.id)] == ["mine ", "theirs"]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
+
 from tokenrelay import logs, metrics
-from tokenrelay.errors import Fenced, ProviderError
+from tokenrelay.errors import Fenced, ProviderError, StoreError
 from tokenrelay.providers.base import Finish, Prompt, Provider, Waiting
 from tokenrelay.providers.guard import Timeouts, close_stream, guarded
 from tokenrelay.store import Store, answer_text, now_ms
@@ -19,13 +21,9 @@ from tokenrelay.wire import (
     QuestionRequest,
     Status,
 )
-from tokenrelay.worker.writer import ChunkWriter
+from tokenrelay.worker.writer import ChunkWriter, Outbox
 
 log = logging.getLogger(__name__)
-
-# How stale a chunk's view of the cancel flag may be: read with at most one chunk's XADD per
-# interval, not with every chunk (half of the worker's Redis commands at 20 tokens/s).
-CANCEL_CHECK_S = 0.1
 
 
 class _Cancelled(Exception):
@@ -89,7 +87,7 @@ class Answer:
         self.chunks = 0
         self.first_ms = 0
         self._resume = _Resume("")
-        self._next_cancel_check = 0.0
+        self._box: Outbox | None = None  # the answer's entries on their way to its stream
         self._ahead = -1
         self._gap = metrics.GapTimer()
 
@@ -200,54 +198,58 @@ class Answer:
         await self.store.start(request, start, fields, self.epoch)
 
     async def _stream(self, gen: Generator) -> Finish:
+        """Read the model and queue what it says; the model is read again without waiting
+        for the previous write (the outbox coalesces chunks while a write is on its way)."""
+        box = self._box = gen.writer.outbox(self.request.id, self.epoch)
         stream = gen.provider.stream(Prompt(self.request.topic, self.request.question))
         items = guarded(stream, gen.timeouts)
         finish = Finish()
         try:
             async for item in items:
+                if box.cancel_requested:
+                    raise _Cancelled
                 if isinstance(item, Finish):
                     finish = item
                 elif isinstance(item, Waiting):
-                    await self._waiting(gen.writer, item.ahead)
+                    self._waiting(box, item.ahead)
                 else:
-                    await self._text(gen.writer, item)
+                    self._text(box, item)
         finally:
             # Close now, not at garbage collection: it ends the model's HTTP stream.
             await items.aclose()
             await close_stream(stream)
+        await box.drain()
+        if box.cancel_requested:
+            raise _Cancelled
         return finish
 
-    async def _waiting(self, writer: ChunkWriter, ahead: int) -> None:
+    def _waiting(self, box: Outbox, ahead: int) -> None:
         if ahead != self._ahead:
             self._ahead = ahead
-            wait = Entry(EntryType.WAITING, meta={"ahead": ahead})
-            await writer.append(self.request.id, wait, epoch=self.epoch)
+            box.put(Entry(EntryType.WAITING, meta={"ahead": ahead}))
 
-    async def _text(self, writer: ChunkWriter, item: str) -> None:
+    def _text(self, box: Outbox, item: str) -> None:
         diverged, text = self._resume.feed(item)
         if diverged:
-            await writer.append(self.request.id, Entry(EntryType.RESTART), epoch=self.epoch)
+            box.put(Entry(EntryType.RESTART))
             self.chunks = 0
         if not text:
             return
-        now = asyncio.get_running_loop().time()
-        check = now >= self._next_cancel_check
-        if check:
-            self._next_cancel_check = now + CANCEL_CHECK_S
-        appended = await writer.append(
-            self.request.id, Entry(EntryType.CHUNK, text), check_cancel=check, epoch=self.epoch
-        )
+        box.put(Entry(EntryType.CHUNK, text))
         self.chunks += 1
         self._gap.tick()
         self.first_ms = self.first_ms or now_ms()
-        if appended.cancel_requested:
-            raise _Cancelled
 
     async def _end(
         self, entry: Entry, error: str = "", *, usage: dict[str, int] | None = None
     ) -> Status:
         """Write the one terminal entry, close the record, acknowledge the request."""
         assert self.record is not None
+        if self._box is not None:
+            # Everything queued goes first. A failed write (but a fence) does not stop the
+            # terminal entry: it says what went wrong.
+            with contextlib.suppress(StoreError, RedisError, OSError):
+                await self._box.drain()
         created = self.record.created_ms
         ended = now_ms()
         ttft_ms = self.first_ms - created if self.first_ms else -1

@@ -1,9 +1,17 @@
-"""Batched chunk writes: the XADDs of every answer a worker is generating share pipelines.
+"""Batched writes: the appends of every answer a worker is generating share pipelines.
 
-One awaited round trip per chunk makes unrelated answers wait on each other's
-network latency; instead each chunk joins the next pipeline, which also reads
-the answer's cancel flag when the generation asks for it, so cancellation costs
-no extra round trip (and, asked for every few chunks, not one HGET per chunk).
+One awaited round trip per chunk makes unrelated answers wait on each other's network
+latency, and makes a generation wait for Redis before it reads the model again. Instead:
+
+- `append()` queues one entry and waits for its own result (start-up entries, tools);
+- an answer's `Outbox` takes its entries without waiting: the writer sends them with
+  the next pipeline, and while a pipeline is on its way, the chunks queued behind it are
+  coalesced into one entry (one entry may hold several tokens; it is still delivered once,
+  whole). The answer learns the outcome of its writes — the cancel flag, a fence, a
+  Redis error — before its next entry and, at the end, from `drain()`.
+
+Every write is one script call that checks the answer's epoch and returns its cancel
+flag, so cancellation costs no extra round trip.
 """
 
 from __future__ import annotations
@@ -12,9 +20,9 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from tokenrelay.errors import Fenced
+from tokenrelay.errors import Fenced, StoreError
 from tokenrelay.store import Store
-from tokenrelay.wire import Entry
+from tokenrelay.wire import Entry, EntryType
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +44,75 @@ class _Pending:
     done: asyncio.Future[Appended]
 
 
+def _fenced(question_id: str) -> Fenced:
+    return Fenced(f"question {question_id}: another worker has taken over its answer")
+
+
+class Outbox:
+    """One answer's entries on their way to its stream, in order."""
+
+    def __init__(self, writer: ChunkWriter, question_id: str, epoch: int) -> None:
+        self.question_id = question_id
+        self.epoch = epoch
+        self.cancel_requested = False
+        self.written = 0  # entries written so far
+        self._writer = writer
+        self._entries: list[Entry] = []  # not sent yet
+        self._failure: BaseException | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def put(self, entry: Entry) -> None:
+        """Queue `entry` (raising what an earlier write of this answer ran into)."""
+        self.check()
+        if self._entries and entry.type is EntryType.CHUNK:
+            last = self._entries[-1]
+            if last.type is EntryType.CHUNK:  # behind: one entry for the queued tokens
+                self._entries[-1] = Entry(EntryType.CHUNK, last.text + entry.text)
+                return
+        self._entries.append(entry)
+        self._idle.clear()
+        self._writer._ready(self)
+
+    def check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def drain(self) -> None:
+        """Wait until every queued entry is written; raise what a write ran into."""
+        await self._idle.wait()
+        self.check()
+
+    def _take(self) -> list[Entry]:
+        taken, self._entries = self._entries, []
+        return taken
+
+    def _sent(self, results: list[tuple[str | None, bool]]) -> None:
+        for entry_id, cancel in results:
+            if entry_id is None:
+                self._failure = self._failure or _fenced(self.question_id)
+            else:
+                self.written += 1
+                self.cancel_requested = self.cancel_requested or cancel
+        self._settle()
+
+    def _failed(self, error: BaseException) -> None:
+        self._failure = self._failure or error
+        self._entries.clear()
+        self._settle()
+
+    def _settle(self) -> None:
+        if not self._entries:
+            self._idle.set()
+        else:
+            self._writer._ready(self)
+
+
 class ChunkWriter:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._queue: list[_Pending] = []
+        self._boxes: dict[Outbox, None] = {}  # outboxes with entries to send, in order
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
@@ -58,44 +131,69 @@ class ChunkWriter:
             if not pending.done.done():
                 pending.done.cancel()
         self._queue.clear()
+        for box in self._boxes:
+            box._failed(StoreError("the worker is stopping"))
+        self._boxes.clear()
+
+    def outbox(self, question_id: str, epoch: int) -> Outbox:
+        return Outbox(self, question_id, epoch)
 
     async def append(
         self, question_id: str, entry: Entry, *, check_cancel: bool = True, epoch: int = 0
     ) -> Appended:
         """Write `entry` if `epoch` is still the answer's (else raise Fenced); with
-        `check_cancel`, also read the answer's cancel flag (else the result says not
+        `check_cancel`, also report the answer's cancel flag (else the result says not
         cancelled)."""
         done: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(question_id, entry, check_cancel, epoch, done))
         self._wake.set()
         return await done
 
+    def _ready(self, box: Outbox) -> None:
+        self._boxes[box] = None
+        self._wake.set()
+
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                await self._flush(batch)
+            while self._queue or self._boxes:
+                await self._flush()
 
-    async def _flush(self, batch: list[_Pending]) -> None:
+    async def _flush(self) -> None:
+        """One pipeline: queued appends first, then what the ready outboxes hold."""
+        appends, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        room = MAX_BATCH - len(appends)
+        boxes: list[tuple[Outbox, int]] = []
+        writes: list[tuple[str, Entry, bool, int]] = [
+            (p.question_id, p.entry, p.check_cancel, p.epoch) for p in appends
+        ]
+        while self._boxes and room > 0:
+            box = next(iter(self._boxes))
+            del self._boxes[box]
+            taken = box._take()
+            boxes.append((box, len(taken)))
+            writes += [(box.question_id, entry, True, box.epoch) for entry in taken]
+            room -= len(taken)
         try:
-            results = await self._store.append_batch(
-                [(p.question_id, p.entry, p.check_cancel, p.epoch) for p in batch]
-            )
-        except Exception as e:  # handed to each waiting generation, which ends its answer
-            for p in batch:
+            results = await self._store.append_batch(writes)
+        except Exception as e:  # handed to each writer of the batch, which ends its answer
+            for p in appends:
                 if not p.done.done():
                     p.done.set_exception(e)
+            for box, _ in boxes:
+                box._failed(e)
             return
         self.batches += 1
-        self.written += len(batch)
-        for p, (entry_id, cancel) in zip(batch, results, strict=True):
+        self.written += len(writes)
+        for p, (entry_id, cancel) in zip(appends, results, strict=False):
             if p.done.done():
                 continue
             if entry_id is None:
-                p.done.set_exception(
-                    Fenced(f"question {p.question_id}: another worker has taken over its answer")
-                )
+                p.done.set_exception(_fenced(p.question_id))
             else:
                 p.done.set_result(Appended(entry_id, cancel))
+        at = len(appends)
+        for box, count in boxes:
+            box._sent(results[at : at + count])
+            at += count
