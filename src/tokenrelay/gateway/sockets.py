@@ -160,7 +160,10 @@ class SocketGateway:
     def _own(
         self, sid: str, key: str, coro: Coroutine[Any, Any, T], *, reserved: bool = False
     ) -> asyncio.Task[T]:
-        watches = self._watches.setdefault(sid, {})
+        watches = self._watches.get(sid)
+        if watches is None:  # disconnected while asking: nobody to relay to, nothing to keep
+            coro.close()
+            raise Unauthorized("this connection is closed")
         old = watches.pop(key, None)
         if old is not None:
             old.cancel()
