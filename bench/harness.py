@@ -11,6 +11,7 @@ python -m bench --report bench/results/full.json   # print and plot a saved swee
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
 import os
@@ -39,6 +40,8 @@ WARMUP = Cell(10, 1, 20.0, 20)
 # 10,000 viewers at once: answers slow enough (30 s) to outlast 10,000 watches arriving.
 CONNECTION_CHECK = Cell(1000, 10, 0.2, 6)
 PROFILED = "1000x1@20,100x1@20"
+# The default `serve` layout (what `make run` starts) beside the split one, at the target cell.
+SERVE_CELLS = "100x1@20"
 PROFILE_S = 8.0
 PACKAGES = (
     "redis",
@@ -93,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure tokenrelay against a direct stream from the same mock model, on "
-        "real processes: a gateway, a worker, Valkey, the mock, and client processes.",
+        "real processes: a gateway, a worker, Valkey, the mock, and client processes; then "
+        "the default `serve` layout (supervisor, gateway and worker processes) at --serve-cells.",
     )
     p.add_argument("--quick", action="store_true", help="a small sweep (minutes), no profile")
     p.add_argument("--answers", type=_csv(int), help="concurrent answers, e.g. 1,10,100")
@@ -121,6 +125,11 @@ def _parser() -> argparse.ArgumentParser:
         "--profile-cells",
         default=PROFILED,
         help=f"ANSWERSxVIEWERS@RATE,... to profile (default {PROFILED})",
+    )
+    p.add_argument(
+        "--serve-cells",
+        help="ANSWERSxVIEWERS@RATE,... to run on the default `serve` layout too (default "
+        f"{SERVE_CELLS} for the full and quick sweeps, none for custom cells; '' for none)",
     )
     p.add_argument(
         "--profile",
@@ -159,9 +168,9 @@ def _cells(args: argparse.Namespace) -> tuple[str, list[Cell]]:
     return "full", FULL.cells()
 
 
-def _profiled(spec: str, tokens: int | None) -> list[Cell]:
+def _parse_cells(spec: str, tokens: int | None) -> list[Cell]:
     cells = []
-    for item in spec.split(","):
+    for item in filter(None, spec.split(",")):
         size, _, rate_s = item.partition("@")
         answers, _, viewers = size.partition("x")
         a, v, rate = int(answers), int(viewers or 1), float(rate_s or 20)
@@ -183,6 +192,10 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
     profile = kind == "full" if args.profile is None else args.profile
     connection_check = kind == "full" if args.connection_check is None else args.connection_check
     out = args.out / f"{name}.json"
+    serve_spec = args.serve_cells
+    if serve_spec is None:
+        serve_spec = "" if kind == "custom" else SERVE_CELLS
+    serve_cells = _parse_cells(serve_spec, args.tokens)
     workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-bench-"))
     config = StackConfig(
         worker_concurrency=max(c.answers for c in (*cells, WARMUP, CONNECTION_CHECK))
@@ -207,6 +220,7 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
             "valkey_persistence": "appendonly everysec, save 300 1 / 60 1000",
         },
         "runs": [],
+        "serve_runs": [],
         "memory": None,
         "connection_check": None,
         "profiles": [],
@@ -238,22 +252,53 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 await check_gone(stack, result["memory"])
                 print(f"memory per finished answer: {result['memory']}", flush=True)
             if profile:
-                for cell in _profiled(args.profile_cells, args.tokens):
+                for cell in _parse_cells(args.profile_cells, args.tokens):
                     for mode in ("socketio", "sse"):
                         figures = await run_one(stack, cell, mode, profile_s=PROFILE_S, **kw)
                         result["profiles"].append(figures)
                         print(f"profiled  {report.line(figures)}", flush=True)
                 result["provider_read_cost_us"] = await provider_read_cost_async()
                 print(f"CPU per chunk read: {result['provider_read_cost_us']}", flush=True)
+        if serve_cells:
+            await _serve_layout(result, serve_cells, modes, config, workdir / "serve", out, kw)
     finally:
         result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         result["duration_s"] = round(time.monotonic() - started, 1)
         checks = [result["connection_check"]] if result["connection_check"] else []
-        result["targets"] = evaluate(result["runs"], result["memory"], checks)
+        result["targets"] = evaluate(result["runs"], result["memory"], checks, result["serve_runs"])
         _save(result, out)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return result
+
+
+async def _serve_layout(
+    result: dict[str, Any],
+    cells: list[Cell],
+    modes: tuple[Mode, ...],
+    split: StackConfig,
+    workdir: Path,
+    out: Path,
+    kw: dict[str, Any],
+) -> None:
+    """The same cells on `tokenrelay serve` as `make run` starts it, after the split
+    stack has stopped (so the two never share the machine)."""
+    config = dataclasses.replace(split, layout="serve", worker_uvloop=False)
+    async with Stack(workdir, config) as stack:
+        result["settings"]["serve_worker_processes"] = stack.worker_processes
+        print(
+            f"default serve layout: supervisor + gateway + {stack.worker_processes} worker "
+            "processes + embedded Valkey",
+            flush=True,
+        )
+        await run_one(stack, WARMUP, "socketio", **kw)
+        print(report.header())
+        for cell in cells:
+            for mode in modes:
+                figures = await run_one(stack, cell, mode, **kw)
+                result["serve_runs"].append(figures)
+                print(report.line(figures), flush=True)
+                _save(result, out)
 
 
 def show(result: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
@@ -274,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report is not None:
         result = orjson.loads(args.report.read_bytes())
         print(report.header())
-        for figures in result["runs"]:
+        for figures in [*result["runs"], *result.get("serve_runs", [])]:
             print(report.line(figures))
         show(result, args, args.report)
         return 0

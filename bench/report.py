@@ -8,6 +8,7 @@ from typing import Any
 Run = dict[str, Any]
 
 COLUMNS = (
+    ("layout", 6),
     ("answers", 7),
     ("view", 4),
     ("rate", 5),
@@ -23,6 +24,7 @@ COLUMNS = (
     ("gw us", 6),
     ("wk us", 6),
     ("rd us", 6),
+    ("all us", 6),
     ("conns", 5),
     ("ok", 3),
 )
@@ -40,6 +42,7 @@ def row(run: Run) -> list[str]:
     lat, ttfc, cpu = run["latency_ms"], run["ttfc_ms"], run["cpu_us_per_chunk"]
     hops = run.get("hops_ms")
     return [
+        run.get("layout", "split"),
         str(run["answers"]),
         str(run["viewers"]),
         _rate(run["rate"]),
@@ -55,6 +58,7 @@ def row(run: Run) -> list[str]:
         _num(cpu["gateway_per_delivery"], 0),
         _num(cpu["worker_per_written"], 0),
         _num(cpu["valkey_per_written"], 0),
+        _num(cpu.get("tokenrelay_per_delivery"), 0),
         str(run["redis_connections"]["gateway_max"]) if run["mode"] != "direct" else "-",
         "yes" if run["complete"] else "NO",
     ]
@@ -79,6 +83,7 @@ def targets_text(targets: list[dict[str, str]]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The run table and the targets, as Markdown."""
     heads = [
+        "layout",
         "answers",
         "viewers",
         "tokens/s",
@@ -94,11 +99,13 @@ def markdown(result: dict[str, Any]) -> str:
         "gateway µs/delivery",
         "worker µs/chunk",
         "valkey µs/chunk",
+        "tokenrelay µs/delivery (all its processes)",
         "gateway Redis conns",
         "all delivered",
     ]
     out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    out += ["| " + " | ".join(row(run)) + " |" for run in result["runs"]]
+    runs = [*result["runs"], *result.get("serve_runs", [])]
+    out += ["| " + " | ".join(row(run)) + " |" for run in runs]
     out += ["", "| target | measured | result |", "|---|---|---|"]
     for t in result["targets"]:
         out.append(f"| {t['name']}: {t['target']} | {t['measured']} | **{t['status']}** |")

@@ -28,6 +28,7 @@ SAMPLE_EVERY_S = 1.0  # a /healthz and a CLIENT LIST each time: kept rare
 IDLE_TIMEOUT_S = 120.0
 GO_DELAY_S = 0.3
 EXIT_TIMEOUT_S = 30.0
+OWN_ROLES = ("gateway", "worker", "valkey", "serve")
 
 
 def run_timeout_s(cell: Cell, ramp_s: float) -> float:
@@ -198,6 +199,8 @@ async def run_one(
     figures = _figures(
         cell, mode, summaries, series, cpu_before, cpu_after, written, sampler, go_ns, idle
     )
+    figures["layout"] = stack.config.layout
+    figures["worker_processes"] = stack.worker_processes
     if profiler is not None:
         figures["profile"] = await profiler.finish()
     return figures
@@ -217,8 +220,9 @@ def _figures(
 ) -> dict[str, Any]:
     deliveries = sum(s["deliveries"] for s in summaries)
     wall_s = max(1e-9, (max(s["ended_ns"] for s in summaries) - go_ns) / 1e9)
-    user = {role: cpu_after[role][0] - cpu_before[role][0] for role in cpu_after}
-    system = {role: cpu_after[role][1] - cpu_before[role][1] for role in cpu_after}
+    start = {role: cpu_before.get(role, (0.0, 0.0)) for role in cpu_after}
+    user = {role: cpu_after[role][0] - start[role][0] for role in cpu_after}
+    system = {role: cpu_after[role][1] - start[role][1] for role in cpu_after}
     cpu = {role: round(user[role] + system[role], 3) for role in cpu_after}
     cpu["clients"] = round(sum(s["cpu_s"] for s in summaries), 3)
     kernel = {role: round(system[role] / cpu[role], 2) if cpu[role] else 0.0 for role in system}
@@ -227,7 +231,11 @@ def _figures(
     done = sum(s["viewers_done"] for s in summaries)
 
     def per(role: str, count: int) -> float | None:
-        return round(cpu[role] * 1e6 / count, 1) if count else None
+        return round(cpu[role] * 1e6 / count, 1) if count and role in cpu else None
+
+    # tokenrelay's own CPU, every process of it (under serve: supervisor, gateway, workers
+    # and the embedded Valkey), per chunk a viewer received.
+    own = sum(cpu.get(role, 0.0) for role in OWN_ROLES)
 
     relayed = mode != "direct"
     return {
@@ -265,6 +273,9 @@ def _figures(
             "valkey_per_written": per("valkey", written) if relayed else None,
             "mock_per_sent": per("mock", written if relayed else deliveries),
             "clients_per_delivery": per("clients", deliveries),
+            "tokenrelay_per_delivery": round(own * 1e6 / deliveries, 1)
+            if relayed and deliveries
+            else None,
         },
         "redis_connections": sampler.figures(),
         "client_loop_lag_p99_ms": max(s["loop_lag_p99_ms"] for s in summaries),

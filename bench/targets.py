@@ -34,11 +34,11 @@ def _p(run: Run, key: str) -> float:
     return float(run["latency_ms"].get(key, float("inf")))
 
 
-def overhead(runs: list[Run]) -> list[dict[str, str]]:
+def overhead(runs: list[Run], layout: str = "") -> list[dict[str, str]]:
     out = []
     direct = find(runs, 100, 1, 20.0, "direct")
     for mode in RELAYED:
-        name = f"relay overhead over direct, 100 answers x 20/s, {mode}"
+        name = f"relay overhead over direct, 100 answers x 20/s, {mode}{layout}"
         target = f"p50 <= {OVERHEAD_P50_MS:g} ms and p99 <= {OVERHEAD_P99_MS:g} ms over direct"
         run = find(runs, 100, 1, 20.0, mode)
         if run is None or direct is None:
@@ -133,11 +133,16 @@ def cpu_printed(runs: list[Run]) -> dict[str, str]:
 
 
 def evaluate(
-    runs: list[Run], memory_figures: dict[str, Any] | None, checks: list[Run] | None = None
+    runs: list[Run],
+    memory_figures: dict[str, Any] | None,
+    checks: list[Run] | None = None,
+    serve_runs: list[Run] | None = None,
 ) -> list[dict[str, str]]:
-    """`checks`: runs outside the sweep (the 10,000-viewer connection check)."""
+    """`runs`: the sweep, on the split layout (gateway + worker); `checks`: runs outside it
+    (the 10,000-viewer connection check); `serve_runs`: the default `serve` layout's."""
     return [
         *overhead(runs),
+        *overhead(serve_runs or [], ", default serve"),
         *scale(runs),
         connections(runs, checks or []),
         memory(memory_figures),

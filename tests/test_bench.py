@@ -110,7 +110,7 @@ def test_tiny_sweep_reports_every_figure(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--answers", "2", "--viewers", "1,2",
          "--rates", "0", "--tokens", "10", "--memory-answers", "1", "--retention-s", "1",
-         "--out", str(tmp_path), "--name", "smoke"],
+         "--serve-cells", "2x2@0", "--out", str(tmp_path), "--name", "smoke"],
         capture_output=True, text=True, timeout=280, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
@@ -130,6 +130,15 @@ def test_tiny_sweep_reports_every_figure(tmp_path: Path) -> None:
             assert run["cpu_us_per_chunk"]["worker_per_written"] is not None
             assert run["redis_connections"]["gateway_max"] >= 2
             assert run["hops_ms"]["model_to_redis"]["count"] == run["deliveries"]
+    # The default layout: `serve` and its children, each child's CPU found and counted.
+    assert {r["mode"] for r in report["serve_runs"]} == {"direct", "socketio", "sse"}
+    for run in report["serve_runs"]:
+        assert run["complete"] and run["layout"] == "serve", run
+        assert run["deliveries"] == 2 * 2 * 10 and run["worker_processes"] >= 1
+        if run["mode"] != "direct":
+            assert {"serve", "gateway", "worker", "valkey"} <= set(run["cpu_s"])
+            assert run["cpu_s"]["worker"] > 0 and run["cpu_s"]["gateway"] > 0
+            assert run["cpu_us_per_chunk"]["tokenrelay_per_delivery"] is not None
     memory = report["memory"]
     assert memory["tokens"] == 500 and memory["entries_per_answer"] == 502
     assert memory["total_bytes"] > 0 and memory["gone_after_s"] is not None
