@@ -14,14 +14,46 @@ SYSTEM_PROMPT = (
 )
 
 
+# Sent after a cut-off answer (given as the assistant's turn) to have the model go on.
+CONTINUE_INSTRUCTION = (
+    "Your answer above was cut off. Continue it exactly where it stopped: do not repeat "
+    "anything already written and do not comment on the interruption."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One earlier message of a conversation: role is system, user, assistant or tool."""
+
+    role: str
+    content: str
+
+
 @dataclass(frozen=True, slots=True)
 class Prompt:
     topic: str
     question: str
+    # Earlier turns of the conversation, oldest first (a thread, or the front door's messages).
+    history: tuple[Turn, ...] = ()
+    # The start of an answer a stopped worker wrote: the model continues it, not restarts.
+    partial: str = ""
 
     @property
     def system(self) -> str:
         return SYSTEM_PROMPT.format(topic=self.topic)
+
+    def chat(self) -> list[dict[str, str]]:
+        """The chat messages: the seed's system prompt (unless the history brings its own),
+        the history, the question, and, to continue a cut-off answer, that answer as the
+        assistant's turn followed by the instruction to go on."""
+        messages = [{"role": t.role, "content": t.content} for t in self.history]
+        if not any(t.role == "system" for t in self.history):
+            messages.insert(0, {"role": "system", "content": self.system})
+        messages.append({"role": "user", "content": self.question})
+        if self.partial:
+            messages.append({"role": "assistant", "content": self.partial})
+            messages.append({"role": "user", "content": CONTINUE_INSTRUCTION})
+        return messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +77,10 @@ class Waiting:
 
 
 class Provider(Protocol):
+    """A model. A provider that cannot continue a cut-off answer from `Prompt.partial` (a
+    LangChain chain that takes only topic and question) says so with `continues = False`:
+    the worker then regenerates and skips what was already written."""
+
     """A model that streams an answer. Failures raise `ProviderError`."""
 
     @property

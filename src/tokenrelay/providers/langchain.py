@@ -22,7 +22,13 @@ from tokenrelay.settings import Settings, env_name
 
 try:  # the extra is optional: say how to install it instead of failing at import
     from langchain_core.language_models import BaseChatModel
-    from langchain_core.messages import BaseMessageChunk, HumanMessage, SystemMessage
+    from langchain_core.messages import (
+        AIMessage,
+        BaseMessage,
+        BaseMessageChunk,
+        HumanMessage,
+        SystemMessage,
+    )
     from langchain_core.runnables import Runnable
 except ImportError:  # pragma: no cover - exercised only without the extra
     Runnable = None  # type: ignore[assignment,misc]
@@ -121,12 +127,18 @@ class LangChainProvider:
         return "langchain"
 
     @property
+    def continues(self) -> bool:
+        """A chat model is given a cut-off answer to continue; a chain takes only topic and
+        question, so its answer is regenerated instead."""
+        return self._chat
+
+    @property
     def model(self) -> str:
         return self._model
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[str | Finish]:
         if self._chat:
-            given: Any = [SystemMessage(prompt.system), HumanMessage(prompt.question)]
+            given: Any = [_message(m) for m in prompt.chat()]
         else:
             given = {"topic": prompt.topic, "question": prompt.question}
         reason, prompt_tokens, completion_tokens = "stop", 0, 0
@@ -174,3 +186,12 @@ class LangChainProvider:
             )
             return ProviderError(kind, f"the model server refused ({status}): {detail}")
         return ProviderError("langchain", f"the LangChain runnable failed: {detail}")
+
+
+def _message(message: dict[str, str]) -> BaseMessage:
+    role, content = message["role"], message["content"]
+    if role == "system":
+        return SystemMessage(content)
+    if role == "assistant":
+        return AIMessage(content)
+    return HumanMessage(content)

@@ -348,10 +348,7 @@ class LocalProvider:
         llama = self._load()
         options = self._options
         chunks = llama.create_chat_completion(
-            messages=[
-                {"role": "system", "content": prompt.system},
-                {"role": "user", "content": prompt.question},
-            ],
+            messages=prompt.chat(),
             stream=True,
             max_tokens=options.max_tokens,
             temperature=options.temperature,

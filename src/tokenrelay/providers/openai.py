@@ -161,10 +161,7 @@ class OpenAIProvider:
         return orjson.dumps(
             {
                 "model": self._model,
-                "messages": [
-                    {"role": "system", "content": prompt.system},
-                    {"role": "user", "content": prompt.question},
-                ],
+                "messages": prompt.chat(),
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }

@@ -33,6 +33,12 @@ class ScriptedProvider:
     def model(self) -> str:
         return "scripted"
 
+    @property
+    def continues(self) -> bool:
+        """Fixed text cannot continue another answer: it is said again from the start, and
+        the worker skips what was already written (or writes `restart` if it differs)."""
+        return False
+
     async def stream(self, prompt: Prompt) -> AsyncIterator[str | Finish]:
         loop = asyncio.get_running_loop()
         start = loop.time()

@@ -40,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tokenrelay.providers.base import CONTINUE_INSTRUCTION
 from tokenrelay.providers.scripted import split_tokens
 
 __all__ = ["MOCK_MODEL", "MockLLM", "Script", "answer_pieces", "answer_text", "directive"]
@@ -79,6 +80,8 @@ class Script:
     stall: float = 0.0
     malformed_after: int | None = None
     cut_after: int | None = None
+    # 1: every generation draws new words, as a sampling model does (two answers differ).
+    sample: int = 0
 
     @classmethod
     def parse(cls, message: str) -> Script:
@@ -106,6 +109,7 @@ _CONVERT: dict[str, Callable[[str], object]] = {
     "stall": float,
     "malformed_after": int,
     "cut_after": int,
+    "sample": int,
 }
 
 
@@ -125,11 +129,26 @@ def answer_pieces(message: str, script: Script | None = None) -> list[str]:
     question = _DIRECTIVE.sub("", message)
     words = [w.strip("?.!,;:'\"") for w in question.split()]
     topic = " ".join([w for w in words if w.lower() not in _FILLER][:3]) or "nothing"
-    # Seeded from the question itself, so every process streams the same words for it.
-    rng = random.Random(hashlib.sha256(question.encode()).digest())
+    # Seeded from the question itself, so every process streams the same words for it;
+    # a sampling script draws new words every time.
+    seed = hashlib.sha256(question.encode()).digest() if not script.sample else None
+    rng = random.Random(seed)
     head = split_tokens(f"Answer about {topic}:")
     tail = [" " + rng.choice(_WORDS) for _ in range(max(0, script.tokens - len(head)))]
     return (head + tail)[: script.tokens]
+
+
+def continued_pieces(message: str, script: Script, partial: str) -> list[str]:
+    """What the mock streams when asked to continue `partial`, its own cut-off answer: the
+    rest of the same answer when it is deterministic, new words up to the same length when
+    it samples (continuing, never starting over)."""
+    pieces = answer_pieces(message, script)
+    whole = "".join(pieces)
+    if whole.startswith(partial):
+        return split_tokens(whole[len(partial) :])
+    done = len(split_tokens(partial))
+    rng = random.Random()
+    return [" " + rng.choice(_WORDS) for _ in range(max(0, script.tokens - done))]
 
 
 def answer_text(message: str) -> str:
@@ -161,21 +180,35 @@ def _failure(status: int, retry_after_s: float | None, model: str, key: str) -> 
     return _error(status, text.format(model=model, key=key, status=status), kind, code, headers)
 
 
-def _parse_request(body: object) -> tuple[str, list[dict[str, Any]], str]:
-    """The model, the messages and the last user message's text, or ValueError saying why."""
+def _text_of(message: dict[str, Any]) -> str | None:
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: keep the text ones
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else None
+
+
+def _parse_request(body: object) -> tuple[str, list[dict[str, Any]], str, str]:
+    """The model, the messages, the question (the last user message's text) and, when the
+    request asks to continue a cut-off answer (tokenrelay's continue instruction after an
+    assistant turn), that partial answer; or ValueError saying why."""
     if not isinstance(body, dict):
         raise ValueError("The request body must be a JSON object.")
     model, messages = body.get("model"), body.get("messages")
     if not isinstance(model, str) or not isinstance(messages, list):
         raise ValueError("'model' (a string) and 'messages' (a list) are required.")
     messages = [m for m in messages if isinstance(m, dict)]
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            if isinstance(content, str):
-                return model, messages, content
+    partial = ""
+    turns = list(messages)
+    if (
+        len(turns) >= 3
+        and _text_of(turns[-1]) == CONTINUE_INSTRUCTION
+        and turns[-2].get("role") == "assistant"
+    ):
+        partial = _text_of(turns[-2]) or ""
+        turns = turns[:-2]
+    for message in reversed(turns):
+        if message.get("role") == "user" and (content := _text_of(message)) is not None:
+            return model, messages, content, partial
     raise ValueError("'messages' needs a user message with text content.")
 
 
@@ -184,6 +217,8 @@ class MockBackend:
 
     def __init__(self) -> None:
         self.requests: Counter[str] = Counter()
+        # Every request body received, newest last (GET /v1/mock/requests shows them).
+        self.received: list[dict[str, Any]] = []
         self.active_streams = 0
         self.closing = asyncio.Event()
         self._ids = itertools.count(1)
@@ -191,6 +226,7 @@ class MockBackend:
             routes=[
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                 Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/mock/requests", self.received_requests, methods=["GET"]),
             ]
         )
 
@@ -198,13 +234,18 @@ class MockBackend:
         model = {"id": MOCK_MODEL, "object": "model", "created": 0, "owned_by": "tokenrelay"}
         return JSONResponse({"object": "list", "data": [model]})
 
+    async def received_requests(self, request: Request) -> Response:
+        return JSONResponse(self.received)
+
     async def chat_completions(self, request: Request) -> Response:
         try:
             body = await request.json()
-            model, messages, question = _parse_request(body)
+            model, messages, question, partial = _parse_request(body)
             script = Script.parse(question)
         except ValueError as e:  # also a body that is not JSON at all
             return _error(400, str(e))
+        self.received.append(body)
+        del self.received[:-1000]
         self.requests[question] += 1
         if script.fail and (
             script.fail_times is None or self.requests[question] <= script.fail_times
@@ -212,7 +253,10 @@ class MockBackend:
             key = request.headers.get("authorization", "").removeprefix("Bearer ")
             return _failure(script.fail, script.retry_after, model, key)
 
-        pieces = answer_pieces(question, script)
+        if partial:
+            pieces = continued_pieces(question, script, partial)
+        else:
+            pieces = answer_pieces(question, script)
         words = sum(len(str(m.get("content", "")).split()) for m in messages)
         usage = {
             "prompt_tokens": words,

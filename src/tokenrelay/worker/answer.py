@@ -30,12 +30,19 @@ class _Cancelled(Exception):
     """The asker cancelled between two chunks."""
 
 
+RESTART_REASON = (
+    "the model cannot continue a cut-off answer (it takes only the topic and the question), "
+    "so it answered again from the start"
+)
+
+
 class _Resume:
     """Skips the part of a regenerated answer that a crashed worker already wrote.
 
-    A reclaimed request is generated again; when the new text starts with the
-    partial answer already in the stream (deterministic models), viewers see no
-    seam. When it diverges, a `restart` entry tells viewers to drop what they have.
+    Used only for a model that cannot continue a cut-off answer (`continues = False`): the
+    request is generated again; when the new text starts with the partial answer already in
+    the stream (deterministic models), viewers see no seam. When it diverges, a `restart`
+    entry tells viewers to drop what they have, and why.
     """
 
     def __init__(self, written: str) -> None:
@@ -87,6 +94,7 @@ class Answer:
         self.chunks = 0
         self.first_ms = 0
         self._resume = _Resume("")
+        self._partial = ""  # what a stopped worker wrote: the model is asked to continue it
         self._box: Outbox | None = None  # the answer's entries on their way to its stream
         self._ahead = -1
         self._gap = metrics.GapTimer()
@@ -173,7 +181,11 @@ class Answer:
         prior = await self.store.read_all(self.request.id) if resumed else []
         if not any(e.type is EntryType.START for e in prior):
             await self._write_start(provider, record)
-        self._resume = _Resume(answer_text(prior))
+        written = answer_text(prior)
+        if getattr(provider, "continues", True):
+            self._partial = written
+        else:
+            self._resume = _Resume(written)
         self.chunks = sum(1 for e in prior if e.type is EntryType.CHUNK)
         return None
 
@@ -201,7 +213,8 @@ class Answer:
         """Read the model and queue what it says; the model is read again without waiting
         for the previous write (the outbox coalesces chunks while a write is on its way)."""
         box = self._box = gen.writer.outbox(self.request.id, self.epoch)
-        stream = gen.provider.stream(Prompt(self.request.topic, self.request.question))
+        prompt = Prompt(self.request.topic, self.request.question, partial=self._partial)
+        stream = gen.provider.stream(prompt)
         items = guarded(stream, gen.timeouts)
         finish = Finish()
         try:
@@ -231,7 +244,7 @@ class Answer:
     def _text(self, box: Outbox, item: str) -> None:
         diverged, text = self._resume.feed(item)
         if diverged:
-            box.put(Entry(EntryType.RESTART))
+            box.put(Entry(EntryType.RESTART, meta={"reason": RESTART_REASON}))
             self.chunks = 0
         if not text:
             return
