@@ -12,7 +12,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk
 
 from tests.conftest import running_gateway
-from tests.test_client import CuttingProxy
+from tests.support.proxy import CuttingProxy
 from tokenrelay import Client
 from tokenrelay.settings import Settings
 from tokenrelay.testing import MockLLM, directive

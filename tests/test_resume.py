@@ -9,8 +9,8 @@ import httpx
 from redis.asyncio import Redis
 
 from tests.conftest import running_gateway
+from tests.support.sockets import connected, wait_for
 from tests.support.sse import Event, events
-from tests.test_sockets import connected, wait_for
 from tokenrelay.settings import Settings
 
 WORDS = " ".join(f"w{n}" for n in range(60))

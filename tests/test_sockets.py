@@ -3,40 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
-import socketio
-
 from tests.conftest import running_gateway
+from tests.support.sockets import connected, wait_for
 from tokenrelay.settings import Settings
 
 TEXT = "A stream keeps <b>every</b> chunk; ids are cursors."
-
-
-@asynccontextmanager
-async def connected(url: str) -> AsyncIterator[tuple[socketio.AsyncClient, list[tuple[str, Any]]]]:
-    """A python-socketio client that records every event it receives, in order."""
-    client = socketio.AsyncClient(reconnection=False)
-    received: list[tuple[str, Any]] = []
-
-    @client.on("*")  # type: ignore[untyped-decorator]
-    async def any_event(event: str, data: Any) -> None:
-        received.append((event, data))
-
-    await client.connect(url, transports=["websocket"])
-    try:
-        yield client, received
-    finally:
-        await client.disconnect()
-        await client.wait()
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def test_seed_protocol_unchanged(make_settings: Callable[..., Settings]) -> None:

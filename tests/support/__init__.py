@@ -5,6 +5,7 @@
 - `sse`: the Server-Sent Events parser
 - `streams`: what Redis holds for an answer
 - `web`: the scripted answer and checks of the browser tests
+- `sockets`: a recording Socket.IO client; `proxy`: a TCP proxy that cuts connections
 """
 
 __all__: list[str] = []

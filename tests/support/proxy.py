@@ -1,0 +1,60 @@
+"""A TCP proxy that can cut every connection it carries, as a flaky network would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import TracebackType
+from urllib.parse import urlsplit
+
+
+class CuttingProxy:
+    """Forwards TCP to the gateway; `cut()` aborts every open connection, as a flaky
+    network or a restarting load balancer would."""
+
+    def __init__(self, target_url: str) -> None:
+        self._port = urlsplit(target_url).port
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._server: asyncio.Server | None = None
+        self.url = ""
+        self.connections = 0
+
+    async def __aenter__(self) -> CuttingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self.cut()
+            await self._server.wait_closed()
+            self._server = None
+
+    def cut(self) -> None:
+        for down, up in list(self._pairs):
+            down.transport.abort()
+            up.transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        pair = (writer, up_writer)
+        self._pairs.add(pair)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self._pairs.discard(pair)
