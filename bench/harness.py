@@ -195,7 +195,11 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
     serve_spec = args.serve_cells
     if serve_spec is None:
         serve_spec = "" if kind == "custom" else SERVE_CELLS
-    serve_cells = _parse_cells(serve_spec, args.tokens)
+    # A cell the sweep has too runs the same answers on both layouts.
+    same = {(c.answers, c.viewers, c.rate): c for c in cells}
+    serve_cells = [
+        same.get((c.answers, c.viewers, c.rate), c) for c in _parse_cells(serve_spec, args.tokens)
+    ]
     workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-bench-"))
     config = StackConfig(
         worker_concurrency=max(c.answers for c in (*cells, WARMUP, CONNECTION_CHECK))
