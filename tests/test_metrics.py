@@ -135,7 +135,9 @@ async def test_viewers_slots_and_lag_while_a_viewer_does_not_read(
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
         stuck.connect(("127.0.0.1", port))
-        stuck.sendall(f"GET /api/questions/{stream.id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        # A Host the gateway answers to (any other is refused before the request is read).
+        request = f"GET /api/questions/{stream.id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        stuck.sendall(request.encode())
         try:
             during = await wait_for_metrics(url, "tokenrelay_viewer_lag_max_entries", 20)
             assert sample(during, "tokenrelay_viewers_connected") >= 1

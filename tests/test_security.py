@@ -460,6 +460,26 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(
     )
 
 
+async def test_serve_ignores_forwarded_for_unless_told(tmp_path: Path, redis_url: str) -> None:
+    """The same through `tokenrelay serve`, which builds its uvicorn.Config with those options."""
+    for trusted, expected in (("", [202, 429, 429]), ("127.0.0.1", [202, 202, 202])):
+        env = {"TOKENRELAY_RATE_LIMIT_PER_MIN": "1", "TOKENRELAY_TRUSTED_PROXIES": trusted}
+        async with (
+            serve(tmp_path / (trusted or "none"), redis_url, **env) as gw,
+            httpx.AsyncClient(base_url=gw.url, timeout=30) as http,
+        ):
+            codes = []
+            for n in range(3):
+                r = await http.post(
+                    "/api/questions",
+                    json={"question": "q"},
+                    headers={"X-Forwarded-For": f"198.51.100.{n}"},
+                )
+                codes.append(r.status_code)
+            assert codes == expected, (trusted, codes)
+            assert "server" not in r.headers
+
+
 # -- point 9: bounded reads of a whole answer ------------------------------------------
 
 
