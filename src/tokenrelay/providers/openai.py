@@ -29,7 +29,7 @@ OPENAI_URL = "https://api.openai.com/v1"
 # Local servers (vLLM, Ollama, llama.cpp) ignore the key; sent as the SDK sent it.
 NO_KEY = "no-key-needed"
 _CONNECT_TIMEOUT_S = 10.0
-_KEEPALIVE_S = 30.0
+_KEEPALIVE_S = 5.0  # as the SDK kept them
 _DRAIN_S = 0.1  # after [DONE]: read the body's end, so the connection is kept for reuse
 _ERROR_BODY_BYTES = 64 * 1024
 # httpx leaves some TLS failures unwrapped; they are connection trouble all the same.
