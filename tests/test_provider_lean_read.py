@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import email.utils
+import gzip
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpcore
+import httpx
+import orjson
 import pytest
 from pydantic import SecretStr
 
+from tokenrelay.errors import ProviderError
 from tokenrelay.providers import transport
 from tokenrelay.providers.base import Finish, Prompt
 from tokenrelay.providers.openai import OpenAIProvider
@@ -157,3 +161,105 @@ async def test_leaving_mid_answer_drops_that_connection_only(
     assert isinstance(items[-1], Finish)
     assert len(connections) == 2  # a half-read response cannot be reused
     assert mock.active_streams == 0
+
+
+SECRET = "sk-shapes-0123456789abcdef"
+
+
+def _chunk(content: str | None = None, finish: str | None = None, **extra: object) -> bytes:
+    delta = {} if content is None else {"content": content}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return b"data: " + orjson.dumps({"choices": [choice], **extra}) + b"\n\n"
+
+
+def _serving(
+    *bodies: bytes | tuple[int, dict[str, str], bytes],
+) -> tuple[OpenAIProvider, list[int]]:
+    """A provider answered with the next body (or status, headers, body), a few bytes a read."""
+    seen: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        given = bodies[min(len(seen), len(bodies)) - 1]
+        status, headers, body = given if isinstance(given, tuple) else (200, {}, given)
+        return httpx.Response(status, headers=headers, content=_reads(body))
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return OpenAIProvider(http, "http://model.test/v1", "m", secret=SECRET, max_retries=1), seen
+
+
+async def _reads(body: bytes) -> AsyncIterator[bytes]:
+    for piece in _pieces(body, 7):
+        yield piece
+
+
+async def _collect_from(provider: OpenAIProvider) -> list[str | Finish]:
+    try:
+        return await _answer(provider, "shape?")
+    finally:
+        await provider.aclose()
+
+
+async def test_usage_chunk_with_null_choices_comments_and_crlf() -> None:
+    usage = {"prompt_tokens": 7, "completion_tokens": 2}
+    body = (
+        b": ping\r\n\r\n"
+        + _chunk("Hello").replace(b"\n", b"\r\n")
+        + _chunk(" there", "stop")
+        + b"data: "
+        + orjson.dumps({"choices": None, "usage": usage})
+        + b"\n\ndata: [DONE]\n\n"
+    )
+    provider, _ = _serving(body)
+    assert await _collect_from(provider) == ["Hello", " there", Finish("stop", 7, 2)]
+
+
+async def test_a_compressed_stream_is_decoded() -> None:
+    body = gzip.compress(_chunk("zipped", "stop") + b"data: [DONE]\n\n")
+    provider, _ = _serving((200, {"content-encoding": "gzip"}, body))
+    assert await _collect_from(provider) == ["zipped", Finish("stop")]
+
+
+async def test_an_error_event_mid_stream_is_a_server_error_without_the_key() -> None:
+    error = {"error": {"message": f"overloaded, key {SECRET}", "type": "server_error"}}
+    body = _chunk("partial") + b"data: " + orjson.dumps(error) + b"\n\n"
+    provider, _ = _serving(body)
+    seen: list[str | Finish] = []
+
+    async def collect() -> None:
+        try:
+            async for item in provider.stream(Prompt("Redis", "shape?")):
+                seen.append(item)
+        finally:
+            await provider.aclose()
+
+    with pytest.raises(ProviderError) as info:
+        await collect()
+    assert seen == ["partial"]
+    assert info.value.kind == "server" and info.value.retryable
+    assert "overloaded" in info.value.message and SECRET not in info.value.message
+
+
+@pytest.mark.parametrize("payload", [b"[1, 2]", b'"text"', b'{"id": "x"}'])
+async def test_a_chunk_of_the_wrong_shape_is_malformed(payload: bytes) -> None:
+    provider, _ = _serving(b"data: " + payload + b"\n\n")
+    with pytest.raises(ProviderError) as info:
+        await _collect_from(provider)
+    assert info.value.kind == "malformed"
+
+
+async def test_the_server_saying_do_not_retry_is_obeyed() -> None:
+    refused = (503, {"x-should-retry": "false"}, b'{"error": {"message": "down"}}')
+    provider, seen = _serving(refused, _chunk("late", "stop"))
+    with pytest.raises(ProviderError) as info:
+        await _collect_from(provider)
+    assert info.value.kind == "server" and "down" in info.value.message
+    assert len(seen) == 1
+
+
+async def test_a_non_json_error_body_still_names_the_status() -> None:
+    provider, _ = _serving((502, {}, b"<html>Bad Gateway</html>"), (502, {}, b"<html>"))
+    with pytest.raises(ProviderError) as info:
+        await _collect_from(provider)
+    assert info.value.kind == "server" and "502" in info.value.message
+    assert isinstance(info.value.__cause__, httpx.HTTPStatusError)
