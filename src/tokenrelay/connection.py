@@ -1,16 +1,47 @@
-"""Redis clients: one bounded pool per process, plus dedicated connections for blocking reads."""
+"""Redis clients: one bounded pool per process, plus dedicated connections for blocking reads.
+
+Single node: a `Redis` over a `BlockingConnectionPool`. Cluster (`TOKENRELAY_REDIS_CLUSTER`):
+redis-py's asyncio `RedisCluster` (MOVED/ASK, slot-table refresh and failover are its
+job), made to fit what the store expects of a client:
+
+- bounded: at most `size` commands in flight per process, so at most `size` connections
+  per node (its own pools raise MaxConnectionsError instead of waiting);
+- patient: it retries a command a few times at once when a node fails, which is over in
+  milliseconds while a failover takes seconds; here a command is tried again with
+  backoff for up to RETRY_WINDOW_S, a pipeline only for its commands that did not run;
+- scripts in pipelines: its pipelines have no script cache handling (an EVALSHA that
+  meets a node without the script fails), so a script queued in a pipeline is sent as
+  EVAL, which the server caches by digest.
+
+The store is typed against `Redis`: `cluster_client` hands its client over as one.
+"""
 
 from __future__ import annotations
 
-from redis.asyncio import BlockingConnectionPool, Redis
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
+
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ClusterDownError, NoScriptError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+log = logging.getLogger(__name__)
+
 BLOCK_MARGIN_S = 10.0
+# A master's replica takes over after cluster-node-timeout plus an election: seconds.
+RETRY_WINDOW_S = 20.0
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
 
 _RETRY_ERRORS: list[type[Exception]] = [RedisConnectionError, RedisTimeoutError]
+_CLUSTER_RETRY = (RedisConnectionError, RedisTimeoutError, ClusterDownError, SlotNotCoveredError)
 
 
 def _retry() -> Retry:
@@ -48,9 +79,183 @@ def dedicated_client(url: str, *, name: str, block_ms: int) -> Redis:
     )
 
 
+def node_client(node: ClusterNode, *, name: str, block_ms: int) -> Redis:
+    """A dedicated connection to one cluster node (a blocking read over one slot's keys)."""
+    kwargs = node.connection_kwargs
+    return Redis(
+        host=node.host,
+        port=int(node.port),
+        username=kwargs.get("username"),
+        password=kwargs.get("password"),
+        decode_responses=True,
+        client_name=name,
+        single_connection_client=True,
+        socket_keepalive=True,
+        socket_timeout=block_ms / 1000 + BLOCK_MARGIN_S,
+    )
+
+
+def cluster_client(url: str, *, size: int, name: str, socket_timeout_s: float = 5.0) -> Redis:
+    """A cluster client (see the module's docstring), typed as the `Redis` the store expects.
+
+    `RedisCluster` offers every command the store uses with the same signature, but is not
+    a `Redis` subclass; `is_cluster` tells them apart where it matters (the relay, the
+    consumer group's reads)."""
+    client: ClusterClient = ClusterClient.from_url(  # type: ignore[assignment]
+        url,
+        decode_responses=True,
+        client_name=name,
+        max_connections=size + 2,  # a command retried after MOVED may take a second one
+        socket_keepalive=True,
+        socket_timeout=socket_timeout_s,
+        health_check_interval=30,
+    )
+    client.bound(size)
+    return cast(Redis, client)
+
+
+def cluster_reader(url: str, *, name: str, block_ms: int, size: int) -> Redis:
+    """A cluster client for blocking reads: `size` of them may block at once."""
+    return cluster_client(url, size=size, name=name, socket_timeout_s=block_ms / 1000 + 10.0)
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def as_cluster(client: Redis) -> ClusterClient:
+    assert isinstance(client, ClusterClient)
+    return client
+
+
 async def warm(client: Redis, count: int) -> None:
-    """Open `count` pool connections now, so the number a process holds never depends on load."""
+    """Open `count` pool connections now, so the number a process holds never depends on load.
+    A cluster client learns the cluster's layout instead (its connections open on use)."""
+    if is_cluster(client):
+        await as_cluster(client).initialize()
+        return
     pool = client.connection_pool
     conns = [await pool.get_connection() for _ in range(count)]  # type: ignore[no-untyped-call]
     for conn in conns:
         await pool.release(conn)
+
+
+class _Backoff:
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + RETRY_WINDOW_S
+        self._delay_s = RETRY_FIRST_S
+
+    async def wait(self, error: Exception) -> None:
+        """Sleep before the next try; raise `error` once the window is over."""
+        loop = asyncio.get_running_loop()
+        if loop.time() + self._delay_s > self._deadline:
+            raise error
+        log.warning("redis cluster: %s; trying again in %.2fs", error, self._delay_s)
+        await asyncio.sleep(self._delay_s)
+        self._delay_s = min(self._delay_s * 2, RETRY_MAX_S)
+
+
+class ClusterClient(RedisCluster):
+    """RedisCluster, bounded and patient, whose scripts also work in its pipelines."""
+
+    _in_flight: asyncio.Semaphore
+
+    def bound(self, size: int) -> None:
+        self._in_flight = asyncio.Semaphore(size)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        backoff: _Backoff | None = None
+        while True:
+            try:
+                async with self._in_flight:
+                    return await super().execute_command(*args, **kwargs)
+            except _CLUSTER_RETRY as e:
+                if "target_nodes" in kwargs:  # aimed at one node: its caller decides
+                    raise
+                backoff = backoff or _Backoff()
+                await backoff.wait(e)
+                self._initialize = True  # learn the new layout before the next try
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if transaction or shard_hint:
+            return super().pipeline(transaction, shard_hint)
+        return _Pipeline(self)  # type: ignore[abstract]  # as RedisCluster.pipeline does
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """As Redis.aclose is called (the pool is always closed: it is the client's own)."""
+        await super().aclose()
+
+    def register_script(self, script: str | bytes) -> AsyncScript:  # type: ignore[override]
+        return _Script(self, script)
+
+    async def run_bounded(self, pipe: ClusterPipeline, raise_on_error: bool) -> list[Any]:
+        async with self._in_flight:
+            return await ClusterPipeline.execute(pipe, raise_on_error=raise_on_error)
+
+
+class _Pipeline(ClusterPipeline):
+    """Retries, with backoff, the commands that did not run or whose reply was lost (a node
+    failing over); those answered are never sent twice. One whose reply was lost with its
+    node may have run: docs/scaling.md says what that means for an answer."""
+
+    cluster_client: ClusterClient
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        queue: list[Any] = list(self._execution_strategy._command_queue)  # type: ignore[attr-defined]
+        client = self.cluster_client
+        backoff: _Backoff | None = None
+        pipe: ClusterPipeline = self
+        todo = sent = queue  # the original commands still to run; what `pipe` holds for them
+        while True:
+            error: Exception | None = None
+            try:
+                await client.run_bounded(pipe, raise_on_error=False)
+            except _CLUSTER_RETRY as e:  # a node could not be reached: its commands never ran
+                error = e
+            finally:
+                await pipe.reset()  # type: ignore[no-untyped-call]
+            for new, old in zip(sent, todo, strict=True):
+                old.result = new.result
+            failed = [c for c in todo if c.result is None or isinstance(c.result, _CLUSTER_RETRY)]
+            if not failed:
+                break
+            if error is None:
+                error = next(c.result for c in failed if isinstance(c.result, Exception))
+            backoff = backoff or _Backoff()
+            await backoff.wait(error)
+            client._initialize = True  # learn the new layout first
+            pipe = ClusterPipeline(client)  # type: ignore[abstract]
+            for cmd in failed:
+                cmd.result = None
+                pipe.execute_command(*cmd.args, **cmd.kwargs)
+            sent = list(pipe._execution_strategy._command_queue)  # type: ignore[attr-defined]
+            todo = failed
+        if raise_on_error:
+            for cmd in queue:
+                if isinstance(cmd.result, Exception):
+                    raise cmd.result
+        return [cmd.result for cmd in queue]
+
+
+class _Script(AsyncScript):
+    """EVALSHA as usual; EVAL in a cluster pipeline (no script cache handling there); EVAL
+    once more when a node lacks the script (a promoted replica, a restarted node)."""
+
+    async def __call__(
+        self,
+        keys: Sequence[Any] | None = None,
+        args: Iterable[Any] | None = None,
+        client: Any = None,
+    ) -> Any:
+        keys = list(keys or [])
+        argv = tuple(keys) + tuple(args or ())
+        target = client if client is not None else self.registered_client
+        if isinstance(target, ClusterPipeline):
+            return target.execute_command("EVAL", self.script, len(keys), *argv)
+        try:
+            return await target.evalsha(self.sha, len(keys), *argv)
+        except NoScriptError:
+            return await target.eval(str(self.script), len(keys), *argv)

@@ -1,10 +1,17 @@
 """The per-process multiplexed reader: one blocking XREAD over every watched answer.
 
-However many viewers a gateway has, it holds one reading connection. New
-answers join the read by waking the blocked XREAD (CLIENT UNBLOCK from the pool)
-so it re-arms with the new key set. Entries fan out in memory to bounded
-per-viewer buffers; a viewer that falls behind is not queued for without end:
-it is told it overflowed and catches up from the stream itself (XRANGE).
+However many viewers a gateway has, it holds one reading connection (in cluster mode,
+one per shard, see below). New answers join the read by waking the blocked XREAD
+(CLIENT UNBLOCK from the pool) so it re-arms with the new key set. Entries fan out in
+memory to bounded per-viewer buffers; a viewer that falls behind is not queued for
+without end: it is told it overflowed and catches up from the stream itself (XRANGE).
+
+Cluster mode: a command may only name keys of one hash slot, even on one node (CROSSSLOT),
+so one XREAD cannot cover answers of several slots. Answers live in their shard's slot
+(`keys.py`), and the relay runs one reader per shard it watches answers of, each on a
+connection of its own to the node serving that slot: at most TOKENRELAY_REQUEST_SHARDS
+reading connections, whatever the number of viewers. A reader told MOVED, or cut off
+(a failover), learns the cluster's new layout and reconnects to the slot's new node.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import RedisError, ResponseError, SlotNotCoveredError
 
 from tokenrelay import metrics
+from tokenrelay.connection import as_cluster, node_client
 from tokenrelay.store import XRANGE_PAGE, Store
 from tokenrelay.wire import Entry, entry_id_after
 
@@ -138,38 +147,28 @@ class Subscription:
         return entry
 
 
-class Relay:
-    def __init__(self, store: Store, reader: Redis, *, block_ms: int, buffer_limit: int) -> None:
-        self._store = store
-        self._reader = reader
-        self._block_ms = block_ms
-        self._buffer_limit = buffer_limit
-        self._read = _ReadSet()
-        self._subs: dict[str, set[Subscription]] = {}
-        self._version = 0  # bumps whenever a key joins the read
+class _Reader:
+    """One blocking XREAD, re-armed when keys join, over the watched answers of one shard
+    (single node: of every answer)."""
+
+    def __init__(self, relay: Relay, tag: str, client: Redis | None) -> None:
+        self._relay = relay
+        self.tag = tag
+        self._client = client  # single node: the caller's, never closed here
+        self._own_client: Redis | None = None  # cluster: opened here, to the slot's node
+        self._node: ClusterNode | None = None
+        self.read = _ReadSet()
+        self.version = 0  # bumps whenever a key joins the read
         self._armed_version = -1
-        self._has_keys = asyncio.Event()
+        self.has_keys = asyncio.Event()
         self._reader_id: int | None = None
         self._waking: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.rearms = 0
 
-    @property
-    def watched(self) -> int:
-        return len(self._read)
-
-    @property
-    def viewers(self) -> int:
-        return sum(len(s) for s in self._subs.values())
-
-    def lags(self) -> list[int]:
-        """Per live viewer, entries read but not yet taken (an overflowed one: the limit)."""
-        subs = [s for group in self._subs.values() for s in group]
-        return [self._buffer_limit if s.overflowed else len(s.buffer) for s in subs]
-
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="tokenrelay-relay")
+            self._task = asyncio.create_task(self._run(), name=f"tokenrelay-relay{self.tag}")
 
     async def stop(self) -> None:
         tasks = [t for t in (self._task, self._waking) if t is not None]
@@ -177,6 +176,192 @@ class Relay:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._disconnect()
+
+    def add(self, key: str, cursor: str) -> None:
+        self.read.set(key, cursor)
+        self.version += 1
+        self.has_keys.set()
+        self.wake()
+
+    def wake(self) -> None:
+        if self._waking is None or self._waking.done():
+            self._waking = asyncio.create_task(self._unblock_reader(), name="tokenrelay-wake")
+
+    async def _unblock_reader(self) -> None:
+        """CLIENT UNBLOCK until the read has re-armed with the current key set."""
+        store = self._relay.store
+        while self._armed_version < self.version and self._task is not None:
+            reader_id = self._reader_id
+            unblocked = 0
+            if reader_id is not None:
+                try:
+                    if self._node is not None:  # the node the read blocks on
+                        unblocked = await store.redis.execute_command(  # type: ignore[no-untyped-call]
+                            "CLIENT UNBLOCK", reader_id, target_nodes=self._node
+                        )
+                    else:
+                        unblocked = await store.redis.client_unblock(reader_id)
+                except RedisError:
+                    unblocked = 0
+            # Unblocked: give it a moment to re-arm. Not blocked yet (between reads): it may
+            # still be sending the old key set, so try again shortly.
+            await asyncio.sleep(0.0005 if unblocked else 0.001)
+
+    async def _connection(self, key: str) -> Redis:
+        if self._client is not None:
+            return self._client
+        if self._own_client is None:
+            cluster = as_cluster(self._relay.store.redis)
+            node = cluster.get_node_from_key(key)
+            if node is None:
+                raise SlotNotCoveredError(f"no node serves {key}'s slot yet")
+            self._node = node
+            self._own_client = node_client(
+                node, name="tokenrelay-gateway-read", block_ms=self._relay.block_ms
+            )
+        return self._own_client
+
+    async def _disconnect(self) -> None:
+        client, self._own_client = self._own_client, None
+        self._node = None
+        if client is not None:
+            await client.aclose()
+
+    async def _relocate(self, error: Exception) -> None:
+        """Cluster: the slot moved, or its node went away; learn the layout anew."""
+        if self._client is not None:
+            return
+        await self._disconnect()
+        cluster = as_cluster(self._relay.store.redis)
+        try:
+            await cluster.nodes_manager.initialize()
+        except RedisError as e:
+            log.warning("relay: cannot refresh the cluster's layout (%s)", e)
+        log.warning("relay: reader for shard %s reconnects (%s)", self.tag, error)
+
+    async def _run(self) -> None:
+        backoff_s = 0.05
+        loop = asyncio.get_running_loop()
+        armed_at = 0.0
+        while True:
+            if not self.read:
+                self.has_keys.clear()
+                await self.has_keys.wait()
+                continue
+            try:
+                reader = await self._connection(next(iter(self.read.cursors)))
+                if self._reader_id is None:
+                    self._reader_id = int(await reader.client_id())
+                pause_s = armed_at + len(self.read) * REARM_PER_KEY_S - loop.time()
+                if pause_s > 0:
+                    await asyncio.sleep(pause_s)
+                armed_at = loop.time()
+                self._armed_version = self.version
+                streams = dict(self.read.cursors)
+                if not streams:  # the last viewer left while we asked for our client id
+                    continue
+                self.rearms += 1
+                reply = await self._xread(
+                    reader, self.read.command(XREAD_COUNT, self._relay.block_ms)
+                )
+            except (RedisError, OSError) as e:
+                self._reader_id = None
+                log.warning("relay: Redis read failed (%s); retrying in %.2fs", e, backoff_s)
+                await self._relocate(e)  # cluster: MOVED, or the node went away
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+                continue
+            backoff_s = 0.05
+            for key, raw in reply.items() if isinstance(reply, dict) else reply or ():
+                # A key dropped and re-added meanwhile has a new cursor: the next read serves it.
+                if not raw or self.read.cursors.get(key) != streams[key]:
+                    continue
+                entries = [Entry.from_flat(entry_id, flat) for entry_id, flat in raw]
+                self.read.set(key, entries[-1].entry_id)
+                self._relay.deliver(key, entries)
+
+    @staticmethod
+    async def _xread(reader: Redis, command: bytes) -> Any:
+        """Send a packed XREAD on the reader's own connection; the raw reply (RESP2: a list
+        of [key, [[id, [field, value, ...]], ...]]; RESP3: the same as a map)."""
+        if reader.connection is None:
+            await reader.initialize()
+        conn = reader.connection
+        assert conn is not None  # a single-connection client has one once initialised
+        try:
+            await conn.send_packed_command(command, check_health=False)
+            response = await conn.read_response()  # within the client's socket timeout
+        except BaseException:
+            await conn.disconnect()  # a half-read reply must not be taken for the next one
+            raise
+        if isinstance(response, ResponseError):  # the parser hands error replies back
+            raise response
+        return response
+
+
+class Relay:
+    def __init__(
+        self, store: Store, reader: Redis | None, *, block_ms: int, buffer_limit: int
+    ) -> None:
+        """`reader`: the dedicated connection the one XREAD blocks on; None with a cluster
+        client, whose readers open their own (one per shard)."""
+        self.store = store
+        self.block_ms = block_ms
+        self._buffer_limit = buffer_limit
+        self._single = _Reader(self, "", reader) if reader is not None else None
+        self._readers: dict[str, _Reader] = {}
+        self._subs: dict[str, set[Subscription]] = {}
+        self._started = False
+
+    @property
+    def watched(self) -> int:
+        return sum(len(r.read) for r in self._all_readers())
+
+    @property
+    def viewers(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    @property
+    def rearms(self) -> int:
+        return sum(r.rearms for r in self._all_readers())
+
+    @property
+    def readers(self) -> int:
+        """Reading connections this relay holds (or will, once its reads arm)."""
+        return len(self._readers) if self._single is None else 1
+
+    def lags(self) -> list[int]:
+        """Per live viewer, entries read but not yet taken (an overflowed one: the limit)."""
+        subs = [s for group in self._subs.values() for s in group]
+        return [self._buffer_limit if s.overflowed else len(s.buffer) for s in subs]
+
+    def _all_readers(self) -> list[_Reader]:
+        return [self._single] if self._single is not None else list(self._readers.values())
+
+    def start(self) -> None:
+        self._started = True
+        for reader in self._all_readers():
+            reader.start()
+
+    async def stop(self) -> None:
+        self._started = False
+        await asyncio.gather(*(r.stop() for r in self._all_readers()))
+
+    def _reader_for(self, key: str) -> _Reader:
+        if self._single is not None:
+            return self._single
+        tag = self.store.keys.slot_tag(key)
+        reader = self._readers.get(tag)
+        if reader is None:
+            reader = self._readers[tag] = _Reader(self, tag, None)
+            if self._started:
+                reader.start()
+        return reader
+
+    def deliver(self, key: str, entries: list[Entry]) -> None:
+        for sub in self._subs.get(key, ()):
+            sub.push(entries)
 
     # -- viewers ------------------------------------------------------------
 
@@ -188,13 +373,11 @@ class Relay:
         """
         sub = Subscription(key, self._buffer_limit)
         self._subs.setdefault(key, set()).add(sub)
-        cursor = self._read.cursors.get(key)
+        reader = self._reader_for(key)
+        cursor = reader.read.cursors.get(key)
         if cursor is None:
             cursor = after
-            self._read.set(key, after)
-            self._version += 1
-            self._has_keys.set()
-            self._wake()
+            reader.add(key, after)
         return sub, cursor
 
     def _unsubscribe(self, sub: Subscription) -> None:
@@ -204,7 +387,7 @@ class Relay:
         subs.discard(sub)
         if not subs:
             del self._subs[sub.key]
-            self._read.remove(sub.key)  # the read drops it at its next re-arm
+            self._reader_for(sub.key).read.remove(sub.key)  # dropped at its next re-arm
 
     async def follow(self, question_id: str, after: str = "0-0") -> AsyncIterator[Entry]:
         """Every entry after `after`, in order, once each, until a terminal entry.
@@ -213,7 +396,7 @@ class Relay:
         entry not after the last one delivered is dropped, so there is no gap at
         the hand-over and no duplicate.
         """
-        store = self._store
+        store = self.store
         key = store.keys.answer(question_id)
         last = after
         size = _PageSize()
@@ -264,75 +447,3 @@ class Relay:
                             return
             finally:
                 self._unsubscribe(sub)
-
-    # -- the shared read ------------------------------------------------------
-
-    def _wake(self) -> None:
-        if self._waking is None or self._waking.done():
-            self._waking = asyncio.create_task(self._unblock_reader(), name="tokenrelay-wake")
-
-    async def _unblock_reader(self) -> None:
-        """CLIENT UNBLOCK until the read has re-armed with the current key set."""
-        while self._armed_version < self._version and self._task is not None:
-            reader_id = self._reader_id
-            unblocked = 0
-            if reader_id is not None:
-                try:
-                    unblocked = await self._store.redis.client_unblock(reader_id)
-                except RedisError:
-                    unblocked = 0
-            # Unblocked: give it a moment to re-arm. Not blocked yet (between reads): it may
-            # still be sending the old key set, so try again shortly.
-            await asyncio.sleep(0.0005 if unblocked else 0.001)
-
-    async def _run(self) -> None:
-        backoff_s = 0.05
-        loop = asyncio.get_running_loop()
-        armed_at = 0.0
-        while True:
-            if not self._read:
-                self._has_keys.clear()
-                await self._has_keys.wait()
-                continue
-            try:
-                if self._reader_id is None:
-                    self._reader_id = int(await self._reader.client_id())
-                pause_s = armed_at + len(self._read) * REARM_PER_KEY_S - loop.time()
-                if pause_s > 0:
-                    await asyncio.sleep(pause_s)
-                armed_at = loop.time()
-                self._armed_version = self._version
-                streams = dict(self._read.cursors)
-                if not streams:  # the last viewer left while we asked for our client id
-                    continue
-                self.rearms += 1
-                reply = await self._xread(self._read.command(XREAD_COUNT, self._block_ms))
-            except (RedisError, OSError) as e:
-                self._reader_id = None
-                log.warning("relay: Redis read failed (%s); retrying in %.2fs", e, backoff_s)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 2.0)
-                continue
-            backoff_s = 0.05
-            for key, raw in reply.items() if isinstance(reply, dict) else reply or ():
-                # A key dropped and re-added meanwhile has a new cursor: the next read serves it.
-                if not raw or self._read.cursors.get(key) != streams[key]:
-                    continue
-                entries = [Entry.from_flat(entry_id, flat) for entry_id, flat in raw]
-                self._read.set(key, entries[-1].entry_id)
-                for sub in self._subs.get(key, ()):
-                    sub.push(entries)
-
-    async def _xread(self, command: bytes) -> Any:
-        """Send a packed XREAD on the reader's own connection; the raw reply (RESP2: a list
-        of [key, [[id, [field, value, ...]], ...]]; RESP3: the same as a map)."""
-        if self._reader.connection is None:
-            await self._reader.initialize()
-        conn = self._reader.connection
-        assert conn is not None  # a single-connection client has one once initialised
-        try:
-            await conn.send_packed_command(command, check_health=False)
-            return await conn.read_response()  # within the client's socket timeout
-        except BaseException:
-            await conn.disconnect()  # a half-read reply must not be taken for the next one
-            raise

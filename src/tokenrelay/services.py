@@ -10,8 +10,15 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from tokenrelay.connection import dedicated_client, pooled_client, warm
+from tokenrelay.connection import (
+    cluster_client,
+    cluster_reader,
+    dedicated_client,
+    pooled_client,
+    warm,
+)
 from tokenrelay.embedded import EmbeddedValkey
+from tokenrelay.errors import ConfigError
 from tokenrelay.keys import Keys
 from tokenrelay.providers.base import Provider
 from tokenrelay.providers.guard import Timeouts
@@ -40,12 +47,33 @@ async def redis_url_for(settings: Settings) -> AsyncIterator[str]:
     if settings.redis_url:
         yield settings.redis_url
         return
+    if settings.redis_cluster:
+        raise ConfigError("TOKENRELAY_REDIS_CLUSTER needs REDIS_URL: one node of the cluster")
     embedded = EmbeddedValkey(settings.data_dir, maxmemory=settings.embedded_maxmemory)
     url = await asyncio.to_thread(embedded.start)
     try:
         yield url
     finally:
         await asyncio.to_thread(embedded.stop)
+
+
+def redis_client(settings: Settings, url: str, *, size: int, name: str) -> Redis:
+    """The process's pooled client: single node, or a cluster's (TOKENRELAY_REDIS_CLUSTER)."""
+    if settings.redis_cluster:
+        return cluster_client(url, size=size, name=name)
+    return pooled_client(url, size=size, name=name)
+
+
+def reader_client(settings: Settings, url: str, *, name: str) -> Redis:
+    """A worker's connection(s) for blocking reads: one, or in a cluster one per shard."""
+    if settings.redis_cluster:
+        shards = settings.request_shard_count
+        return cluster_reader(url, name=name, block_ms=settings.block_ms, size=shards)
+    return dedicated_client(url, name=name, block_ms=settings.block_ms)
+
+
+def make_keys(settings: Settings) -> Keys:
+    return Keys(settings.key_prefix, settings.request_shard_count, settings.redis_cluster)
 
 
 def make_store(settings: Settings, redis: Redis) -> Store:
@@ -56,7 +84,7 @@ def make_store(settings: Settings, redis: Redis) -> Store:
         settings.max_queued,
         settings.max_queued_per_caller,
     )
-    return Store(redis, Keys(settings.key_prefix), limits)
+    return Store(redis, make_keys(settings), limits)
 
 
 def make_worker(
@@ -70,7 +98,7 @@ def make_worker(
 ) -> Worker:
     return Worker(
         store,
-        dedicated_client(redis_url, name="tokenrelay-worker-read", block_ms=settings.block_ms),
+        reader_client(settings, redis_url, name="tokenrelay-worker-read"),
         provider,
         concurrency=settings.worker_concurrency,
         block_ms=settings.block_ms,
@@ -97,17 +125,21 @@ async def open_services(
         provider = build_provider(settings) if workers else None
         url = await stack.enter_async_context(redis_url_for(settings))
         role = "gateway" if gateway else "worker"
-        redis = pooled_client(url, size=settings.redis_pool_size, name=f"tokenrelay-{role}")
+        redis = redis_client(
+            settings, url, size=settings.redis_pool_size, name=f"tokenrelay-{role}"
+        )
         stack.push_async_callback(redis.aclose, close_connection_pool=True)
         await warm(redis, settings.redis_pool_size)
         store = make_store(settings, redis)
         await store.ensure_group()
         services = Services(settings, url, store, provider=provider)
         if gateway:
-            reader = dedicated_client(
-                url, name="tokenrelay-gateway-read", block_ms=settings.block_ms
-            )
-            stack.push_async_callback(reader.aclose)
+            reader: Redis | None = None  # a cluster's relay opens one per shard itself
+            if not settings.redis_cluster:
+                reader = dedicated_client(
+                    url, name="tokenrelay-gateway-read", block_ms=settings.block_ms
+                )
+                stack.push_async_callback(reader.aclose)
             relay = Relay(
                 store, reader, block_ms=settings.block_ms, buffer_limit=settings.viewer_buffer
             )

@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tokenrelay.errors import ConfigError
 
+# A few per master of a 3-to-5-master cluster; each gateway and worker holds at most one
+# reading connection per shard.
+CLUSTER_SHARDS = 16
+
 ProviderName = Literal["auto", "openai", "local", "langchain", "scripted"]
 
 
@@ -131,6 +135,16 @@ class Settings(BaseSettings):
         description="memory cap of the embedded Valkey (no eviction: asks are refused when full)",
     )
     redis_pool_size: int = Field(default=8, ge=2, le=512)
+    redis_cluster: bool = Field(
+        default=False, description="REDIS_URL names one node of a Redis/Valkey Cluster"
+    )
+    request_shards: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="request streams (and, in cluster mode, hash slots answers are spread "
+        "over); unset: 1, or 16 with TOKENRELAY_REDIS_CLUSTER",
+    )
     viewer_buffer: int = Field(default=1_000, ge=10)
 
     log_json: bool = Field(default=False, description="one JSON object per log line")
@@ -190,6 +204,13 @@ class Settings(BaseSettings):
         if self.worker_processes == "auto":
             return max(len(os.sched_getaffinity(0)), 1)
         return self.worker_processes
+
+    @property
+    def request_shard_count(self) -> int:
+        """`request_shards` resolved: one stream on one node, 16 over a cluster."""
+        if self.request_shards is not None:
+            return self.request_shards
+        return CLUSTER_SHARDS if self.redis_cluster else 1
 
     @field_validator("key_prefix")
     @classmethod

@@ -28,9 +28,8 @@ from collections.abc import Sequence
 from redis.exceptions import RedisError
 
 from tokenrelay.children import Child, Status
-from tokenrelay.connection import pooled_client
 from tokenrelay.embedded import EmbeddedValkey
-from tokenrelay.services import make_store
+from tokenrelay.services import make_store, redis_client
 from tokenrelay.settings import Settings
 from tokenrelay.store import Store
 
@@ -74,7 +73,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self._stop.set)
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         redis_url = await self._redis_url()
-        redis = pooled_client(redis_url, size=2, name="tokenrelay-supervisor")
+        redis = redis_client(self.settings, redis_url, size=2, name="tokenrelay-supervisor")
         try:
             self._store = make_store(self.settings, redis)
             await self._store.ensure_group()

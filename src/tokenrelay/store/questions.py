@@ -7,8 +7,9 @@ from typing import Any
 from redis.exceptions import OutOfMemoryError, ResponseError
 
 from tokenrelay.errors import CallerFull, NotFound, Overloaded, StoreError
-from tokenrelay.keys import new_question_id
 from tokenrelay.store.base import StoreBase, now_ms
+from tokenrelay.store.group import request_id as make_request_id
+from tokenrelay.store.group import split_request_id
 from tokenrelay.wire import QuestionRecord, QuestionRequest, RecordField, Status
 
 # A caller's question that is still unfinished this long after it was asked no longer
@@ -44,7 +45,7 @@ class Questions(StoreBase):
         """Queue a question. `owner`, when set, names who may watch and cancel it; `caller`
         (default: the owner) is who the per-caller cap counts it for. Refused with
         Overloaded, never dropped later, when the backlog or the caller is full."""
-        question_id = new_question_id()
+        question_id = self.keys.new_question_id()
         created = now_ms()
         caller = caller or owner
         await self._reserve_for(caller, question_id, created)
@@ -106,19 +107,24 @@ class Questions(StoreBase):
             await pipe.execute()
 
     async def _enqueue(self, request: QuestionRequest) -> str:
-        """Append the request unless the stream is full (checked and added atomically; the
-        stream is never trimmed: a request leaves it when its answer ends)."""
-        args: list[int | str] = [self.limits.max_queued]
+        """Append the request to its shard unless that is full (checked and added atomically;
+        the stream is never trimmed: a request leaves it when its answer ends). Each of the
+        n shards holds at most 1/n of TOKENRELAY_MAX_QUEUED (rounded up): the check stays
+        one script on one key, and ids spread questions evenly over the shards."""
+        shards = self.keys.shards
+        shard = self.keys.shard_of(request.id)
+        args: list[int | str] = [-(-self.limits.max_queued // shards)]
         for name, value in request.fields().items():
             args += [name, value]
-        request_id = await self._enqueue_script(keys=[self.keys.requests], args=args)
-        if not request_id:
+        stream = self.keys.request_shard(shard)
+        entry_id = await self._enqueue_script(keys=[stream], args=args)
+        if not entry_id:
             raise Overloaded(
                 f"tokenrelay is full: {self.limits.max_queued} questions are queued or being "
                 f"answered; try again in {FULL_RETRY_AFTER_S:g} s",
                 FULL_RETRY_AFTER_S,
             )
-        request_id = str(request_id)
+        request_id = make_request_id(shard, str(entry_id), shards)
         await self.redis.hset(self.keys.question(request.id), RecordField.REQUEST_ID, request_id)
         return request_id
 
@@ -207,6 +213,7 @@ class Questions(StoreBase):
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
             for record in queued:
-                pipe.xrange(self.keys.requests, record.request_id, record.request_id, count=1)
+                shard, entry_id = split_request_id(record.request_id)
+                pipe.xrange(self.keys.request_shard(shard), entry_id, entry_id, count=1)
             found: list[Any] = await pipe.execute()
         return [record for record, rows in zip(queued, found, strict=True) if not rows]

@@ -71,6 +71,7 @@ class Worker:
         self._on_wedged = on_wedged
         self._inflight: dict[str, asyncio.Task[Any]] = {}  # request entry id -> task
         self._slot_free = asyncio.Event()
+        self._reserved = 0  # slots the blocked reads may fill
         self._reclaim_now = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -89,8 +90,15 @@ class Worker:
         await self.store.ensure_group()
         self._writer.start()
         metrics.SLOTS.inc(self._concurrency)
+        sets = self.store.group.read_sets()
+        # One blocking read per set of shards (in a cluster, per shard); each takes at most
+        # its share of the free slots, so every shard keeps a read armed while slots are free.
+        most = max(1, self._concurrency // len(sets))
         self._loops = [
-            asyncio.create_task(self._read_loop(), name=f"{self.name}-read"),
+            *(
+                asyncio.create_task(self._read_loop(shards, most), name=f"{self.name}-read")
+                for shards in sets
+            ),
             asyncio.create_task(self._reclaim_loop(), name=f"{self.name}-reclaim"),
             asyncio.create_task(self._wedge_loop(), name=f"{self.name}-wedge"),
         ]
@@ -156,16 +164,22 @@ class Worker:
 
     # -- taking work --------------------------------------------------------
 
-    async def _read_loop(self) -> None:
+    async def _take_slots(self, most: int) -> int:
+        """Reserve up to `most` free slots for one read (at least one: waits for it)."""
+        while self.free - self._reserved <= 0:
+            self._slot_free.clear()
+            await self._slot_free.wait()
+        count = min(most, self.free - self._reserved)
+        self._reserved += count
+        return count
+
+    async def _read_loop(self, shards: list[int], most: int) -> None:
         backoff_s = 0.1
         while True:
-            if self.free <= 0:
-                self._slot_free.clear()
-                await self._slot_free.wait()
-                continue
+            count = await self._take_slots(most)
             try:
                 requests = await self.store.group.read_new(
-                    self._reader, self.name, self.free, self._block_ms
+                    self._reader, self.name, count, self._block_ms, shards
                 )
             except (RedisError, OSError) as e:
                 what = "refused" if isinstance(e, ResponseError) else "unavailable"
@@ -176,12 +190,18 @@ class Worker:
                     e,
                     backoff_s,
                 )
+                self._unreserve(count)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
+            self._unreserve(count)
             backoff_s = 0.1
             for entry_id, fields in requests:
                 self._spawn(entry_id, fields, resumed=False)
+
+    def _unreserve(self, count: int) -> None:
+        self._reserved -= count
+        self._slot_free.set()
 
     def _spawn(self, entry_id: str, fields: dict[str, str], *, resumed: bool) -> None:
         request = QuestionRequest.from_fields(fields)
