@@ -1,0 +1,317 @@
+"""The relay against a real Valkey: bounded buffers that overflow to XRANGE, the hand-over
+from history to live entries, many answers over one reading connection."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import pytest
+from redis.asyncio import Redis
+
+from tokenrelay.connection import dedicated_client, pooled_client
+from tokenrelay.relay import BUFFER_BYTES, Relay, Subscription
+from tokenrelay.services import make_store
+from tokenrelay.settings import Settings
+from tokenrelay.store import Store
+from tokenrelay.wire import Entry, EntryType
+
+TIMEOUT_S = 60
+T = TypeVar("T")
+
+
+class Harness:
+    """A started relay on its own reading connection, the store it reads through (a bounded
+    pool, as in the gateway), and the tasks a test starts: cancelled when it ends, passed or
+    not."""
+
+    def __init__(self, relay: Relay, store: Store, reader_name: str) -> None:
+        self.relay = relay
+        self.store = store
+        self.reader_name = reader_name
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.create_task(coro)
+        self.tasks.append(task)
+        return task
+
+
+@asynccontextmanager
+async def running_relay(settings: Settings, *, buffer_limit: int = 1000) -> AsyncIterator[Harness]:
+    assert settings.redis_url is not None
+    name = f"relay-test-{settings.key_prefix.rstrip(':')}"
+    pool = pooled_client(settings.redis_url, size=8, name=f"{name}-pool")
+    reader = dedicated_client(settings.redis_url, name=name, block_ms=settings.block_ms)
+    store = make_store(settings, pool)
+    relay = Relay(store, reader, block_ms=settings.block_ms, buffer_limit=buffer_limit)
+    relay.start()
+    harness = Harness(relay, store, name)
+    try:
+        yield harness
+    finally:
+        for task in harness.tasks:
+            task.cancel()
+        await asyncio.gather(*harness.tasks, return_exceptions=True)
+        await relay.stop()
+        await reader.aclose()
+        await pool.aclose(close_connection_pool=True)
+
+
+async def collect(relay: Relay, qid: str, after: str = "0-0") -> list[Entry]:
+    return [entry async for entry in relay.follow(qid, after)]
+
+
+async def produce(store: Store, qid: str, n: int, *, every_s: float = 0.0) -> list[str]:
+    """start, `n` chunks, end; returns their entry ids."""
+    ids = [await store.append(qid, Entry(EntryType.START))]
+    for i in range(n):
+        ids.append(await store.append(qid, Entry(EntryType.CHUNK, f"{qid}/{i} ")))
+        if every_s:
+            await asyncio.sleep(every_s)
+    ids.append(await store.append(qid, Entry(EntryType.END)))
+    return ids
+
+
+async def reader_connections(redis: Redis, name: str) -> int:
+    clients: Any = await redis.client_list()
+    return sum(1 for c in clients if c.get("name") == name)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+def ids_of(entries: list[Entry]) -> list[str]:
+    return [e.entry_id for e in entries]
+
+
+# -- the bounded buffer ------------------------------------------------------------------
+
+
+def test_subscription_overflows_on_count_and_drops_what_it_held() -> None:
+    sub = Subscription("k", limit=3)
+    sub.push([Entry(EntryType.CHUNK, "a", entry_id="1-0")])
+    sub.push([Entry(EntryType.CHUNK, "b", entry_id="2-0")])
+    assert [e.text for e in sub.buffer] == ["a", "b"] and not sub.overflowed
+    sub.push([Entry(EntryType.CHUNK, c, entry_id=f"{n}-0") for n, c in enumerate("cd", 3)])
+    assert sub.overflowed and not sub.buffer and sub.ready.is_set()
+    sub.push([Entry(EntryType.CHUNK, "e", entry_id="5-0")])
+    assert not sub.buffer, "an overflowed viewer reads from Redis, not from the buffer"
+
+
+def test_subscription_overflows_on_bytes() -> None:
+    sub = Subscription("k", limit=1000)
+    sub.push([Entry(EntryType.CHUNK, "x" * (BUFFER_BYTES // 2), entry_id="1-0")])
+    assert not sub.overflowed
+    taken = sub.take()
+    assert taken.entry_id == "1-0"
+    # What was taken no longer counts: another half fits, then a third half does not.
+    sub.push([Entry(EntryType.CHUNK, "y" * (BUFFER_BYTES // 2), entry_id="2-0")])
+    assert not sub.overflowed
+    sub.push([Entry(EntryType.CHUNK, "z" * (BUFFER_BYTES // 2), entry_id="3-0")])
+    assert sub.overflowed and not sub.buffer
+
+
+async def test_a_viewer_whose_buffer_fills_catches_up_from_redis(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    limit = 10
+    async with running_relay(make_settings(), buffer_limit=limit) as h:
+        relay, store = h.relay, h.store
+        qid = "overflow"
+        resume = asyncio.Event()
+        slow: list[Entry] = []
+
+        async def slow_viewer() -> None:
+            async for entry in relay.follow(qid):
+                slow.append(entry)
+                if len(slow) == 1:
+                    await resume.wait()  # stops reading with its subscription live
+
+        slow_task = h.spawn(slow_viewer())
+        fast_task = h.spawn(collect(relay, qid))
+        await wait_until(lambda: relay.viewers == 2)  # both live, the stream still empty
+        first = await store.append(qid, Entry(EntryType.START))
+        await wait_until(lambda: len(slow) == 1)
+        ids = [first]
+        for start in range(0, 300, 30):
+            batch = [
+                (qid, Entry(EntryType.CHUNK, f"{i} "), False) for i in range(start, start + 30)
+            ]
+            ids += [str(entry_id) for entry_id, _ in await store.append_batch(batch)]
+            await asyncio.sleep(0.005)  # several pushes, not one
+        ids.append(await store.append(qid, Entry(EntryType.END)))
+
+        async with asyncio.timeout(TIMEOUT_S):
+            fast = await fast_task  # a stalled viewer never holds up another
+            # Bounded: the stalled viewer holds at most `limit` entries, not 300.
+            await wait_until(lambda: relay.lags() == [limit])
+            resume.set()
+            await slow_task
+    assert ids_of(fast) == ids
+    assert ids_of(slow) == ids, "the overflowed viewer lost or repeated entries"
+    assert [e.text for e in slow[1:-1]] == [f"{i} " for i in range(300)]
+    assert relay.viewers == 0 and relay.watched == 0
+
+
+async def test_overflow_under_a_steady_producer(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """Viewers that keep pausing while entries arrive: each overflows, catches up, goes
+    live again, many times over; every one still sees each entry once, in order."""
+    async with running_relay(make_settings(), buffer_limit=10) as h:
+        relay, store = h.relay, h.store
+        qid = "steady"
+
+        async def pausing_viewer(pause_every: int) -> list[Entry]:
+            got: list[Entry] = []
+            async for entry in relay.follow(qid):
+                got.append(entry)
+                if len(got) % pause_every == 0:
+                    await asyncio.sleep(0.03)
+            return got
+
+        viewers = [h.spawn(pausing_viewer(n)) for n in (7, 13, 40, 10_000)]
+        await wait_until(lambda: relay.viewers == len(viewers))
+        async with asyncio.timeout(TIMEOUT_S):
+            ids = await produce(store, qid, 400, every_s=0.001)
+            results = await asyncio.gather(*viewers)
+    for got in results:
+        assert ids_of(got) == ids
+
+
+# -- the hand-over from history to live entries --------------------------------------------
+
+
+async def test_attach_after_a_cursor_mid_answer(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        qid = "midway"
+        written = [await store.append(qid, Entry(EntryType.START))]
+        written += [await store.append(qid, Entry(EntryType.CHUNK, f"{i}")) for i in range(20)]
+        resident = h.spawn(collect(relay, qid))  # keeps the key in the shared read
+        await wait_until(lambda: relay.watched == 1)
+        late = h.spawn(collect(relay, qid, written[5]))
+        more = [await store.append(qid, Entry(EntryType.CHUNK, f"more{i}")) for i in range(10)]
+        end = await store.append(qid, Entry(EntryType.END))
+        async with asyncio.timeout(TIMEOUT_S):
+            got = await late
+            everything = await resident
+    assert ids_of(got) == [*written[6:], *more, end]
+    assert ids_of(everything) == [*written, *more, end]
+
+
+async def test_attaches_racing_a_producer_have_no_gap_and_no_duplicate(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """Viewers attach at random moments and cursors while entries arrive and the shared
+    read is already past them: history and live entries meet without a gap or a repeat."""
+    rng = random.Random(11)
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        qid = "race"
+        resident = h.spawn(collect(relay, qid))
+        await wait_until(lambda: relay.watched == 1)
+        producing = h.spawn(produce(store, qid, 300, every_s=0.002))
+        late: list[tuple[str, asyncio.Task[list[Entry]]]] = []
+        while not producing.done():
+            await asyncio.sleep(rng.uniform(0, 0.02))
+            raw: Any = await store.redis.xrange(store.keys.answer(qid))
+            cursor = rng.choice([entry_id for entry_id, _ in raw]) if raw else "0-0"
+            if rng.random() < 0.2:
+                cursor = "0-0"
+            late.append((cursor, h.spawn(collect(relay, qid, cursor))))
+        async with asyncio.timeout(TIMEOUT_S):
+            ids = await producing
+            everything = await resident
+            results = [(cursor, await task) for cursor, task in late]
+    assert ids_of(everything) == ids
+    assert len(results) >= 10
+    for cursor, got in results:
+        expected = ids if cursor == "0-0" else ids[ids.index(cursor) + 1 :]
+        assert ids_of(got) == expected, f"attached after {cursor}"
+
+
+async def test_replay_of_a_finished_answer(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        ids = await produce(store, "done", 1200)  # more than one catch-up page
+        async with asyncio.timeout(TIMEOUT_S):
+            assert ids_of(await collect(relay, "done")) == ids
+            assert ids_of(await collect(relay, "done", ids[700])) == ids[701:]
+        # Served from history alone: the shared read never took the key.
+        assert relay.watched == 0 and relay.rearms == 0
+
+
+# -- one reader for many answers -------------------------------------------------------------
+
+
+async def test_many_answers_over_one_reading_connection(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    answers = [f"a{n}" for n in range(60)]
+    async with running_relay(make_settings()) as h:
+        relay, store, name = h.relay, h.store, h.reader_name
+        viewers = {qid: [h.spawn(collect(relay, qid)) for _ in range(2)] for qid in answers}
+        await wait_until(lambda: (relay.watched, relay.viewers) == (len(answers), 2 * len(answers)))
+        async with asyncio.timeout(TIMEOUT_S):
+            produced = await asyncio.gather(
+                *(produce(store, qid, 25, every_s=0.002) for qid in answers)
+            )
+            assert await reader_connections(redis, name) == 1
+            for qid, ids in zip(answers, produced, strict=True):
+                for task in viewers[qid]:
+                    got = await task
+                    assert ids_of(got) == ids
+                    assert all(e.text.startswith(f"{qid}/") for e in got if e.text)
+        assert relay.watched == 0 and relay.viewers == 0
+        assert await reader_connections(redis, name) == 1
+
+
+async def test_the_reader_reconnects_after_its_connection_is_killed(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    async with running_relay(make_settings()) as h:
+        relay, store, name = h.relay, h.store, h.reader_name
+        qid = "killed"
+        viewer = h.spawn(collect(relay, qid))
+        await wait_until(lambda: relay.watched == 1)
+        producing = h.spawn(produce(store, qid, 200, every_s=0.002))
+        await asyncio.sleep(0.1)
+        clients: Any = await redis.client_list()
+        (reader_id,) = [c["id"] for c in clients if c.get("name") == name]
+        assert await redis.client_kill_filter(_id=reader_id) == 1
+        async with asyncio.timeout(TIMEOUT_S):
+            ids = await producing
+            got = await viewer
+    assert ids_of(got) == ids
+
+
+@pytest.mark.parametrize("viewers", [1, 5])
+async def test_a_viewer_that_leaves_drops_the_key_from_the_read(
+    make_settings: Callable[..., Settings], redis: Redis, viewers: int
+) -> None:
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        waiting = [h.spawn(collect(relay, "left")) for _ in range(viewers)]
+        await wait_until(lambda: relay.viewers == viewers and relay.watched == 1)
+        for task in waiting:
+            task.cancel()  # as a disconnect cancels its watch
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert relay.viewers == 0 and relay.watched == 0
+        # The relay goes on serving others.
+        other = h.spawn(collect(relay, "other"))
+        await wait_until(lambda: relay.watched == 1)
+        async with asyncio.timeout(TIMEOUT_S):
+            ids = await produce(store, "other", 3)
+            assert ids_of(await other) == ids
