@@ -366,7 +366,13 @@ async def test_lone_surrogates_non_ascii_digits_overflows_and_deep_json(gw: Proc
 async def test_socket_watch_cap_is_checked_before_asking(tmp_path: Path, redis_url: str) -> None:
     # Answers slow enough that every watch is still open when the cap is tested.
     async with (
-        serve(tmp_path, redis_url, TOKENRELAY_SCRIPTED_RATE="0.2") as gw,
+        # The per-caller cap (100 by default) would refuse the last streamed ask: not tested here.
+        serve(
+            tmp_path,
+            redis_url,
+            TOKENRELAY_SCRIPTED_RATE="0.2",
+            TOKENRELAY_MAX_QUEUED_PER_CALLER="1000",
+        ) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=30) as http,
     ):
         client = socketio.AsyncClient(reconnection=False)

@@ -36,6 +36,14 @@ class CallerFull(Overloaded):
     """This caller has as many unfinished questions as one caller may."""
 
 
+class Conflict(TokenRelayError, ValueError):
+    """The request contradicts an earlier one (an Idempotency-Key reused for another body)."""
+
+
+class AnswerTimeout(TokenRelayError, TimeoutError):
+    """A whole answer did not finish in time; it goes on, and can be watched."""
+
+
 class Fenced(TokenRelayError, RuntimeError):
     """This worker's delivery of a request is no longer current: another worker has taken
     over the answer, so this one must not write to it."""

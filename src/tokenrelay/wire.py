@@ -172,6 +172,7 @@ class QuestionRecord:
     cancel_requested: bool = False
     caller: str = ""
     request_id: str = ""
+    owner: str = ""  # an API key's fingerprint: who may watch and cancel it ("" anyone)
 
     @classmethod
     def from_hash(cls, question_id: str, h: dict[str, str]) -> QuestionRecord:
@@ -205,6 +206,7 @@ class QuestionRecord:
             cancel_requested=h.get(RecordField.CANCEL, "") == "1",
             caller=h.get(RecordField.CALLER, ""),
             request_id=h.get(RecordField.REQUEST_ID, ""),
+            owner=h.get(RecordField.OWNER, ""),
         )
 
     def public(self) -> dict[str, Any]:

@@ -1,13 +1,19 @@
-"""Asking on behalf of a client, and waiting for a whole answer ("without stream")."""
+"""The gateway's one path for asking, attaching and waiting for a whole answer, used by
+HTTP, Socket.IO and the OpenAI front door alike, so each answers the same way."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 
+from tokenrelay.errors import AnswerTimeout
+from tokenrelay.gateway.access import Access, Caller
+from tokenrelay.gateway.inputs import AskInput, reachable_cursor
 from tokenrelay.relay import Relay
+from tokenrelay.services import Services
 from tokenrelay.store import Store, answer_text
-from tokenrelay.wire import Entry, EntryType
+from tokenrelay.wire import Entry, EntryType, QuestionRecord
 
 WHOLE_ANSWER_TIMEOUT_S = 600.0
 # Text one `GET /api/questions/{id}` returns at most (the JSON body is about twice that).
@@ -23,6 +29,55 @@ class WholeAnswer:
     @property
     def ok(self) -> bool:
         return self.last.type is EntryType.END
+
+
+async def ask(
+    svc: Services,
+    access: Access,
+    who: Caller,
+    asked: AskInput,
+    idempotency_key: str | None = None,
+) -> QuestionRecord:
+    """Ask for `who`: rate limit, backlog and per-caller caps, owner. With an idempotency
+    key, a retry of the same question gets the first ask's question, never a second
+    generation (a different question with the key: Conflict)."""
+    store = svc.store
+    if idempotency_key is None:
+        access.admit_question(who)
+        return await store.ask(asked.topic, asked.question, owner=who.owner, caller=who.client)
+    digest = hashlib.sha256(f"{asked.topic}\0{asked.question}".encode()).hexdigest()[:32]
+    first = await store.claim(who.client, idempotency_key, digest)
+    if first is not None:
+        return await store.record(first)
+    try:
+        access.admit_question(who)
+        record = await store.ask(asked.topic, asked.question, owner=who.owner, caller=who.client)
+    except BaseException:
+        await store.withdraw(who.client, idempotency_key)
+        raise
+    await store.remember(who.client, idempotency_key, digest, record.id)
+    return record
+
+
+async def attach(
+    svc: Services, access: Access, who: Caller, question_id: str, cursor: str = "0-0"
+) -> tuple[QuestionRecord, str]:
+    """The record of a question `who` may see (NotFound otherwise, as for an unknown id: one
+    read gives both), and `cursor` if an entry can still follow it."""
+    record = await svc.store.record(question_id)
+    access.check_record(question_id, record.owner, who)
+    return record, await reachable_cursor(svc.store, question_id, cursor)
+
+
+async def whole(svc: Services, question_id: str) -> WholeAnswer:
+    """The answer once it has ended; AnswerTimeout past WHOLE_ANSWER_TIMEOUT_S."""
+    assert svc.relay is not None
+    try:
+        return await whole_answer(svc.relay, question_id)
+    except TimeoutError as e:
+        raise AnswerTimeout(
+            "the answer did not finish in time; it goes on: watch it to read the rest"
+        ) from e
 
 
 async def whole_answer(

@@ -19,7 +19,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenrelay import logs, metrics
 from tokenrelay.children import read_state
-from tokenrelay.errors import CallerFull, InvalidInput, NotFound, Overloaded, StoreError
+from tokenrelay.errors import (
+    AnswerTimeout,
+    CallerFull,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    StoreError,
+)
 from tokenrelay.gateway.access import Access, RateLimited, Unauthorized
 from tokenrelay.gateway.headers import SecurityHeaders
 from tokenrelay.gateway.hosts import HostGuard, OriginPolicy, allowed_hosts
@@ -155,6 +163,14 @@ def create_app(
     @api.exception_handler(BodyTooLarge)
     async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
         return JSONResponse({"error": exc.detail}, status_code=413)
+
+    @api.exception_handler(Conflict)
+    async def conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=409)
+
+    @api.exception_handler(AnswerTimeout)
+    async def answer_timeout(_: Request, exc: AnswerTimeout) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=504)
 
     @api.exception_handler(Overloaded)
     async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:

@@ -12,12 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from tokenrelay.children import read_state
+from tokenrelay.errors import AnswerTimeout
+from tokenrelay.gateway import answers
 from tokenrelay.gateway.access import Access, Caller
-from tokenrelay.gateway.answers import answer_page, whole_answer
-from tokenrelay.gateway.inputs import ask_input, question_id, reachable_cursor, require_json
+from tokenrelay.gateway.inputs import ask_input, idempotency_key, question_id, require_json
 from tokenrelay.services import Services
 from tokenrelay.store import answer_text
-from tokenrelay.wire import EntryType, dumps, parse_cursor
+from tokenrelay.wire import EntryType, QuestionRecord, dumps, parse_cursor
 
 router = APIRouter()
 SSE_PING_S = 15
@@ -74,11 +75,21 @@ async def json_body(request: Request) -> None:
 JSON_ONLY = [Depends(json_body)]
 
 
-async def owned(request: Request, qid: str, who: Caller) -> str:
-    """The valid question id `qid` when `who` may see it; else 422 or 404."""
-    valid = question_id(qid)
-    await access(request).check_owner(services(request).store, valid, who)
-    return valid
+async def attached(
+    request: Request, qid: str, who: Caller, cursor: str = "0-0"
+) -> tuple[QuestionRecord, str]:
+    """The record of `qid` when `who` may see it (else 422 or 404), and the cursor."""
+    return await answers.attach(services(request), access(request), who, question_id(qid), cursor)
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="retrying with the same key gets the first ask's question, never a second "
+        "answer (24 h; another question with the key: 409)",
+    ),
+]
 
 
 def error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -86,13 +97,12 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
 
 
 @router.post("/api/questions", status_code=202, tags=["questions"], dependencies=JSON_ONLY)
-async def ask(body: AskBody, request: Request, who: Who) -> Any:
+async def ask(body: AskBody, request: Request, who: Who, key: IdempotencyKey = None) -> Any:
     """Ask a question. `stream: true` answers at once with the id; watch it over SSE or
     Socket.IO. `stream: false` waits and returns the whole answer."""
     svc = services(request)
     asked = ask_input(body.model_dump(), svc.settings)
-    access(request).admit_question(who)
-    record = await svc.store.ask(asked.topic, asked.question, owner=who.owner)
+    record = await answers.ask(svc, access(request), who, asked, idempotency_key(key))
     qid = record.id
     if asked.stream:
         return {
@@ -101,11 +111,10 @@ async def ask(body: AskBody, request: Request, who: Who) -> Any:
             "events_url": f"/api/questions/{qid}/events",
             "url": f"/api/questions/{qid}",
         }
-    assert svc.relay is not None
     try:
-        whole = await whole_answer(svc.relay, qid)
-    except TimeoutError:
-        return error(504, "the answer did not finish in time; it keeps going, watch it", id=qid)
+        whole = await answers.whole(svc, qid)
+    except AnswerTimeout as e:
+        return error(504, str(e), id=qid)
     if not whole.ok:
         return _failed(qid, whole.last.type, whole.last.text)
     return JSONResponse(
@@ -125,17 +134,17 @@ def _failed(qid: str, kind: EntryType, message: str) -> JSONResponse:
 
 
 @router.post("/askQuestionWithoutStream", tags=["seed"], dependencies=JSON_ONLY)
-async def ask_without_stream(body: SeedAskBody, request: Request, who: Who) -> Any:
+async def ask_without_stream(
+    body: SeedAskBody, request: Request, who: Who, key: IdempotencyKey = None
+) -> Any:
     """The seed page's "Without Stream": `{topic, topicQuestion}` in, `{output}` out."""
     svc = services(request)
     asked = ask_input(body.model_dump(), svc.settings, question_field="topicQuestion")
-    access(request).admit_question(who)
-    record = await svc.store.ask(asked.topic, asked.question, owner=who.owner)
-    assert svc.relay is not None
+    record = await answers.ask(svc, access(request), who, asked, idempotency_key(key))
     try:
-        whole = await whole_answer(svc.relay, record.id)
-    except TimeoutError:
-        return error(504, "the answer did not finish in time", id=record.id)
+        whole = await answers.whole(svc, record.id)
+    except AnswerTimeout as e:
+        return error(504, str(e), id=record.id)
     if not whole.ok:
         return _failed(record.id, whole.last.type, whole.last.text)
     return {"output": whole.text}
@@ -159,9 +168,8 @@ async def question(
 ) -> Any:
     """The question record and its answer so far, up to 1 MiB of text per call: past that,
     `next_after` is the entry ID to ask from next (`?after=`), or follow `events_url`."""
-    store = services(request).store
-    record = await store.record(await owned(request, qid, who))
-    entries, next_after = await answer_page(store, record.id, parse_cursor(after))
+    record, cursor = await attached(request, qid, who, parse_cursor(after))
+    entries, next_after = await answers.answer_page(services(request).store, record.id, cursor)
     return {
         "question": record.public(),
         "answer": answer_text(entries),
@@ -174,7 +182,8 @@ async def question(
 @router.post("/api/questions/{qid}/cancel", status_code=202, tags=["questions"])
 async def cancel(qid: str, request: Request, who: Who) -> Any:
     """Ask the worker to stop this answer; it ends with a `cancelled` entry."""
-    record = await services(request).store.request_cancel(await owned(request, qid, who))
+    record, _ = await attached(request, qid, who)
+    record = await services(request).store.request_cancel(record.id)
     return {
         "id": record.id,
         "status": record.status.value,
@@ -192,12 +201,10 @@ async def events(
 ) -> Any:
     """Server-Sent Events: `id:` is the entry ID, `event:` its type, `data:` the same JSON
     as the Socket.IO `answer` event. Reconnect with `Last-Event-ID` or `?after=`."""
-    svc = services(request)
-    record = await svc.store.record(await owned(request, qid, who))
     cursor = parse_cursor(last_event_id if last_event_id is not None else after)
-    cursor = await reachable_cursor(svc.store, record.id, cursor)
-    assert svc.relay is not None
-    relay = svc.relay
+    record, cursor = await attached(request, qid, who, cursor)
+    relay = services(request).relay
+    assert relay is not None
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
         async for entry in relay.follow(record.id, cursor):

@@ -82,6 +82,18 @@ def ask_input(
     )
 
 
+def idempotency_key(value: object) -> str | None:
+    """An Idempotency-Key (HTTP header, Socket.IO `request_id`): 1 to 255 printable ASCII
+    characters, or None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"an idempotency key must be a string, not {type(value).__name__}")
+    if not 0 < len(value) <= 255 or not value.isascii() or not value.isprintable():
+        raise InvalidInput("an idempotency key is 1 to 255 printable ASCII characters")
+    return value
+
+
 def question_id(value: object) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"'id' must be a string, not {type(value).__name__}")

@@ -20,15 +20,22 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from tokenrelay.errors import CallerFull, InvalidInput, NotFound, Overloaded
+from tokenrelay.errors import (
+    AnswerTimeout,
+    CallerFull,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+)
+from tokenrelay.gateway import answers
 from tokenrelay.gateway.access import Caller, RateLimited, Unauthorized, bearer
-from tokenrelay.gateway.answers import whole_answer
 from tokenrelay.gateway.http import SSE_PING_S, access, services
 from tokenrelay.gateway.inputs import (
     NotJson,
     ask_input,
+    idempotency_key,
     question_id,
-    reachable_cursor,
     require_json,
 )
 from tokenrelay.wire import Entry, EntryType, QuestionRecord, dumps, parse_cursor
@@ -88,27 +95,27 @@ def _question(messages: object) -> str:
     raise InvalidInput("'messages' needs a user message with text: it is the question")
 
 
-async def _attach(request: Request, body: dict[str, Any], who: Caller) -> tuple[str, str]:
-    """(question id, cursor): the question named by X-TokenRelay-Id, or a new one."""
+async def _attach(
+    request: Request, body: dict[str, Any], who: Caller
+) -> tuple[QuestionRecord, str]:
+    """(record, cursor): the question named by X-TokenRelay-Id, or a new one."""
     svc = services(request)
     if (named := request.headers.get(ID_HEADER)) is not None:
-        qid = question_id(named)
-        await access(request).check_owner(svc.store, qid, who)
-        await svc.store.record(qid)  # NotFound for unknown or expired ids
         cursor = parse_cursor(request.headers.get(AFTER_HEADER))
-        return qid, await reachable_cursor(svc.store, qid, cursor)
+        return await answers.attach(svc, access(request), who, question_id(named), cursor)
     topic = body.get("topic") or request.headers.get(TOPIC_HEADER) or DEFAULT_TOPIC
     asked = ask_input({"topic": topic, "question": _question(body.get("messages"))}, svc.settings)
+    key = idempotency_key(request.headers.get("idempotency-key"))
     try:
-        access(request).admit_question(who)
+        record = await answers.ask(svc, access(request), who, asked, key)
     except RateLimited as e:
         raise OpenAIError(429, str(e), "rate_limit_exceeded", retry_after_s=e.retry_after_s) from e
-    try:
-        record = await svc.store.ask(asked.topic, asked.question, owner=who.owner)
     except Overloaded as e:
         status, code = (429, "rate_limit_exceeded") if isinstance(e, CallerFull) else (503, None)
         raise OpenAIError(status, str(e), code, retry_after_s=e.retry_after_s) from e
-    return record.id, "0-0"
+    except Conflict as e:
+        raise OpenAIError(409, str(e), "idempotency_key_reused") from e
+    return record, "0-0"
 
 
 @router.post("/chat/completions")
@@ -126,8 +133,8 @@ async def chat_completions(request: Request) -> Response:
             raise InvalidInput(f"the body must be a JSON object ({e})") from e
         if not isinstance(body, dict) or not isinstance(body.get("stream", False), bool):
             raise InvalidInput("the body must be a JSON object; 'stream' true or false")
-        qid, cursor = await _attach(request, body, who)
-        record = await services(request).store.record(qid)
+        record, cursor = await _attach(request, body, who)
+        qid = record.id
         if body.get("stream"):
             options = body.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -152,11 +159,10 @@ async def reattach(
 ) -> Response:
     """Re-attach to a streamed completion: the chunks after `after` (or `Last-Event-ID`)."""
     try:
-        valid = question_id(qid)
-        await access(request).check_owner(services(request).store, valid, _caller(request))
-        record = await services(request).store.record(valid)
         cursor = parse_cursor(last_event_id if last_event_id is not None else after)
-        cursor = await reachable_cursor(services(request).store, valid, cursor)
+        record, cursor = await answers.attach(
+            services(request), access(request), _caller(request), question_id(qid), cursor
+        )
     except InvalidInput as e:
         return OpenAIError(400, str(e)).response()
     except NotFound as e:
@@ -234,10 +240,9 @@ def _usage(end: Entry) -> dict[str, int]:
 
 async def _whole(request: Request, record: QuestionRecord) -> Response:
     svc = services(request)
-    assert svc.relay is not None
     try:
-        whole = await whole_answer(svc.relay, record.id)
-    except TimeoutError:
+        whole = await answers.whole(svc, record.id)
+    except AnswerTimeout:
         late = "the answer did not finish in time; it goes on: re-attach with stream: true"
         return OpenAIError(504, late, "timeout").response(record.id)
     if not whole.ok:

@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 import socketio
 
 from tokenrelay import metrics
-from tokenrelay.errors import InvalidInput, NotFound, TokenRelayError
+from tokenrelay.errors import AnswerTimeout, InvalidInput, NotFound, TokenRelayError
+from tokenrelay.gateway import answers
 from tokenrelay.gateway.access import Access, Caller, Unauthorized, socket_address, socket_token
-from tokenrelay.gateway.answers import WholeAnswer, whole_answer
-from tokenrelay.gateway.inputs import ask_input, question_id, reachable_cursor, watch_input
+from tokenrelay.gateway.answers import WholeAnswer
+from tokenrelay.gateway.inputs import ask_input, idempotency_key, question_id, watch_input
 from tokenrelay.gateway.packets import UNREADABLE
 from tokenrelay.services import Services
 from tokenrelay.wire import EntryType, dumps
@@ -191,9 +192,9 @@ class SocketGateway:
         svc = self._services()
         caller = self._caller(sid)
         asked = ask_input(data, svc.settings, question_field="topicQuestion", default_topic=None)
+        key = idempotency_key(data.get("request_id"))
         with self._slot(sid):
-            self._access.admit_question(caller)
-            record = await svc.store.ask(asked.topic, asked.question, owner=caller.owner)
+            record = await answers.ask(svc, self._access, caller, asked, key)
             self._own(sid, f"seed:{record.id}", self._relay_seed(sid, record.id), reserved=True)
         return {"id": record.id}
 
@@ -219,22 +220,23 @@ class SocketGateway:
         svc = self._services()
         caller = self._caller(sid)
         asked = ask_input(data, svc.settings)
+        key = idempotency_key(data.get("request_id"))
         if asked.stream:
-            self._access.admit_question(caller)
-            record = await svc.store.ask(asked.topic, asked.question, owner=caller.owner)
+            record = await answers.ask(svc, self._access, caller, asked, key)
             return {"id": record.id}
-        assert svc.relay is not None
         # Waiting for the whole answer holds a viewer: it takes a watch slot like any other.
         with self._slot(sid):
-            self._access.admit_question(caller)
-            record = await svc.store.ask(asked.topic, asked.question, owner=caller.owner)
+            record = await answers.ask(svc, self._access, caller, asked, key)
             waiting = self._own(
                 sid, f"whole:{record.id}", self._wait_whole(record.id), reserved=True
             )
         await asyncio.wait({waiting})  # not `await waiting`: a disconnect cancels it
-        whole = None if waiting.cancelled() else waiting.result()
-        if whole is None:
-            return {"id": record.id, "error": "the answer did not finish in time; watch it"}
+        if waiting.cancelled():
+            return {"id": record.id, "error": "the connection closed before the answer ended"}
+        try:
+            whole = waiting.result()
+        except AnswerTimeout as e:
+            return {"id": record.id, "error": str(e)}
         if not whole.ok:
             return {"id": record.id, "error": whole.last.text or whole.last.type.value}
         return {
@@ -243,20 +245,14 @@ class SocketGateway:
             "record": (await svc.store.record(record.id)).public(),
         }
 
-    async def _wait_whole(self, qid: str) -> WholeAnswer | None:
-        relay = self._services().relay
-        assert relay is not None
-        try:
-            return await whole_answer(relay, qid)
-        except TimeoutError:
-            return None
+    async def _wait_whole(self, qid: str) -> WholeAnswer:
+        return await answers.whole(self._services(), qid)
 
     async def _watch(self, sid: str, data: Any) -> dict[str, Any]:
         qid, after = watch_input(data)
-        store = self._services().store
-        await self._access.check_owner(store, qid, self._caller(sid))
-        record = await store.record(qid)  # NotFound for unknown ids
-        after = await reachable_cursor(store, qid, after)
+        record, after = await answers.attach(
+            self._services(), self._access, self._caller(sid), qid, after
+        )
         self._own(sid, qid, self._relay_answer(sid, record.id, after))
         return {"ok": True, "id": qid, "status": record.status.value}
 
@@ -278,7 +274,7 @@ class SocketGateway:
 
     async def _cancel(self, sid: str, data: Any) -> dict[str, Any]:
         qid = question_id(data.get("id") if isinstance(data, dict) else data)
-        store = self._services().store
-        await self._access.check_owner(store, qid, self._caller(sid))
-        record = await store.request_cancel(qid)
+        svc = self._services()
+        await answers.attach(svc, self._access, self._caller(sid), qid)
+        record = await svc.store.request_cancel(qid)
         return {"ok": True, "id": qid, "status": record.status.value}

@@ -12,6 +12,7 @@ from tokenrelay.keys import Keys
 from tokenrelay.store.answers import XRANGE_PAGE, Answers, answer_text, exclusive
 from tokenrelay.store.base import Limits, now_ms
 from tokenrelay.store.group import Depth, Request, RequestGroup
+from tokenrelay.store.idempotency import Idempotency
 from tokenrelay.store.questions import Questions
 
 __all__ = [
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 
-class Store(Questions, Answers):
+class Store(Questions, Answers, Idempotency):
     """Every read and write of the data model. Holds no state but names and limits."""
 
     def __init__(self, redis: Redis, keys: Keys, limits: Limits) -> None:

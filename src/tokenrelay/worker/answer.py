@@ -95,6 +95,7 @@ class Answer:
         self.first_ms = 0
         self._resume = _Resume("")
         self._partial = ""  # what a stopped worker wrote: the model is asked to continue it
+        self._prior_chunks = 0  # chunk entries in the stream before this delivery
         self._box: Outbox | None = None  # the answer's entries on their way to its stream
         self._ahead = -1
         self._gap = metrics.GapTimer()
@@ -186,7 +187,8 @@ class Answer:
             self._partial = written
         else:
             self._resume = _Resume(written)
-        self.chunks = sum(1 for e in prior if e.type is EntryType.CHUNK)
+        self._prior_chunks = sum(1 for e in prior if e.type is EntryType.CHUNK)
+        self.chunks = self._prior_chunks
         return None
 
     async def _write_start(self, provider: Provider, record: QuestionRecord) -> None:
@@ -245,11 +247,9 @@ class Answer:
         diverged, text = self._resume.feed(item)
         if diverged:
             box.put(Entry(EntryType.RESTART, meta={"reason": RESTART_REASON}))
-            self.chunks = 0
         if not text:
             return
         box.put(Entry(EntryType.CHUNK, text))
-        self.chunks += 1
         self._gap.tick()
         self.first_ms = self.first_ms or now_ms()
 
@@ -263,6 +263,9 @@ class Answer:
             # terminal entry: it says what went wrong.
             with contextlib.suppress(StoreError, RedisError, OSError):
                 await self._box.drain()
+            # Entries written, not model pieces: queued pieces may share an entry.
+            box = self._box
+            self.chunks = (0 if box.restarted else self._prior_chunks) + box.chunks
         created = self.record.created_ms
         ended = now_ms()
         ttft_ms = self.first_ms - created if self.first_ms else -1

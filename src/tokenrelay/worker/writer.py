@@ -56,6 +56,8 @@ class Outbox:
         self.epoch = epoch
         self.cancel_requested = False
         self.written = 0  # entries written so far
+        self.chunks = 0  # chunk entries written since the last `restart` this box wrote
+        self.restarted = False
         self._writer = writer
         self._entries: list[Entry] = []  # not sent yet
         self._failure: BaseException | None = None
@@ -87,13 +89,17 @@ class Outbox:
         taken, self._entries = self._entries, []
         return taken
 
-    def _sent(self, results: list[tuple[str | None, bool]]) -> None:
-        for entry_id, cancel in results:
+    def _sent(self, sent: list[Entry], results: list[tuple[str | None, bool]]) -> None:
+        for entry, (entry_id, cancel) in zip(sent, results, strict=True):
             if entry_id is None:
                 self._failure = self._failure or _fenced(self.question_id)
-            else:
-                self.written += 1
-                self.cancel_requested = self.cancel_requested or cancel
+                continue
+            self.written += 1
+            self.cancel_requested = self.cancel_requested or cancel
+            if entry.type is EntryType.CHUNK:
+                self.chunks += 1
+            elif entry.type is EntryType.RESTART:
+                self.chunks, self.restarted = 0, True
         self._settle()
 
     def _failed(self, error: BaseException) -> None:
@@ -164,7 +170,7 @@ class ChunkWriter:
         """One pipeline: queued appends first, then what the ready outboxes hold."""
         appends, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         room = MAX_BATCH - len(appends)
-        boxes: list[tuple[Outbox, int]] = []
+        boxes: list[tuple[Outbox, list[Entry]]] = []
         writes: list[tuple[str, Entry, bool, int]] = [
             (p.question_id, p.entry, p.check_cancel, p.epoch) for p in appends
         ]
@@ -172,7 +178,7 @@ class ChunkWriter:
             box = next(iter(self._boxes))
             del self._boxes[box]
             taken = box._take()
-            boxes.append((box, len(taken)))
+            boxes.append((box, taken))
             writes += [(box.question_id, entry, True, box.epoch) for entry in taken]
             room -= len(taken)
         try:
@@ -194,6 +200,6 @@ class ChunkWriter:
             else:
                 p.done.set_result(Appended(entry_id, cancel))
         at = len(appends)
-        for box, count in boxes:
-            box._sent(results[at : at + count])
-            at += count
+        for box, sent in boxes:
+            box._sent(sent, results[at : at + len(sent)])
+            at += len(sent)
