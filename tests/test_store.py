@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from tokenrelay.errors import NotFound, StoreError, TokenRelayError
+from tokenrelay.errors import NotFound, Overloaded, StoreError
 from tokenrelay.keys import WORKER_GROUP
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
@@ -44,7 +44,8 @@ def chunks(n: int, start: int = 0) -> list[Entry]:
 
 async def write(store: Store, question_id: str, entries: list[Entry]) -> list[str]:
     done = await store.append_batch([(question_id, e, False) for e in entries])
-    return [entry_id for entry_id, _ in done]
+    assert all(entry_id is not None for entry_id, _ in done)
+    return [str(entry_id) for entry_id, _ in done]
 
 
 async def take(store: Store, consumer: str, count: int = 10) -> list[str]:
@@ -149,10 +150,9 @@ async def test_history_drops_expired_records_from_the_index(store: Store) -> Non
 
 
 async def test_out_of_memory_is_a_store_error(store: Store) -> None:
-    """A full Valkey (maxmemory, noeviction) is a clear StoreError for the asker. FAILS today:
-    redis-py raises OutOfMemoryError for the OOM reply, and inside a pipeline its message
-    starts "Command # 1 (HSET ...) of pipeline caused error", so ask()'s
-    `str(e).startswith("OOM")` never matches and the raw redis error escapes (a 500)."""
+    """A full Valkey (maxmemory, noeviction) is a clear StoreError for the asker. (Failed when
+    ask() looked for a message starting "OOM": redis-py raises OutOfMemoryError, and inside a
+    pipeline its message starts "Command # 1 (HSET ...) of pipeline caused error".)"""
     if os.environ.get("TOKENRELAY_TEST_REDIS_URL"):
         pytest.skip("changes maxmemory: only on the test's own embedded Valkey")
     before: Any = await store.redis.config_get("maxmemory*")
@@ -171,21 +171,29 @@ async def test_a_full_backlog_refuses_asks_instead_of_dropping_queued_ones(
     store_with: StoreFactory,
 ) -> None:
     """DESIGN: the request stream "is never trimmed past work no worker has taken (a full
-    backlog refuses new asks instead)". It used to XADD with MAXLEN ~request_maxlen, which
-    trimmed the oldest requests nobody took; their records stayed `queued` for ever."""
-    store = store_with(max_queued=100)
+    backlog refuses new asks instead)". (Failed when ask() trimmed with XADD MAXLEN ~: the
+    oldest untaken requests vanished and their records stayed `queued` for ever.)"""
+    store = store_with(max_queued=100, max_queued_per_caller=1000)
     await store.ensure_group()
     asked: list[str] = []
-    refused = 0
+    refused: list[Overloaded] = []
     for n in range(250):
         try:
-            asked.append((await store.ask("t", f"q{n}")).id)
-        except TokenRelayError:
-            refused += 1
+            asked.append((await store.ask("t", f"q{n}", owner="someone")).id)
+        except Overloaded as e:
+            refused.append(e)
     taken = await store.group.read_new(store.redis, "w", 1000, 10)
     lost = set(asked) - {fields["id"] for _, fields in taken}
     assert not lost, f"{len(lost)} accepted questions can never be answered (trimmed away)"
-    assert len(asked) >= 100 and refused > 0
+    assert (len(asked), len(refused)) == (100, 150)
+    assert all(e.retry_after_s for e in refused)
+    # A refused ask leaves nothing behind: no record, no history entry.
+    assert await store.redis.zcard(store.keys.history) == 100
+    # Work taken is still work: the cap counts it until its answer ends.
+    with pytest.raises(Overloaded):
+        await store.ask("t", "still full")
+    await store.ack(taken[0][0])
+    await store.ask("t", "room again")
 
 
 # -- answers: reading ------------------------------------------------------------------

@@ -236,6 +236,8 @@ def test_record_from_full_hash() -> None:
         "ttft_ms": "0",
         "error": "",
         RecordField.OWNER: "someone",
+        RecordField.CALLER: "caller-1",
+        RecordField.REQUEST_ID: "5-0",
     }
     record = QuestionRecord.from_hash("qid", h)
     assert record == QuestionRecord(
@@ -254,10 +256,13 @@ def test_record_from_full_hash() -> None:
         completion_tokens=8,
         chunks=8,
         ttft_ms=0,
+        caller="caller-1",
+        request_id="5-0",
+        owner="someone",
     )
     public = record.public()
     assert public["ttft_ms"] == 0, "a 0 ms first token is a time, not 'unknown'"
-    assert "owner" not in public, "the owner's key fingerprint is never shown"
+    assert not {"owner", "caller"} & set(public), "an API key's fingerprint is never shown"
 
 
 def test_record_from_empty_hash_defaults_safely() -> None:
