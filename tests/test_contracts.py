@@ -1,0 +1,502 @@
+"""Contracts with library internals that tokenrelay relies on, checked against the real thing.
+
+Two couplings reach below the libraries' public APIs for speed, and pyproject.toml bounds
+those libraries from above because of them; a new version may raise the bound once this
+file passes on it:
+
+- redis-py (relay.py): the shared XREAD is packed by hand (`_ReadSet.command`) and sent
+  on the reader's own connection (`Redis.connection`, `initialize()`,
+  `send_packed_command`, `read_response`, `disconnect`), woken by CLIENT UNBLOCK of the
+  id `client_id()` reports for that connection.
+- python-engineio / python-socketio (gateway/sockets.py): an emit is a Socket.IO EVENT
+  packet built by hand and handed to `sio.eio.send`; backpressure reads
+  `sio.eio.sockets[eio_sid].queue.qsize()` after `sio.manager.eio_sid_from_sid(sid, "/")`;
+  gateway/packets.py subclasses `socketio.packet.Packet` (the `serializer=` argument).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import pytest
+import socketio
+import uvicorn
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from socketio import packet as sio_packet
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+
+from tests.support.net import free_port
+from tests.support.sockets import connected, wait_for
+from tokenrelay.connection import BLOCK_MARGIN_S, dedicated_client
+from tokenrelay.gateway.access import Access
+from tokenrelay.gateway.packets import UNREADABLE, TolerantPacket
+from tokenrelay.gateway.sockets import SOCKET_QUEUE_MAX, SocketGateway
+from tokenrelay.keys import Keys
+from tokenrelay.relay import _Reader, _ReadSet
+from tokenrelay.services import Services
+from tokenrelay.settings import Settings
+from tokenrelay.wire import Entry, EntryType, dumps
+
+# -- redis-py: the relay's hand-packed XREAD ---------------------------------------------
+
+
+def _parsers() -> list[Any]:
+    from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser, _AsyncRESP3Parser
+
+    return [
+        pytest.param(None, id="default-parser"),
+        pytest.param(_AsyncHiredisParser, id="hiredis"),
+        pytest.param(_AsyncRESP2Parser, id="python-resp2"),
+        pytest.param(_AsyncRESP3Parser, id="python-resp3"),
+    ]
+
+
+@pytest.fixture
+def keys(make_settings: Callable[..., Settings]) -> Keys:
+    return Keys(make_settings().key_prefix)
+
+
+@asynccontextmanager
+async def single(redis_url: str, **options: Any) -> AsyncIterator[Redis]:
+    """A single-connection client, as `dedicated_client` makes (options may override)."""
+    values: dict[str, Any] = {
+        "decode_responses": True,
+        "single_connection_client": True,
+        "client_name": f"contract-{secrets.token_hex(3)}",
+    }
+    values.update(options)
+    parser = values.pop("parser_class", None)
+    if parser is not None:
+        values["parser_class"] = parser
+    client = Redis.from_url(redis_url, **values)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _connection(client: Redis) -> AbstractConnection:
+    if client.connection is None:
+        await client.initialize()
+    conn = client.connection
+    assert isinstance(conn, AbstractConnection)
+    return conn
+
+
+def _pairs(reply: Any) -> list[tuple[str, Any]]:
+    """(key, entries) of an XREAD reply, RESP2 (a list) or RESP3 (a map), as relay.py reads it."""
+    return [(k, v) for k, v in (reply.items() if isinstance(reply, dict) else reply)]
+
+
+def _packed(*keys_and_cursors: tuple[str, str], count: int = 10, block_ms: int = 100) -> bytes:
+    read = _ReadSet()
+    for key, cursor in keys_and_cursors:
+        read.set(key, cursor)
+    return read.command(count, block_ms)
+
+
+async def test_a_single_connection_client_holds_one_connection_it_exposes(
+    redis_url: str,
+) -> None:
+    """relay.py reads `reader.connection`, initialising the client when it is None."""
+    reader = dedicated_client(redis_url, name="contract-reader", block_ms=3000)
+    try:
+        assert reader.single_connection_client is True
+        assert reader.connection is None, "no connection before initialize()"
+        await reader.initialize()
+        conn = reader.connection
+        assert isinstance(conn, AbstractConnection)
+        await reader.initialize()
+        assert reader.connection is conn, "initialize() twice keeps the one connection"
+        # The client's own commands go over that same connection.
+        await reader.ping()
+        assert reader.connection is conn
+        # The read timeout outlasts the block, so only a dead server trips it.
+        assert conn.socket_timeout == pytest.approx(3.0 + BLOCK_MARGIN_S)
+        for name in ("send_packed_command", "read_response", "disconnect", "pack_command"):
+            assert callable(getattr(conn, name)), name
+    finally:
+        await reader.aclose()
+
+
+@pytest.mark.parametrize("key", ["plain", "ünïcode-é", "with space", "{q:tag}:answer"])
+async def test_the_hand_packed_xread_is_what_redis_py_would_send(redis_url: str, key: str) -> None:
+    async with single(redis_url) as client:
+        conn = await _connection(client)
+        read = _ReadSet()
+        read.set(key, "0-0")
+        read.set("other", "5-1")
+        read.set(key, "1700000000000-12")  # a cursor moves; the key keeps its place
+        expected = conn.pack_command(
+            "XREAD", "COUNT", 512, "BLOCK", 2000, "STREAMS", key, "other", "1700000000000-12", "5-1"
+        )
+        assert read.command(512, 2000) == b"".join(expected)
+        read.remove("other")
+        expected = conn.pack_command(
+            "XREAD", "COUNT", 1, "BLOCK", 0, "STREAMS", key, "1700000000000-12"
+        )
+        assert read.command(1, 0) == b"".join(expected)
+
+
+@pytest.mark.parametrize("parser", _parsers())
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_a_packed_xread_reply_has_the_shape_the_relay_parses(
+    redis_url: str, keys: Keys, parser: Any, protocol: int
+) -> None:
+    """RESP2: [[key, [[id, [field, value, ...]], ...]], ...]; RESP3: the same as a map. Keys,
+    ids, fields decoded to str; nil (None) when the block times out."""
+    if protocol == 3 and parser is not None and parser.__name__ == "_AsyncRESP2Parser":
+        pytest.skip("the RESP2 parser does not speak RESP3")
+    a, b = keys.answer("contract-a"), keys.answer("contract-b")
+    entries = [Entry(EntryType.START, meta={"m": 1}), Entry(EntryType.CHUNK, "ü <b>")]
+    async with single(redis_url, protocol=protocol, parser_class=parser) as client:
+        ids = [str(await client.xadd(a, e.fields())) for e in entries]  # type: ignore[arg-type]
+        conn = await _connection(client)
+        await conn.send_packed_command(_packed((a, "0-0"), (b, "0-0")), check_health=False)
+        reply = await conn.read_response()
+        pairs = _pairs(reply)
+        assert [key for key, _ in pairs] == [a], "only keys with entries are in the reply"
+        ((_, raw),) = pairs
+        got = [Entry.from_flat(entry_id, flat) for entry_id, flat in raw]
+        assert got == [Entry(e.type, e.text, e.meta, i) for e, i in zip(entries, ids, strict=True)]
+        assert all(isinstance(entry_id, str) for entry_id, _ in raw)
+
+        await conn.send_packed_command(_packed((a, ids[-1]), block_ms=50), check_health=False)
+        assert await conn.read_response() is None
+        # The connection is in step: the next command gets its own reply.
+        assert await client.ping() is True
+        await client.delete(a)
+
+
+@pytest.mark.parametrize("parser", _parsers())
+async def test_an_error_reply_surfaces_as_a_response_error(
+    redis_url: str, keys: Keys, parser: Any
+) -> None:
+    """relay.py takes a ResponseError raised by read_response, or handed back by it."""
+    key = keys.answer("contract-wrongtype")
+    async with single(redis_url, parser_class=parser) as client:
+        await client.set(key, "not a stream")
+        conn = await _connection(client)
+        await conn.send_packed_command(_packed((key, "0-0")), check_health=False)
+        try:
+            reply = await conn.read_response()
+        except ResponseError as e:
+            reply = e
+        assert isinstance(reply, ResponseError) and "WRONGTYPE" in str(reply)
+        assert await client.ping() is True
+        await client.delete(key)
+
+
+async def test_client_unblock_of_the_reported_id_ends_the_packed_read(
+    redis_url: str, redis: Redis, keys: Keys
+) -> None:
+    """The relay re-arms by CLIENT UNBLOCK of `reader.client_id()`: that id must be the
+    connection the hand-packed XREAD blocks on, and the unblocked read answers nil."""
+    async with single(redis_url) as reader:
+        reader_id = int(await reader.client_id())
+        conn = await _connection(reader)
+        await conn.send_packed_command(
+            _packed((keys.answer("contract-idle"), "0-0"), block_ms=30_000), check_health=False
+        )
+        reading = asyncio.create_task(conn.read_response())
+        try:
+            async with asyncio.timeout(5):
+                while not await redis.client_unblock(reader_id):
+                    await asyncio.sleep(0.01)  # not blocked yet
+                assert await reading is None
+        finally:
+            reading.cancel()
+        assert int(await reader.client_id()) == reader_id, "still the same connection"
+
+
+async def test_read_response_gives_up_at_the_socket_timeout(redis_url: str, keys: Keys) -> None:
+    """dedicated_client's socket_timeout bounds a read on a server that stopped answering:
+    read_response raises a RedisError (caught by the relay's loop), it does not hang."""
+    async with single(redis_url, socket_timeout=0.3) as reader:
+        conn = await _connection(reader)
+        await conn.send_packed_command(
+            _packed((keys.answer("contract-slow"), "0-0"), block_ms=10_000), check_health=False
+        )
+        async with asyncio.timeout(5):
+            with pytest.raises(RedisTimeoutError):
+                await conn.read_response()
+
+
+async def test_after_disconnect_the_next_send_reconnects_with_the_client_name(
+    redis_url: str, keys: Keys
+) -> None:
+    """After an error the relay disconnects the connection and sends on it again without
+    initialize(): send_packed_command must reconnect (and say the client's name again)."""
+    key = keys.answer("contract-reconnect")
+    async with single(redis_url, client_name="contract-reconnects") as reader:
+        await reader.xadd(key, {"type": "chunk", "data": "x"})
+        first_id = int(await reader.client_id())
+        conn = await _connection(reader)
+        await conn.disconnect()
+        assert reader.connection is conn
+        await conn.send_packed_command(_packed((key, "0-0")), check_health=False)
+        reply = await conn.read_response()
+        assert [k for k, _ in _pairs(reply)] == [key]
+        assert await reader.client_getname() == "contract-reconnects"
+        assert int(await reader.client_id()) != first_id
+        await reader.delete(key)
+
+
+async def test_a_killed_reader_raises_what_the_relay_catches(
+    redis_url: str, redis: Redis, keys: Keys
+) -> None:
+    async with single(redis_url) as reader:
+        reader_id = int(await reader.client_id())
+        conn = await _connection(reader)
+        await conn.send_packed_command(
+            _packed((keys.answer("contract-killed"), "0-0"), block_ms=30_000), check_health=False
+        )
+        reading = asyncio.create_task(conn.read_response())
+        await asyncio.sleep(0.1)
+        assert await redis.client_kill_filter(_id=str(reader_id)) == 1
+        async with asyncio.timeout(5):
+            with pytest.raises((RedisError, OSError)):
+                await reading
+
+
+async def test_a_cancelled_read_leaves_no_stale_reply(redis_url: str, keys: Keys) -> None:
+    """The relay's own send-and-read (`_Reader._xread`) cancelled mid-block: the reply still
+    owed must not be taken for the next command's."""
+    key = keys.answer("contract-cancelled")
+    async with single(redis_url) as reader:
+        reading = asyncio.create_task(_Reader._xread(reader, _packed((key, "$"), block_ms=500)))
+        await asyncio.sleep(0.1)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        await asyncio.sleep(0.6)  # past the block: a reply would be waiting on the old socket
+        await reader.xadd(key, {"type": "chunk", "data": "fresh"})
+        reply = await _Reader._xread(reader, _packed((key, "0-0")))
+        ((got_key, raw),) = _pairs(reply)
+        assert got_key == key and [flat for _, flat in raw] == [["type", "chunk", "data", "fresh"]]
+        await reader.delete(key)
+
+
+# -- python-engineio / python-socketio: the raw emit -------------------------------------------
+
+
+class _Server:
+    """A real python-socketio AsyncServer under uvicorn on a real port, with the options
+    and packet class the gateway gives it, and the sids of connected clients."""
+
+    def __init__(self, sio: socketio.AsyncServer, url: str) -> None:
+        self.sio = sio
+        self.url = url
+        self.sids: list[str] = []
+        self.gateway: SocketGateway | None = None
+
+
+@asynccontextmanager
+async def sio_server(
+    settings: Settings | None = None,
+) -> AsyncIterator[_Server]:
+    """With `settings`, the gateway's SocketGateway is attached (as `server.gateway`)."""
+    sio = socketio.AsyncServer(async_mode="asgi", serializer=TolerantPacket)
+    port = free_port()
+    server = _Server(sio, f"http://127.0.0.1:{port}")
+    if settings is not None:
+        server.gateway = SocketGateway(sio, _no_services, Access(settings))
+    else:
+
+        @sio.on("connect")  # type: ignore[untyped-decorator]
+        async def on_connect(sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+            server.sids.append(sid)
+
+    config = uvicorn.Config(
+        socketio.ASGIApp(sio), host="127.0.0.1", port=port, log_level="warning", lifespan="off"
+    )
+    web = uvicorn.Server(config)
+    task = asyncio.create_task(web.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not web.started:
+                if task.done():
+                    await task
+                await asyncio.sleep(0.01)
+        yield server
+    finally:
+        web.should_exit = True
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _no_services() -> Services:
+    raise AssertionError("the contract tests send no events that need services")
+
+
+def _event_packet(event: str, data: Any) -> str:
+    """What gateway/sockets.py hands to engine.io for `sio.emit(event, data, to=sid)`."""
+    return "2" + dumps([event, data])
+
+
+PAYLOADS: list[Any] = [
+    "START:abc;<br/>",
+    'ünïcödé 🚀 \n\t"quotes" \\ </script>',
+    "",
+    {"id": "q", "entry_id": "1-2", "type": "chunk", "text": "t", "n": 3, "x": None},
+    [1, "two", {"three": 3.5}],
+]
+
+
+def test_the_hand_built_packet_is_socketio_s_event_packet() -> None:
+    """ "2" + JSON array is how python-socketio encodes an EVENT for the default namespace
+    (no "/," prefix, no id); its JSON parses to the same value as the library's."""
+    for data in PAYLOADS:
+        library = sio_packet.Packet(sio_packet.EVENT, data=["chunk", data]).encode()
+        assert isinstance(library, str) and library.startswith("2[")
+        assert json.loads(library[1:]) == json.loads(_event_packet("chunk", data)[1:])
+        decoded = sio_packet.Packet(encoded_packet=_event_packet("chunk", data))
+        assert decoded.packet_type == sio_packet.EVENT
+        assert (decoded.namespace, decoded.id) in ((None, None), ("/", None))
+        assert decoded.data == ["chunk", data]
+
+
+async def test_a_sid_maps_to_an_engineio_socket_with_a_queue() -> None:
+    async with sio_server() as server, connected(server.url) as (_client, _got):
+        await wait_for(lambda: len(server.sids) == 1)
+        sid = server.sids[0]
+        eio_sid = server.sio.manager.eio_sid_from_sid(sid, "/")
+        assert isinstance(eio_sid, str) and eio_sid != sid
+        sockets = server.sio.eio.sockets
+        assert isinstance(sockets, dict) and eio_sid in sockets
+        queue = sockets[eio_sid].queue
+        # sockets.py pauses a watch on `queue.qsize()`, and only for an asyncio.Queue: any
+        # other type would switch the backpressure off without a word.
+        assert isinstance(queue, asyncio.Queue)
+        assert queue.qsize() == 0
+        assert sockets.get("no-such-sid") is None
+    # Disconnected: no mapping left, so _emit returns instead of sending.
+    await wait_for(lambda: server.sio.manager.eio_sid_from_sid(sid, "/") is None)
+    assert eio_sid not in server.sio.eio.sockets
+
+
+async def test_a_raw_engineio_send_arrives_as_the_event_sio_emit_sends() -> None:
+    async with sio_server() as server, connected(server.url) as (_client, got):
+        await wait_for(lambda: len(server.sids) == 1)
+        sid = server.sids[0]
+        eio_sid = server.sio.manager.eio_sid_from_sid(sid, "/")
+        for data in PAYLOADS:
+            await server.sio.eio.send(eio_sid, _event_packet("raw", data))
+            await server.sio.emit("emitted", data, to=sid)
+        await wait_for(lambda: len(got) == 2 * len(PAYLOADS))
+    raw = [data for event, data in got if event == "raw"]
+    emitted = [data for event, data in got if event == "emitted"]
+    assert raw == emitted == PAYLOADS
+    # In the order sent, interleaved as sent: one queue for both paths.
+    assert [event for event, _ in got] == ["raw", "emitted"] * len(PAYLOADS)
+
+
+async def test_the_serializer_is_the_gateway_s_tolerant_packet() -> None:
+    """gateway/packets.py: `serializer=` takes a Packet subclass, and Packet.decode has read
+    the packet type and id before it parses the JSON that fails."""
+    sio = socketio.AsyncServer(async_mode="asgi", serializer=TolerantPacket)
+    assert sio.packet_class is TolerantPacket
+    deep = TolerantPacket(encoded_packet="27" + "[" * 100_000)
+    assert (deep.packet_type, deep.id) == (sio_packet.EVENT, 7)
+    assert deep.data == [UNREADABLE, "the event's JSON nests too deep"]
+    broken = TolerantPacket(encoded_packet='2/chat,12["x", nope]')
+    assert (broken.namespace, broken.id) == ("/chat", 12)
+    assert broken.data == [UNREADABLE, "the event's JSON is not valid JSON"]
+    fine = TolerantPacket(encoded_packet='23["ask",{"q":1}]')
+    assert (fine.id, fine.data) == (3, ["ask", {"q": 1}])
+
+
+# A client that stops reading: engine.io's writer blocks once the TCP buffers are full,
+# and what is sent after that waits in the socket's queue.
+BIG = "x" * 64 * 1024
+
+
+@asynccontextmanager
+async def stalled_client(url: str) -> AsyncIterator[ClientConnection]:
+    """An engine.io v4 websocket client connected to "/", reading only when told to."""
+    ws_url = url.replace("http://", "ws://") + "/socket.io/?EIO=4&transport=websocket"
+    async with ws_connect(ws_url, max_queue=1, max_size=None, compression=None) as ws:
+        opened = await ws.recv()
+        assert isinstance(opened, str) and opened.startswith("0{")
+        await ws.send("40")
+        joined = await ws.recv()
+        assert isinstance(joined, str) and joined.startswith("40")
+        yield ws
+
+
+async def _read_events(ws: ClientConnection, n: int) -> list[Any]:
+    """The next `n` Socket.IO events' [name, data], answering engine.io pings."""
+    events: list[Any] = []
+    while len(events) < n:
+        message = await ws.recv()
+        assert isinstance(message, str)
+        if message == "2":
+            await ws.send("3")
+        elif message.startswith("42"):
+            events.append(orjson.loads(message[2:]))
+    return events
+
+
+async def test_the_queue_counts_packets_a_stalled_client_has_not_taken() -> None:
+    async with sio_server() as server, stalled_client(server.url) as ws:
+        await wait_for(lambda: len(server.sids) == 1)
+        eio_sid = server.sio.manager.eio_sid_from_sid(server.sids[0], "/")
+        queue = server.sio.eio.sockets[eio_sid].queue
+        n = 400
+        for i in range(n):
+            await server.sio.eio.send(eio_sid, _event_packet("big", [i, BIG]))
+        await wait_for(lambda: queue.qsize() > SOCKET_QUEUE_MAX)
+        async with asyncio.timeout(30):
+            events = await _read_events(ws, n)
+        assert [data[0] for _, data in events] == list(range(n))
+        assert queue.qsize() == 0
+
+
+async def test_the_gateway_emit_waits_while_the_queue_is_full(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """SocketGateway._emit through the real engine.io: a client that stops reading holds the
+    emitter at SOCKET_QUEUE_MAX queued packets instead of queueing without bound; once the
+    client reads, everything arrives in order; `queued()` reports the queue."""
+    async with sio_server(make_settings()) as server:
+        gateway = server.gateway
+        assert gateway is not None
+        async with stalled_client(server.url) as ws:
+            await wait_for(lambda: len(gateway.queued()) == 1)
+            (sid,) = list(gateway._watches)
+            n = 600
+            sent = 0
+
+            async def emit_all() -> None:
+                nonlocal sent
+                for i in range(n):
+                    await gateway._emit(sid, "chunk", [i, BIG])
+                    sent += 1
+
+            emitting = asyncio.create_task(emit_all())
+            try:
+                await wait_for(lambda: gateway.queued() == [SOCKET_QUEUE_MAX], timeout_s=30)
+                stalled_at = sent
+                await asyncio.sleep(0.3)
+                assert sent == stalled_at < n, "the emitter went on while the queue was full"
+                assert gateway.queued() == [SOCKET_QUEUE_MAX]
+                async with asyncio.timeout(60):
+                    events = await _read_events(ws, n)
+                    await emitting
+            finally:
+                emitting.cancel()
+            assert [data[0] for _, data in events] == list(range(n))
+            assert all(name == "chunk" for name, _ in events)
+        # Gone with its socket: nothing left to report, and an emit to it returns at once.
+        await wait_for(lambda: gateway.queued() == [])
+        async with asyncio.timeout(1):
+            await gateway._emit(sid, "chunk", "after the end")
