@@ -110,6 +110,12 @@ class Settings(BaseSettings):
     provider_max_retries: int = Field(default=2, ge=0)
 
     max_question_chars: int = Field(default=8_000, ge=1)
+    context_chars: int = Field(
+        default=24_000,
+        ge=0,
+        description="characters of earlier turns (a thread, the front door's messages) the "
+        "model is given; the oldest are dropped first",
+    )
     max_topic_chars: int = Field(default=200, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allowed_hosts: Annotated[list[str], NoDecode] = Field(

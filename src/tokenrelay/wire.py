@@ -60,6 +60,9 @@ class RecordField:
     CALLER = "caller"  # who the per-caller cap counts this question for
     REQUEST_ID = "request_id"  # its entry in the request stream
     EPOCH = "epoch"  # the current delivery: only its worker may write the answer
+    FOLLOWS = "follows"  # in a thread: the question this one follows
+    THREAD = "thread"  # in a thread: its first question's id
+    CONVERSATION = "conversation"  # the turns the model was given before the question (JSON)
     CANCEL = "cancel"  # "1" while a cancel waits for the worker to see it
     FIRST_ENTRY_ID = "first_entry_id"
     LAST_ENTRY_ID = "last_entry_id"
@@ -128,6 +131,26 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class Turn:
+    """One earlier message of a conversation: role is system, user, assistant or tool."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a question brings besides its text: the conversation before it (a thread's earlier
+    turns, or the front door's messages), sampling options for the model, and in a thread,
+    the answer it follows and the thread's first question."""
+
+    history: tuple[Turn, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    follows: str = ""
+    thread: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class QuestionRequest:
     """One entry of the request stream: what a worker needs to answer."""
 
@@ -135,17 +158,28 @@ class QuestionRequest:
     topic: str
     question: str
     model: str = ""
+    history: tuple[Turn, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
 
     def fields(self) -> dict[str, str]:
-        return {"id": self.id, "topic": self.topic, "question": self.question, "model": self.model}
+        out = {"id": self.id, "topic": self.topic, "question": self.question, "model": self.model}
+        if self.history:  # only when there is one: most requests stay four short fields
+            out["history"] = dumps([[t.role, t.content] for t in self.history])
+        if self.options:
+            out["options"] = dumps(self.options)
+        return out
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> QuestionRequest:
+        history = fields.get("history")
+        turns = orjson.loads(history) if history else []
         return cls(
             fields.get("id", ""),
             fields.get("topic", ""),
             fields.get("question", ""),
             fields.get("model", ""),
+            tuple(Turn(str(role), str(content)) for role, content in turns),
+            _loads_object(fields["options"]) if fields.get("options") else {},
         )
 
 
@@ -173,6 +207,8 @@ class QuestionRecord:
     caller: str = ""
     request_id: str = ""
     owner: str = ""  # an API key's fingerprint: who may watch and cancel it ("" anyone)
+    follows: str = ""
+    thread: str = ""
 
     @classmethod
     def from_hash(cls, question_id: str, h: dict[str, str]) -> QuestionRecord:
@@ -207,6 +243,8 @@ class QuestionRecord:
             caller=h.get(RecordField.CALLER, ""),
             request_id=h.get(RecordField.REQUEST_ID, ""),
             owner=h.get(RecordField.OWNER, ""),
+            follows=h.get(RecordField.FOLLOWS, ""),
+            thread=h.get(RecordField.THREAD, ""),
         )
 
     def public(self) -> dict[str, Any]:
@@ -228,6 +266,8 @@ class QuestionRecord:
             "chunks": self.chunks,
             "ttft_ms": self.ttft_ms if self.ttft_ms >= 0 else None,
             "error": self.error or None,
+            "follows": self.follows or None,
+            "thread": self.thread or None,
         }
 
 

@@ -13,7 +13,7 @@ from tokenrelay.gateway.inputs import AskInput, reachable_cursor
 from tokenrelay.relay import Relay
 from tokenrelay.services import Services
 from tokenrelay.store import Store, answer_text
-from tokenrelay.wire import Entry, EntryType, QuestionRecord
+from tokenrelay.wire import Context, Entry, EntryType, QuestionRecord
 
 WHOLE_ANSWER_TIMEOUT_S = 600.0
 # Text one `GET /api/questions/{id}` returns at most (the JSON body is about twice that).
@@ -37,6 +37,7 @@ async def ask(
     who: Caller,
     asked: AskInput,
     idempotency_key: str | None = None,
+    context: Context | None = None,
 ) -> QuestionRecord:
     """Ask for `who`: rate limit, backlog and per-caller caps, owner. With an idempotency
     key, a retry of the same question gets the first ask's question, never a second
@@ -44,14 +45,19 @@ async def ask(
     store = svc.store
     if idempotency_key is None:
         access.admit_question(who)
-        return await store.ask(asked.topic, asked.question, owner=who.owner, caller=who.client)
-    digest = hashlib.sha256(f"{asked.topic}\0{asked.question}".encode()).hexdigest()[:32]
+        return await store.ask(
+            asked.topic, asked.question, owner=who.owner, caller=who.client, context=context
+        )
+    body = f"{asked.topic}\0{asked.question}\0{context!r}"
+    digest = hashlib.sha256(body.encode()).hexdigest()[:32]
     first = await store.claim(who.client, idempotency_key, digest)
     if first is not None:
         return await store.record(first)
     try:
         access.admit_question(who)
-        record = await store.ask(asked.topic, asked.question, owner=who.owner, caller=who.client)
+        record = await store.ask(
+            asked.topic, asked.question, owner=who.owner, caller=who.client, context=context
+        )
     except BaseException:
         await store.withdraw(who.client, idempotency_key)
         raise

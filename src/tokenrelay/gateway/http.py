@@ -15,6 +15,7 @@ from tokenrelay.children import read_state
 from tokenrelay.errors import AnswerTimeout
 from tokenrelay.gateway import answers
 from tokenrelay.gateway.access import Access, Caller
+from tokenrelay.gateway.conversation import follow_up
 from tokenrelay.gateway.inputs import ask_input, idempotency_key, question_id, require_json
 from tokenrelay.services import Services
 from tokenrelay.store import answer_text
@@ -29,6 +30,11 @@ class AskBody(BaseModel):
     topic: str = Field(default="Redis", description="what the model is an expert on")
     question: str
     stream: bool = Field(default=True, description="false: wait and return the whole answer")
+    follows: str | None = Field(
+        default=None,
+        description="a question id: ask a follow-up in that thread (the model sees the "
+        "thread's earlier questions and answers)",
+    )
 
 
 class SeedAskBody(BaseModel):
@@ -102,7 +108,8 @@ async def ask(body: AskBody, request: Request, who: Who, key: IdempotencyKey = N
     Socket.IO. `stream: false` waits and returns the whole answer."""
     svc = services(request)
     asked = ask_input(body.model_dump(), svc.settings)
-    record = await answers.ask(svc, access(request), who, asked, idempotency_key(key))
+    context = await follow_up(svc, access(request), who, body.follows)
+    record = await answers.ask(svc, access(request), who, asked, idempotency_key(key), context)
     qid = record.id
     if asked.stream:
         return {

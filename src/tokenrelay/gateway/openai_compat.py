@@ -30,6 +30,7 @@ from tokenrelay.errors import (
 )
 from tokenrelay.gateway import answers
 from tokenrelay.gateway.access import Caller, RateLimited, Unauthorized, bearer
+from tokenrelay.gateway.conversation import SAMPLING, messages_input, sampling_options
 from tokenrelay.gateway.http import SSE_PING_S, access, services
 from tokenrelay.gateway.inputs import (
     NotJson,
@@ -38,7 +39,7 @@ from tokenrelay.gateway.inputs import (
     question_id,
     require_json,
 )
-from tokenrelay.wire import Entry, EntryType, QuestionRecord, dumps, parse_cursor
+from tokenrelay.wire import Context, Entry, EntryType, QuestionRecord, dumps, parse_cursor
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 ID_HEADER = "X-TokenRelay-Id"
@@ -81,18 +82,23 @@ def _caller(request: Request) -> Caller:
         raise OpenAIError(401, str(e), "invalid_api_key") from e
 
 
-def _question(messages: object) -> str:
-    """The text of the last user message (string content or text parts)."""
-    if not isinstance(messages, list) or not messages:
-        raise InvalidInput("'messages' must be a non-empty list")
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                content = "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-            if isinstance(content, str):
-                return content
-    raise InvalidInput("'messages' needs a user message with text: it is the question")
+# What the front door takes besides the sampling options: anything else is refused with a
+# 400 naming it, never dropped silently.
+_ACCEPTED = {"model", "messages", "stream", "stream_options", "topic", "n", "user", *SAMPLING}
+
+
+def _context(body: dict[str, Any], budget_chars: int) -> tuple[str, Context]:
+    """(the question, its context): the caller's messages before it and its options."""
+    unknown = sorted(set(body) - _ACCEPTED)
+    if unknown:
+        raise InvalidInput(
+            f"unsupported parameter {unknown[0]!r}: tokenrelay passes messages and sampling "
+            f"options ({', '.join(SAMPLING)}) to the model"
+        )
+    if body.get("n", 1) != 1:
+        raise InvalidInput("'n' must be 1: tokenrelay streams one answer per question")
+    history, question = messages_input(body.get("messages"), budget_chars)
+    return question, Context(history=history, options=sampling_options(body))
 
 
 async def _attach(
@@ -104,10 +110,11 @@ async def _attach(
         cursor = parse_cursor(request.headers.get(AFTER_HEADER))
         return await answers.attach(svc, access(request), who, question_id(named), cursor)
     topic = body.get("topic") or request.headers.get(TOPIC_HEADER) or DEFAULT_TOPIC
-    asked = ask_input({"topic": topic, "question": _question(body.get("messages"))}, svc.settings)
+    question, context = _context(body, svc.settings.context_chars)
+    asked = ask_input({"topic": topic, "question": question}, svc.settings)
     key = idempotency_key(request.headers.get("idempotency-key"))
     try:
-        record = await answers.ask(svc, access(request), who, asked, key)
+        record = await answers.ask(svc, access(request), who, asked, key, context)
     except RateLimited as e:
         raise OpenAIError(429, str(e), "rate_limit_exceeded", retry_after_s=e.retry_after_s) from e
     except Overloaded as e:

@@ -21,6 +21,7 @@ from tokenrelay.errors import AnswerTimeout, InvalidInput, NotFound, TokenRelayE
 from tokenrelay.gateway import answers
 from tokenrelay.gateway.access import Access, Caller, Unauthorized, socket_address, socket_token
 from tokenrelay.gateway.answers import WholeAnswer
+from tokenrelay.gateway.conversation import follow_up
 from tokenrelay.gateway.inputs import ask_input, idempotency_key, question_id, watch_input
 from tokenrelay.gateway.packets import UNREADABLE
 from tokenrelay.services import Services
@@ -221,12 +222,13 @@ class SocketGateway:
         caller = self._caller(sid)
         asked = ask_input(data, svc.settings)
         key = idempotency_key(data.get("request_id"))
+        context = await follow_up(svc, self._access, caller, data.get("follows"))
         if asked.stream:
-            record = await answers.ask(svc, self._access, caller, asked, key)
+            record = await answers.ask(svc, self._access, caller, asked, key, context)
             return {"id": record.id}
         # Waiting for the whole answer holds a viewer: it takes a watch slot like any other.
         with self._slot(sid):
-            record = await answers.ask(svc, self._access, caller, asked, key)
+            record = await answers.ask(svc, self._access, caller, asked, key, context)
             waiting = self._own(
                 sid, f"whole:{record.id}", self._wait_whole(record.id), reserved=True
             )

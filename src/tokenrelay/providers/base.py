@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tokenrelay.wire import Turn
+
+__all__ = ["CONTINUE_INSTRUCTION", "Finish", "Prompt", "Provider", "Turn", "Waiting"]
 
 # The seed's prompt: the model is an expert on the topic; the question is the human turn.
 SYSTEM_PROMPT = (
@@ -22,14 +26,6 @@ CONTINUE_INSTRUCTION = (
 
 
 @dataclass(frozen=True, slots=True)
-class Turn:
-    """One earlier message of a conversation: role is system, user, assistant or tool."""
-
-    role: str
-    content: str
-
-
-@dataclass(frozen=True, slots=True)
 class Prompt:
     topic: str
     question: str
@@ -37,6 +33,8 @@ class Prompt:
     history: tuple[Turn, ...] = ()
     # The start of an answer a stopped worker wrote: the model continues it, not restarts.
     partial: str = ""
+    # Sampling options the asker chose (temperature, top_p, max_tokens, stop, seed, ...).
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def system(self) -> str:

@@ -136,6 +136,19 @@ class LangChainProvider:
     def model(self) -> str:
         return self._model
 
+    def _bound(self, prompt: Prompt) -> Runnable[Any, Any]:
+        """The runnable with the asker's sampling options (a chat model takes them as
+        call arguments; a chain has no place for them)."""
+        if not prompt.options:
+            return self._runnable
+        if not self._chat:
+            raise ProviderError(
+                "bad_request",
+                "this LangChain runnable is a chain: it takes no sampling options "
+                f"({', '.join(sorted(prompt.options))})",
+            )
+        return self._runnable.bind(**prompt.options)
+
     async def stream(self, prompt: Prompt) -> AsyncIterator[str | Finish]:
         if self._chat:
             given: Any = [_message(m) for m in prompt.chat()]
@@ -143,7 +156,7 @@ class LangChainProvider:
             given = {"topic": prompt.topic, "question": prompt.question}
         reason, prompt_tokens, completion_tokens = "stop", 0, 0
         try:
-            async for item in self._runnable.astream(given):
+            async for item in self._bound(prompt).astream(given):
                 if isinstance(item, BaseMessageChunk):
                     usage = getattr(item, "usage_metadata", None) or {}
                     prompt_tokens += int(usage.get("input_tokens", 0))

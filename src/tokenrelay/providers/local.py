@@ -348,12 +348,15 @@ class LocalProvider:
         llama = self._load()
         options = self._options
         chunks = llama.create_chat_completion(
-            messages=prompt.chat(),
-            stream=True,
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            repeat_penalty=options.repeat_penalty,
-            presence_penalty=PRESENCE_PENALTY,
+            **{
+                "messages": prompt.chat(),
+                "stream": True,
+                "max_tokens": options.max_tokens,
+                "temperature": options.temperature,
+                "repeat_penalty": options.repeat_penalty,
+                "presence_penalty": PRESENCE_PENALTY,
+                **_llama_options(prompt.options, options.max_tokens),
+            }
         )
         prompt_tokens: int | None = None
         reason = "stop"
@@ -377,3 +380,18 @@ class LocalProvider:
         # which is sampled but never evaluated. Streaming responses carry no usage.
         completion_tokens = int(llama.n_tokens) - prompt_tokens + (reason == "length")
         return Finish(reason, prompt_tokens, max(completion_tokens, 0))
+
+
+def _llama_options(asked: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    """The asker's sampling options as llama.cpp's arguments; never more tokens than the
+    setting allows (the context is small)."""
+    out = {k: v for k, v in asked.items() if k in _LLAMA_OPTIONS}
+    wanted = asked.get("max_tokens", asked.get("max_completion_tokens"))
+    if isinstance(wanted, int):
+        out["max_tokens"] = min(wanted, max_tokens)
+    if isinstance(out.get("stop"), str):
+        out["stop"] = [out["stop"]]
+    return out
+
+
+_LLAMA_OPTIONS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")

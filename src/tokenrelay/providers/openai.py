@@ -161,6 +161,7 @@ class OpenAIProvider:
         return orjson.dumps(
             {
                 "model": self._model,
+                **prompt.options,  # checked by the gateway: sampling options only
                 "messages": prompt.chat(),
                 "stream": True,
                 "stream_options": {"include_usage": True},

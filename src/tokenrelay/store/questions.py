@@ -10,7 +10,7 @@ from tokenrelay.errors import CallerFull, NotFound, Overloaded, StoreError
 from tokenrelay.store.base import StoreBase, now_ms
 from tokenrelay.store.group import request_id as make_request_id
 from tokenrelay.store.group import split_request_id
-from tokenrelay.wire import QuestionRecord, QuestionRequest, RecordField, Status
+from tokenrelay.wire import Context, QuestionRecord, QuestionRequest, RecordField, Status, dumps
 
 # A caller's question that is still unfinished this long after it was asked no longer
 # counts toward its cap (its answer was lost with a Redis that restarted without it).
@@ -40,11 +40,19 @@ class Questions(StoreBase):
         self._enqueue_script = self.redis.register_script(_ENQUEUE)
 
     async def ask(
-        self, topic: str, question: str, model: str = "", owner: str = "", caller: str = ""
+        self,
+        topic: str,
+        question: str,
+        model: str = "",
+        owner: str = "",
+        caller: str = "",
+        context: Context | None = None,
     ) -> QuestionRecord:
         """Queue a question. `owner`, when set, names who may watch and cancel it; `caller`
-        (default: the owner) is who the per-caller cap counts it for. Refused with
-        Overloaded, never dropped later, when the backlog or the caller is full."""
+        (default: the owner) is who the per-caller cap counts it for; `context` brings the
+        conversation, options and thread. Refused with Overloaded, never dropped later, when
+        the backlog or the caller is full."""
+        context = context or Context()
         question_id = self.keys.new_question_id()
         created = now_ms()
         caller = caller or owner
@@ -59,10 +67,18 @@ class Questions(StoreBase):
             record[RecordField.OWNER] = owner
         if caller:
             record[RecordField.CALLER] = caller
+        if context.follows:
+            record[RecordField.FOLLOWS] = context.follows
+            record[RecordField.THREAD] = context.thread or context.follows
+        if context.history:  # kept for replay: what the model was given before the question
+            turns = [{"role": t.role, "content": t.content} for t in context.history]
+            record[RecordField.CONVERSATION] = dumps(turns)
         try:
             # The record first: a worker that takes the request always finds it.
             await self._write_record(question_id, created, record)
-            request = QuestionRequest(question_id, topic, question, model)
+            request = QuestionRequest(
+                question_id, topic, question, model, context.history, context.options
+            )
             request_id = await self._enqueue(request)
         except ResponseError as e:
             await self._withdraw(question_id, caller)

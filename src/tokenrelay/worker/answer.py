@@ -215,7 +215,10 @@ class Answer:
         """Read the model and queue what it says; the model is read again without waiting
         for the previous write (the outbox coalesces chunks while a write is on its way)."""
         box = self._box = gen.writer.outbox(self.request.id, self.epoch)
-        prompt = Prompt(self.request.topic, self.request.question, partial=self._partial)
+        request = self.request
+        prompt = Prompt(
+            request.topic, request.question, request.history, self._partial, request.options
+        )
         stream = gen.provider.stream(prompt)
         items = guarded(stream, gen.timeouts)
         finish = Finish()
