@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from tokenrelay.errors import NotFound, Overloaded, StoreError
+from tokenrelay.errors import CallerFull, Fenced, NotFound, Overloaded, StoreError
 from tokenrelay.keys import WORKER_GROUP
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
@@ -194,6 +194,69 @@ async def test_a_full_backlog_refuses_asks_instead_of_dropping_queued_ones(
         await store.ask("t", "still full")
     await store.ack(taken[0][0])
     await store.ask("t", "room again")
+
+
+async def test_a_caller_at_its_cap_is_refused_until_one_ends(store_with: StoreFactory) -> None:
+    store = store_with(max_queued_per_caller=3)
+    await store.ensure_group()
+    mine = [await store.ask("t", f"q{n}", owner="a") for n in range(3)]
+    with pytest.raises(CallerFull) as refused:
+        await store.ask("t", "one too many", owner="a")
+    assert isinstance(refused.value, Overloaded) and refused.value.retry_after_s > 0
+    await store.ask("t", "someone else", owner="b")  # the cap is per caller
+    await store.ask("t", "anonymous")  # no caller: only the global cap applies
+    # The caller's set is keyed by a hash: no API key material in a key name.
+    assert "fp-Zq9" not in store.keys.caller_asks("fp-Zq9")
+
+    await store.finish(mine[0].id, Entry(EntryType.END), {}, None, caller="a")
+    await store.ask("t", "room again", owner="a")
+
+
+async def test_an_old_epoch_cannot_write(store: Store) -> None:
+    """One writer per answer: every write checks the delivery's epoch inside Redis."""
+    asked = await store.ask("t", "q")
+    request = QuestionRequest(asked.id, "t", "q")
+    first = await store.begin(asked.id)
+    await store.start(request, Entry(EntryType.START), {"status": "streaming"}, first)
+    await store.append(asked.id, Entry(EntryType.CHUNK, "old "), first)
+
+    second = await store.begin(asked.id)  # a reclaim: another delivery takes over
+    assert second == first + 1
+    with pytest.raises(Fenced):
+        await store.append(asked.id, Entry(EntryType.CHUNK, "late"), first)
+    with pytest.raises(Fenced):
+        await store.start(request, Entry(EntryType.START), {"status": "streaming"}, first)
+    with pytest.raises(Fenced):
+        await store.finish(asked.id, Entry(EntryType.END), {}, None, epoch=first)
+    mixed = await store.append_batch(
+        [
+            (asked.id, Entry(EntryType.CHUNK, "x"), False, first),
+            (asked.id, Entry(EntryType.CHUNK, "new "), False, second),
+        ]
+    )
+    assert mixed[0][0] is None and mixed[1][0] is not None
+    assert (await store.record(asked.id)).status is Status.STREAMING, "not closed by the old"
+
+    await store.finish(asked.id, Entry(EntryType.END), {}, None, epoch=second)
+    assert [e.text for e in await store.read_all(asked.id) if e.type is EntryType.CHUNK] == [
+        "old ",
+        "new ",
+    ]
+    assert (await store.record(asked.id)).status is Status.DONE
+
+
+async def test_lost_finds_queued_questions_whose_request_vanished(store: Store) -> None:
+    kept = await store.ask("t", "kept")
+    gone = await store.ask("t", "gone")
+    taken = await store.ask("t", "taken")
+    await store.group.read_new(store.redis, "w", 10, 10)  # all three taken, still pending
+    gone_request = (await store.record(gone.id)).request_id
+    await store.redis.xdel(store.keys.requests, gone_request)  # as a Redis restart loses it
+    await asyncio.sleep(0.01)
+    lost = await store.lost(older_than_ms=0, lock_ms=60_000)
+    assert [r.id for r in lost] == [gone.id]
+    assert await store.lost(older_than_ms=0, lock_ms=60_000) == [], "one sweeper at a time"
+    assert {kept.id, taken.id}.isdisjoint(r.id for r in lost)
 
 
 # -- answers: reading ------------------------------------------------------------------
