@@ -12,13 +12,18 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import socketio
 
+from tests.conftest import running_gateway
+from tests.sse import events
 from tests.support.procs import Cluster, processes
+from tokenrelay.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -88,3 +93,39 @@ async def test_serve_with_nothing_set_answers_the_page_with_the_local_model(
     assert "provider local" in log  # `auto` chose the local model, in a worker process
     assert all(after[name]["restarts"] == 0 for name in after), after
     assert after["gateway"]["pid"] == before["gateway"]["pid"]
+
+
+async def test_a_cancel_reaches_an_answer_queued_for_the_local_model_and_keeps_accounts(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The local model answers one question at a time: a cancel of the one waiting its turn
+    ends it at once (not when its turn comes), and a cancelled answer records what it used."""
+    settings = make_settings(
+        provider="local", local_max_tokens=200, local_temperature=0.0, local_model_path=None
+    )
+    long = "Explain in detail how Redis Streams, consumer groups and XACK work together."
+    async with (
+        running_gateway(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as client,
+    ):
+        busy = (await client.post("/api/questions", json={"question": long})).json()["id"]
+        queued = (await client.post("/api/questions", json={"question": "And XDEL?"})).json()
+        seen: list[str] = []
+        async for event in events(client, f"/api/questions/{queued['id']}/events"):
+            seen.append(event.event)
+            if event.event == "waiting":
+                await client.post(f"/api/questions/{queued['id']}/cancel", json={})
+        busy_then = (await client.get(f"/api/questions/{busy}")).json()["question"]["status"]
+        async for event in events(client, f"/api/questions/{busy}/events"):
+            if event.event == "chunk":
+                await client.post(f"/api/questions/{busy}/cancel", json={})
+                break
+        async for event in events(client, f"/api/questions/{busy}/events"):
+            last = event
+        cancelled = (await client.get(f"/api/questions/{busy}")).json()
+    assert seen[-1] == "cancelled" and "chunk" not in seen
+    assert busy_then == "streaming"  # the waiting one ended before the running one
+    assert last.event == "cancelled"
+    assert cancelled["question"]["status"] == "cancelled"
+    assert cancelled["question"]["completion_tokens"] > 0
+    assert cancelled["answer"]  # the partial text stays readable

@@ -164,6 +164,10 @@ class Questions(StoreBase):
         value: Any = await self.redis.hget(self.keys.question(question_id), RecordField.OWNER)
         return str(value or "")
 
+    async def cancel_requested(self, question_id: str) -> bool:
+        flag: Any = await self.redis.hget(self.keys.question(question_id), RecordField.CANCEL)
+        return bool(flag == "1")
+
     async def request_cancel(self, question_id: str) -> QuestionRecord:
         record = await self.record(question_id)
         if record.status not in (Status.QUEUED, Status.STREAMING):

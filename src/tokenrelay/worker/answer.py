@@ -96,6 +96,7 @@ class Answer:
         self._resume = _Resume("")
         self._partial = ""  # what a stopped worker wrote: the model is asked to continue it
         self._prior_chunks = 0  # chunk entries in the stream before this delivery
+        self._pieces = 0  # text pieces the model gave this delivery
         self._box: Outbox | None = None  # the answer's entries on their way to its stream
         self._ahead = -1
         self._gap = metrics.GapTimer()
@@ -116,7 +117,11 @@ class Answer:
         try:
             finish = await self._stream(gen)
         except _Cancelled:
-            return await self._end(Entry(EntryType.CANCELLED))
+            # What was spent so far: the model's pieces received (a streamed answer's usage
+            # comes only at its end, which a cancel never reaches). The partial text stays
+            # in the answer stream.
+            spent = {"completion_tokens": self._pieces}
+            return await self._end(Entry(EntryType.CANCELLED, meta=spent), usage=spent)
         except ProviderError as e:
             log.warning("question %s: model error (%s): %s", self.request.id, e.kind, e.message)
             return await self._end(Entry(EntryType.ERROR, e.message, {"kind": e.kind}), e.message)
@@ -229,6 +234,10 @@ class Answer:
                 if isinstance(item, Finish):
                     finish = item
                 elif isinstance(item, Waiting):
+                    # Waiting writes nothing when nothing changed: read the flag itself, so
+                    # a cancel reaches an answer still queued for a local model.
+                    if await self.store.cancel_requested(self.request.id):
+                        raise _Cancelled
                     self._waiting(box, item.ahead)
                 else:
                     self._text(box, item)
@@ -253,6 +262,7 @@ class Answer:
         if not text:
             return
         box.put(Entry(EntryType.CHUNK, text))
+        self._pieces += 1
         self._gap.tick()
         self.first_ms = self.first_ms or now_ms()
 
