@@ -287,3 +287,37 @@ async def test_output_strips_control_and_bidi_characters(
         result="pass: none of those characters reach the terminal; answers keep their "
         "newlines; --json escapes them (\\u202e) so the data is intact",
     )
+
+
+async def test_ask_follow_asks_in_a_thread(make_settings: Callable[..., Settings]) -> None:
+    async with MockLLM() as mock:
+        settings = make_settings(
+            provider="openai", openai_base_url=mock.base_url, openai_model="mock-llm"
+        )
+        async with running_gateway(settings) as url:
+            first = f"Streams? {directive(tokens=6)}"
+            code, out, _ = await run("ask", first, "--no-stream", "--json", "--server", url)
+            assert code == 0, out
+            earlier = orjson.loads(out)
+            follow = f"And groups? {directive(tokens=6)}"
+            code, out, err = await run(
+                "ask", "--follow", earlier["id"], follow, "--json", "--server", url
+            )
+            assert code == 0, err
+            events = [orjson.loads(line) for line in out.splitlines()]
+            code, listed, _ = await run("history", "--limit", "2", "--server", url)
+            bad, _, refused = await run("ask", "--follow", "Z" * 22, "Who?", "--server", url)
+            helped, usage, _ = await run("ask", "--help")
+        async with httpx.AsyncClient(timeout=10) as http:
+            bodies = (await http.get(f"{mock.base_url}/mock/requests")).json()
+    (body,) = [b for b in bodies if "And groups?" in b["messages"][-1]["content"]]
+    assert [(m["role"], m["content"]) for m in body["messages"][1:]] == [
+        ("user", first),
+        ("assistant", earlier["text"]),
+        ("user", follow),
+    ]
+    assert events[-1]["type"] == "end"
+    newest = listed.splitlines()[0]
+    assert newest.startswith(events[0]["id"]) and newest.endswith(f"(follows {earlier['id']})")
+    assert bad == 2 and "(404)" in refused
+    assert helped == 0 and "--follow ID" in usage

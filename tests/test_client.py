@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
+import httpx
 import pytest
 
 from tests.conftest import running_gateway
@@ -143,3 +144,38 @@ async def test_api_key_goes_as_a_bearer_token(make_settings: Callable[..., Setti
         async with Client(url, api_key=key) as client:
             answer = await client.ask("Hi?", stream=False)
     assert refused.value.status == 401 and answer.text == TEXT
+
+
+async def test_follows_asks_in_a_thread_the_model_sees(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with MockLLM() as mock:
+        settings = make_settings(
+            provider="openai", openai_base_url=mock.base_url, openai_model="mock-llm"
+        )
+        async with running_gateway(settings) as url, Client(url) as client:
+            first = await client.ask(f"Streams? {directive(tokens=6)}", stream=False)
+            stream = await client.ask(f"And groups? {directive(tokens=6)}", follows=first.id)
+            second = await stream.collect()
+            third = await client.ask(f"Why? {directive(tokens=6)}", follows=second.id, stream=False)
+            history = {q.id: q for q in await client.history(limit=3)}
+            slow = await client.ask(f"Slow {directive(tokens=50, rate=5)}")
+            with pytest.raises(RequestRejected, match="follow up an answer that is done") as early:
+                await client.ask("Too soon?", follows=slow.id)
+            with pytest.raises(RequestRejected) as unknown:
+                await client.ask("Who?", follows="Z" * 22)
+            await client.cancel(slow.id)
+        async with httpx.AsyncClient(timeout=10) as http:
+            bodies = (await http.get(f"{mock.base_url}/mock/requests")).json()
+    (body,) = [b for b in bodies if "Why?" in b["messages"][-1]["content"]]
+    assert [(m["role"], m["content"]) for m in body["messages"][1:]] == [
+        ("user", f"Streams? {directive(tokens=6)}"),
+        ("assistant", first.text),
+        ("user", f"And groups? {directive(tokens=6)}"),
+        ("assistant", second.text),
+        ("user", f"Why? {directive(tokens=6)}"),
+    ]
+    assert (history[first.id].follows, history[first.id].thread) == (None, None)
+    assert (history[second.id].follows, history[second.id].thread) == (first.id, first.id)
+    assert (history[third.id].follows, history[third.id].thread) == (second.id, first.id)
+    assert early.value.status == 422 and unknown.value.status == 404

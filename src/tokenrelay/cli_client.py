@@ -104,12 +104,19 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "ask",
         help="ask a question and stream the answer into the terminal",
         description="Ask, then print the answer as it arrives (Markdown in a terminal, plain "
-        "text in a pipe). Ctrl-C cancels the answer. Exit 0 done, 1 the model failed, "
+        "text in a pipe). --follow ID asks a follow-up in the thread of an earlier answer. "
+        "Ctrl-C cancels the answer. Exit 0 done, 1 the model failed, "
         "2 rejected, 3 gateway unreachable, 130 interrupted.",
     )
     ask.add_argument("question")
     ask.add_argument("--topic", help="what the model is an expert on (default: Redis)")
     ask.add_argument("--no-stream", action="store_true", help="print the whole answer at the end")
+    ask.add_argument(
+        "--follow",
+        metavar="ID",
+        help="ask a follow-up to the question ID, whose answer is done: the model sees that "
+        "thread's earlier questions and answers (`tokenrelay history` lists the ids)",
+    )
     common(ask)
 
     watch = sub.add_parser(
@@ -154,10 +161,12 @@ async def _run(args: argparse.Namespace, server: str, api_key: str | None) -> in
         if args.command == "watch":
             return await _follow(client.watch(args.id, after=args.after), printer, asked=False)
         if args.no_stream:
-            answer = await client.ask(args.question, topic=args.topic, stream=False)
+            answer = await client.ask(
+                args.question, topic=args.topic, stream=False, follows=args.follow
+            )
             printer.whole(answer)
             return 0
-        stream = await client.ask(args.question, topic=args.topic)
+        stream = await client.ask(args.question, topic=args.topic, follows=args.follow)
         return await _follow(stream, printer, asked=True, client=client)
 
 
@@ -206,6 +215,8 @@ async def _history(client: Client, limit: int, *, json: bool) -> int:
             continue
         when = datetime.fromtimestamp(q.created_ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
         line = f"{q.id}  {q.status:<9}  {when}  [{q.topic}] {q.question}"
+        if q.follows:
+            line += f"  (follows {q.follows})"
         out.write(safe_line(line) + "\n")
     out.flush()
     return 0

@@ -99,6 +99,8 @@ class Question:
     chunks: int = 0
     ttft_ms: int | None = None
     error: str | None = None
+    follows: str | None = None  # in a thread: the question this one follows
+    thread: str | None = None  # in a thread: its first question's id
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Question:
@@ -221,23 +223,42 @@ class Client:
 
     @overload
     async def ask(
-        self, question: str, *, topic: str | None = None, stream: Literal[True] = True
+        self,
+        question: str,
+        *,
+        topic: str | None = None,
+        stream: Literal[True] = True,
+        follows: str | None = None,
     ) -> AnswerStream: ...
     @overload
     async def ask(
-        self, question: str, *, topic: str | None = None, stream: Literal[False]
+        self,
+        question: str,
+        *,
+        topic: str | None = None,
+        stream: Literal[False],
+        follows: str | None = None,
     ) -> Answer: ...
     async def ask(
-        self, question: str, *, topic: str | None = None, stream: bool = True
+        self,
+        question: str,
+        *,
+        topic: str | None = None,
+        stream: bool = True,
+        follows: str | None = None,
     ) -> AnswerStream | Answer:
         """Ask; returns as soon as the gateway took the question (its `id` is known).
 
         `stream=False` waits for the whole answer instead, over the same resumable stream.
+        `follows`: a question id whose answer is done; this one is a follow-up in its
+        thread, and the model sees the thread's earlier questions and answers.
         Asking is never retried by itself: a retry could ask the question twice.
         """
         body: dict[str, Any] = {"question": question}
         if topic is not None:
             body["topic"] = topic
+        if follows is not None:
+            body["follows"] = follows
         reply = await self._call("POST", "/api/questions", json=body)
         answer = self.watch(str(reply["id"]))
         return answer if stream else await answer.collect()
