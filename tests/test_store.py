@@ -468,6 +468,27 @@ async def test_reclaim_takes_idle_requests_and_counts_deliveries(store: Store) -
     assert await store.group.pending_of("dead") == []
 
 
+async def test_a_heartbeat_does_not_take_back_a_request_another_worker_reclaimed(
+    store: Store,
+) -> None:
+    """FAILS today (store/group.py heartbeat): XCLAIM with min-idle-time 0 moves the entry to
+    whoever beats, so a worker that was paused past the reclaim time and wakes up takes
+    the request back from the live worker answering it. Its own answer task is fenced by
+    the epoch, but the PEL now names it: if it stops (release) or is killed (the supervisor
+    releases its requests) before the live worker's next beat, the request is handed out
+    again while it is being answered: the answer restarts and the delivery counts toward
+    max_deliveries. Fix: beat only entries still pending for this consumer (a script per
+    shard: XPENDING ... consumer, then XCLAIM JUSTID those)."""
+    await store.ask("t", "q")
+    (entry_id,) = await take(store, "paused")
+    await asyncio.sleep(0.15)
+    assert [i for i, _ in await store.group.reclaim("live", 100, 10)] == [entry_id]
+
+    await store.group.heartbeat("paused", [entry_id])  # the paused worker wakes up and beats
+    assert await store.group.pending_of("live") == [entry_id], "the heartbeat took it back"
+    assert await store.group.release("paused") == 0
+
+
 async def test_reclaim_respects_count(store: Store) -> None:
     for n in range(5):
         await store.ask("t", f"q{n}")
