@@ -25,11 +25,11 @@ from tokenrelay.testing import MockLLM, directive
 WORDS = " ".join(f"w{n}" for n in range(30))
 
 
-def sample(text: str, name: str, **labels: str) -> float:
+def sample(text: str, metric: str, **labels: str) -> float:
     """One sample's value (0 when absent)."""
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+            if s.name == metric and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)
     return 0.0
 
@@ -76,14 +76,14 @@ async def process(
                 await proc.wait()
 
 
-async def wait_for_metrics(url: str, name: str, at_least: float, **labels: str) -> str:
-    for _ in range(300):
+async def wait_for_metrics(url: str, metric: str, at_least: float, **labels: str) -> str:
+    for _ in range(600):
         with contextlib.suppress(httpx.TransportError):
             text = await scrape(url)
-            if sample(text, name, **labels) >= at_least:
+            if sample(text, metric, **labels) >= at_least:
                 return text
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{name}{labels} never reached {at_least}")
+    raise AssertionError(f"{metric}{labels} never reached {at_least}")
 
 
 async def test_gateway_counts_answers_errors_and_chunks(
@@ -205,7 +205,9 @@ async def serve_and_ask(settings: Settings, **env: str) -> tuple[str, list[str]]
     environ = env_for(settings, TOKENRELAY_PORT=str(port), **env)
     async with process("serve", env=environ) as serve:
         url = f"http://127.0.0.1:{port}"
-        await wait_for_metrics(url, "tokenrelay_worker_slots", 1)
+        # Under serve the workers are processes of their own: the gateway shows them as
+        # supervised children, not as its slots.
+        await wait_for_metrics(url, "tokenrelay_process_up", 1, name="worker-0", kind="worker")
         async with Client(url) as client:
             answer = await client.ask("Log me", stream=False)
         lines = await read_lines(serve, lambda line: answer.id in line)
@@ -223,7 +225,9 @@ async def test_json_logs_one_object_per_line_with_the_answer_figures(
     records: list[dict[str, Any]] = [orjson.loads(line) for line in lines]  # every line is JSON
     (answer,) = [r for r in records if r.get("question_id") == qid]
     assert answer["logger"] == "tokenrelay.answers" and answer["status"] == "done"
-    assert answer["chunks"] == 30 and answer["ttft_ms"] >= 0 and answer["duration_ms"] > 0
+    # 30 pieces from the model; pieces queued behind a write share an entry (chunks = entries).
+    assert answer["completion_tokens"] == 30 and 0 < answer["chunks"] <= 30
+    assert answer["ttft_ms"] >= 0 and answer["duration_ms"] > 0
     assert answer["message"].startswith(f"question {qid} done: ")
     assert any(r["logger"].startswith("uvicorn") for r in records)  # uvicorn's lines too
 
@@ -232,7 +236,7 @@ async def test_plain_log_line_per_answer(make_settings: Callable[..., Settings])
     qid, lines = await serve_and_ask(make_settings(scripted_text=WORDS))
     (line,) = [line for line in lines if qid in line]
     assert f"tokenrelay.answers: question {qid} done: " in line
-    assert "chunks=30" in line and "ttft_ms=" in line and "completion_tokens=30" in line
+    assert "chunks=" in line and "ttft_ms=" in line and "completion_tokens=30" in line
 
 
 async def test_uvicorn_worker_processes_as_deployment_documents(
