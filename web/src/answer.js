@@ -11,7 +11,8 @@ export const FINISHED = Object.freeze(["done", "failed", "cancelled"]);
  * @property {string} text
  * @property {"queued"|"streaming"|"done"|"failed"|"cancelled"} status
  * @property {{topic?: string, question?: string, model?: string, provider?: string,
- *   created_ms?: number}} meta
+ *   created_ms?: number, follows?: string, thread?: string}} meta   follows: the question
+ *   this one follows in a thread; thread: that thread's first question
  * @property {Record<string, any> | null} end       the `end` entry's fields
  * @property {Record<string, any> | null} record    a stored question record, when known
  * @property {{text: string, kind: string} | null} error
@@ -37,7 +38,8 @@ export function isFinished(a) {
   return FINISHED.includes(a.status);
 }
 
-const START_FIELDS = ["topic", "question", "model", "provider", "created_ms"];
+// follows and thread: a question asked in a thread (from the record, or set when asking).
+const START_FIELDS = ["topic", "question", "model", "provider", "created_ms", "follows", "thread"];
 const END_FIELDS = [
   "finish_reason", "prompt_tokens", "completion_tokens", "chunks", "ttft_ms", "duration_ms",
 ];

@@ -1,4 +1,5 @@
-// The page's controller: asking, watching (with resume), stopping, history and replay.
+// The page's controller: asking, watching (with resume), stopping, history and replay;
+// threads: a follow-up asked under a finished answer, shown after the turns before it.
 // The API key, when the server wants one, is key-gate.js's business.
 import "./style.css";
 import { applyEvent, applyRecord, isFinished, newAnswer } from "./answer.js";
@@ -8,11 +9,12 @@ import { formatRateLimit } from "./format.js";
 import { keyGate } from "./key-gate.js";
 import { replay } from "./replay.js";
 import { clearSnapshots, loadSnapshot, saveSnapshot } from "./snapshot.js";
+import { earlierTurns, groupThreads, threadOf } from "./threads.js";
 import * as view from "./view.js";
 
 const ASK_TIMEOUT_MS = 15_000;
 const NO_STREAM_TIMEOUT_MS = 15 * 60_000;
-const HISTORY_LIMIT = 30;
+const HISTORY_LIMIT = 50;
 const HISTORY_REFRESH_MS = 10_000;
 const ACKED_EVENTS = new Set(["ask", "watch", "cancel"]);
 
@@ -27,6 +29,12 @@ let askSeq = 0;
 let loading = false;
 /** An answer the server would not show without a key: opened once a key is accepted. */
 let openOnceAllowed = null;
+/** @type {import("./answer.js").Answer[]} the current answer's thread before it, oldest first */
+let turns = [];
+/** Bumped whenever the turns shown change: an older load of them is then dropped. */
+let turnsSeq = 0;
+/** The follow-up box had the focus when it asked: it gets it back when the answer is done. */
+let refocusFollow = false;
 
 const gate = keyGate({
   use: (key) => {
@@ -37,6 +45,7 @@ const gate = keyGate({
     // What the old key could see is not for whoever uses the page next.
     openOnceAllowed = null;
     leaveCurrent();
+    setTurns([]);
     view.hideAnswer();
     view.clearNotice();
     view.renderHistory([], null, () => {});
@@ -89,12 +98,66 @@ function flush() {
   if (!current) return;
   view.renderAnswer(current, { replaying: Boolean(stopReplay) });
   if (!stopReplay) saveSnapshot(sessionStorage, current);
+  if (refocusFollow && current.status === "done" && !stopReplay) {
+    refocusFollow = false;
+    const active = document.activeElement;
+    if (!active || active === document.body) view.els.followQuestion.focus();
+  }
 }
 
 function show(answer) {
   current = answer;
   flush();
-  view.markCurrentInHistory(answer.id);
+  view.markCurrentInHistory(currentThread());
+}
+
+/** The thread shown now: its first question's id (a lone question is its own thread). */
+function currentThread() {
+  if (!current) return null;
+  return current.meta.thread || turns[0]?.id || current.id;
+}
+
+/** Show `list` as the current answer's earlier turns. */
+function setTurns(list) {
+  turnsSeq += 1;
+  turns = list;
+  view.renderThread(turns);
+}
+
+/** A stored answer, read over HTTP: the record, then every entry. */
+async function fetchAnswer(id) {
+  const stored = await getQuestion(id);
+  const answer = newAnswer(id);
+  applyRecord(answer, stored.question);
+  for (const entry of stored.entries) applyEvent(answer, entry);
+  return answer;
+}
+
+/** Show the turns `answer` follows: this tab's snapshots at once, the rest from the server. */
+async function showEarlierTurns(answer) {
+  setTurns([]);
+  if (!answer.meta.follows) return;
+  const seq = turnsSeq;
+  const list = await earlierTurns(
+    answer,
+    async (id) => {
+      const snap = loadSnapshot(sessionStorage, id);
+      if (snap && isFinished(snap)) return snap;
+      const turn = await fetchAnswer(id);
+      if (isFinished(turn)) saveSnapshot(sessionStorage, turn);
+      return turn;
+    },
+    {
+      onMissing: (id, e) => {
+        if (seq === turnsSeq && e.status !== 401) {
+          view.showNotice(`Cannot show the earlier question ${id}: ${e.message}`);
+        }
+      },
+    },
+  );
+  if (seq !== turnsSeq || current?.id !== answer.id) return; // another answer is shown now
+  setTurns(list);
+  view.markCurrentInHistory(currentThread());
 }
 
 async function watch(answer) {
@@ -143,10 +206,13 @@ async function openQuestion(id, { push = true } = {}) {
   setAddress(id, push);
   const snap = loadSnapshot(sessionStorage, id);
   if (snap) {
+    setTurns([]);
     show(snap);
     if (!isFinished(snap)) watch(snap);
+    showEarlierTurns(snap);
     return;
   }
+  setTurns([]);
   const answer = newAnswer(id);
   show(answer);
   loading = true;
@@ -157,6 +223,7 @@ async function openQuestion(id, { push = true } = {}) {
     applyRecord(answer, stored.question);
     for (const entry of stored.entries) applyEvent(answer, entry);
     flush();
+    showEarlierTurns(answer);
   } catch (e) {
     if (current !== answer) return;
     loading = false;
@@ -178,24 +245,44 @@ async function openQuestion(id, { push = true } = {}) {
   if (!isFinished(answer)) watch(answer);
 }
 
-async function ask(topic, question, stream) {
+/**
+ * Ask a question; with `parent` (a finished answer, the current one), a follow-up in its
+ * thread: the parent joins the turns above and the new answer is watched under them.
+ */
+async function ask(topic, question, stream, parent = null) {
+  const earlier = turns;
   leaveCurrent();
   view.clearNotice();
   const seq = ++askSeq;
+  setTurns(parent ? [...earlier, parent] : []);
   if (!stream) return askWithoutStream(seq, topic, question);
   view.renderPending(topic, question, "sending");
   view.els.ask.disabled = true;
+  const payload = { topic, question, stream: true };
+  if (parent) payload.follows = parent.id;
   try {
-    const reply = await request(socket, "ask", { topic, question, stream: true }, ASK_TIMEOUT_MS);
+    const reply = await request(socket, "ask", payload, ASK_TIMEOUT_MS);
     if (seq !== askSeq) return;
-    const answer = newAnswer(String(reply.id), { topic, question });
+    const meta = parent
+      ? { topic, question, follows: parent.id, thread: parent.meta.thread || parent.id }
+      : { topic, question };
+    const answer = newAnswer(String(reply.id), meta);
     setAddress(answer.id, true);
     show(answer);
     watch(answer);
     refreshHistory();
+    if (parent) view.els.followQuestion.value = "";
   } catch (e) {
     if (seq !== askSeq) return;
-    view.hideAnswer();
+    if (parent) {
+      // Not asked: the thread stays as it was, the follow-up still typed in its box.
+      setTurns(earlier);
+      show(parent);
+      if (refocusFollow) view.els.followQuestion.focus();
+      refocusFollow = false;
+    } else {
+      view.hideAnswer();
+    }
     view.showNotice(refusal("The question was not accepted", e));
   } finally {
     view.els.ask.disabled = false;
@@ -258,8 +345,8 @@ async function replayCurrent() {
   }
   if (!current || current.id !== id) return;
   // Only what was asked: the figures grow with the replay instead of showing the totals.
-  const { topic, question } = stored.question || {};
-  const answer = newAnswer(id, { topic, question });
+  const { topic, question, follows, thread } = stored.question || {};
+  const answer = newAnswer(id, { topic, question, follows, thread });
   const final = current;
   current = answer;
   stopReplay = replay(
@@ -290,7 +377,7 @@ async function refreshHistory(delayMs = 0) {
   try {
     const questions = await listQuestions(HISTORY_LIMIT);
     if (gate.key() !== key) return; // another key's list, asked for before a switch
-    view.renderHistory(questions, current?.id, (id, event) => {
+    view.renderHistory(groupThreads(questions), currentThread(), (id, event) => {
       if (event.button !== 0 || event.metaKey || event.ctrlKey || event.shiftKey || event.altKey) {
         return; // let the browser open it in a new tab or window
       }
@@ -331,6 +418,42 @@ view.els.question.addEventListener("keydown", (event) => {
   }
 });
 
+view.els.followForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const parent = current;
+  if (!parent || parent.status !== "done" || stopReplay) return; // the box is hidden then
+  const question = view.els.followQuestion.value.trim();
+  if (gate.needed) {
+    view.showNotice("Enter the API key above first, then ask.");
+    view.els.keyInput.focus();
+    return;
+  }
+  if (!question) {
+    view.showNotice("Type a follow-up question first.");
+    view.els.followQuestion.focus();
+    return;
+  }
+  refocusFollow = view.els.followForm.contains(document.activeElement);
+  const topic = parent.meta.topic || view.els.topic.value.trim() || "Redis";
+  ask(topic, question, true, parent);
+});
+
+view.els.followQuestion.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    view.els.followForm.requestSubmit();
+  }
+});
+
+view.els.threadTurns.addEventListener("click", (event) => {
+  const link = event.target instanceof Element ? event.target.closest("a[data-id]") : null;
+  if (!link || event.button !== 0 || event.metaKey || event.ctrlKey || event.shiftKey || event.altKey) {
+    return; // let the browser open it in a new tab or window
+  }
+  event.preventDefault();
+  openQuestion(link.getAttribute("data-id"));
+});
+
 view.els.stop.addEventListener("click", stopCurrent);
 view.els.replay.addEventListener("click", replayCurrent);
 
@@ -343,6 +466,7 @@ window.addEventListener("popstate", () => {
   if (id) openQuestion(id, { push: false });
   else {
     leaveCurrent();
+    setTurns([]);
     view.hideAnswer();
   }
 });

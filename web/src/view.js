@@ -28,6 +28,10 @@ export const els = {
   figModel: $("fig-model"),
   stop: /** @type {HTMLButtonElement} */ ($("stop")),
   replay: /** @type {HTMLButtonElement} */ ($("replay")),
+  threadTurns: $("thread-turns"),
+  followForm: /** @type {HTMLFormElement} */ ($("follow-form")),
+  followQuestion: /** @type {HTMLTextAreaElement} */ ($("follow-question")),
+  followAsk: /** @type {HTMLButtonElement} */ ($("follow-ask")),
   historyList: $("history-list"),
   historyEmpty: $("history-empty"),
   keyForm: /** @type {HTMLFormElement} */ ($("key-form")),
@@ -65,6 +69,9 @@ export function renderAnswer(a, mode = {}) {
   els.stop.hidden = finished || Boolean(mode.replaying);
   els.stop.disabled = false;
   els.replay.hidden = !finished || Boolean(mode.replaying) || !a.lastEntryId || !a.text;
+  // Only an answer that is done can be followed up (the server says the same).
+  els.followForm.hidden = a.status !== "done" || Boolean(mode.replaying);
+  els.followAsk.disabled = false;
 }
 
 function statusText(a, finished) {
@@ -103,13 +110,47 @@ export function renderPending(topic, question, state) {
   for (const dd of [els.figTtft, els.figRate, els.figChunks, els.figModel]) dd.textContent = "–";
   els.stop.hidden = true;
   els.replay.hidden = true;
+  els.followForm.hidden = true;
 }
 
 export function hideAnswer() {
   els.answer.hidden = true;
+  els.followForm.hidden = true;
   delete els.answer.dataset.id;
   els.body.innerHTML = "";
   renderedText = "";
+}
+
+/**
+ * A thread's earlier turns, oldest first, above the current answer: each question, then
+ * its answer as sanitised Markdown, and a link that opens that answer on its own (to
+ * replay it, or to follow it up in a branch).
+ * @param {import("./answer.js").Answer[]} turns
+ */
+export function renderThread(turns) {
+  const items = turns.map((turn) => {
+    const li = document.createElement("li");
+    li.className = "turn";
+    li.dataset.id = turn.id;
+    const question = document.createElement("h2");
+    question.className = "turn-question";
+    question.textContent = turn.meta.question || "Question";
+    const body = document.createElement("div");
+    body.className = "markdown turn-answer";
+    body.innerHTML = sanitize(renderMarkdown(turn.text));
+    const meta = document.createElement("p");
+    meta.className = "turn-meta";
+    const status = STATUS_TEXT[turn.status] || turn.status;
+    const open = document.createElement("a");
+    open.href = `/?q=${encodeURIComponent(turn.id)}`;
+    open.dataset.id = turn.id;
+    open.textContent = "Open this answer";
+    meta.append(status === STATUS_TEXT.done ? "" : `${status} · `, open);
+    li.append(question, body, meta);
+    return li;
+  });
+  els.threadTurns.replaceChildren(...items);
+  els.threadTurns.hidden = items.length === 0;
 }
 
 const CONN_TEXT = {
@@ -182,27 +223,40 @@ export function showForgetKey(shown) {
 }
 
 /**
- * @param {object[]} questions records, newest first
+ * The history: one entry per thread (a lone question is a thread of one), newest first.
+ * An entry opens the thread's newest question, shown with the turns before it.
+ * @param {{key: string, latest: object, first: object, count: number}[]} threads
+ * @param {string | null | undefined} currentThread the thread shown now
  * @param {(id: string, event: MouseEvent) => void} onChoose
  */
-export function renderHistory(questions, currentId, onChoose) {
+export function renderHistory(threads, currentThread, onChoose) {
   const now = Date.now();
-  const items = questions.map((q) => {
+  const items = threads.map(({ key, latest, first, count }) => {
     const li = document.createElement("li");
     const link = document.createElement("a");
-    link.href = `/?q=${encodeURIComponent(q.id)}`;
-    link.dataset.id = q.id;
-    if (q.id === currentId) link.setAttribute("aria-current", "page");
+    link.href = `/?q=${encodeURIComponent(latest.id)}`;
+    link.dataset.id = latest.id;
+    link.dataset.thread = key;
+    if (key === currentThread) link.setAttribute("aria-current", "page");
     const title = document.createElement("span");
     title.className = "history-question";
-    title.textContent = q.question || "(no question)";
+    title.textContent = first.question || "(no question)";
     const meta = document.createElement("span");
     meta.className = "history-meta";
-    meta.textContent = [q.topic, STATUS_TEXT[q.status] || q.status, formatWhen(q.created_ms, now)]
-      .filter(Boolean).join(" · ");
-    link.dataset.status = q.status;
+    const size = count > 1 ? `${count} questions` : "";
+    meta.textContent = [
+      latest.topic, size, STATUS_TEXT[latest.status] || latest.status,
+      formatWhen(latest.created_ms, now),
+    ].filter(Boolean).join(" · ");
+    link.dataset.status = latest.status;
     link.append(title, meta);
-    link.addEventListener("click", (event) => onChoose(q.id, event));
+    if (count > 1 && latest.question && latest.question !== first.question) {
+      const last = document.createElement("span");
+      last.className = "history-latest";
+      last.textContent = `Latest: ${latest.question}`;
+      link.insertBefore(last, meta);
+    }
+    link.addEventListener("click", (event) => onChoose(latest.id, event));
     li.append(link);
     return li;
   });
@@ -210,9 +264,10 @@ export function renderHistory(questions, currentId, onChoose) {
   els.historyEmpty.hidden = items.length > 0;
 }
 
-export function markCurrentInHistory(currentId) {
-  for (const link of els.historyList.querySelectorAll("a[data-id]")) {
-    if (link.getAttribute("data-id") === currentId) link.setAttribute("aria-current", "page");
+/** @param {string | null} currentThread the thread shown now */
+export function markCurrentInHistory(currentThread) {
+  for (const link of els.historyList.querySelectorAll("a[data-thread]")) {
+    if (link.getAttribute("data-thread") === currentThread) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
 }
