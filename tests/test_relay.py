@@ -253,6 +253,32 @@ async def test_replay_of_a_finished_answer(
         assert relay.watched == 0 and relay.rearms == 0
 
 
+async def test_an_entry_the_relay_cannot_read_does_not_stop_the_shared_read(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """FAILS today: `_Reader._run` parses entries outside its try, and `Entry.from_fields`
+    raises ValueError for a type it does not know, so one such entry (a newer worker's
+    type during a rolling upgrade — `waiting` and `restart` were added that way — or an
+    XADD by hand in Redis Insight) ends the reader task: every viewer of every answer on
+    that gateway then waits for ever, and nothing is logged until shutdown. Fix: parse
+    each entry tolerantly in the reader (skip or pass through what it cannot read, and
+    log it), and restart the reader's loop after any unexpected error."""
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        h.spawn(collect(relay, "odd"))
+        other = h.spawn(collect(relay, "other"))
+        await wait_until(lambda: relay.watched == 2)
+        await store.redis.xadd(store.keys.answer("odd"), {"type": "from-the-future", "data": "{}"})
+        await asyncio.sleep(0.2)
+        try:
+            async with asyncio.timeout(10):
+                ids = await produce(store, "other", 5)
+                got = await other
+        except TimeoutError:
+            raise AssertionError("the other answer's viewer stopped receiving") from None
+        assert ids_of(got) == ids
+
+
 # -- one reader for many answers -------------------------------------------------------------
 
 
