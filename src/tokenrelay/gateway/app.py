@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import socketio
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -19,20 +18,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenrelay import logs, metrics
 from tokenrelay.children import read_state
-from tokenrelay.errors import (
-    AnswerTimeout,
-    CallerFull,
-    Conflict,
-    InvalidInput,
-    NotFound,
-    Overloaded,
-    StoreError,
-)
-from tokenrelay.gateway.access import Access, RateLimited, Unauthorized
+from tokenrelay.gateway import error_replies
+from tokenrelay.gateway.access import Access
 from tokenrelay.gateway.headers import SecurityHeaders
 from tokenrelay.gateway.hosts import HostGuard, OriginPolicy, allowed_hosts
 from tokenrelay.gateway.http import router
-from tokenrelay.gateway.inputs import NotJson
 from tokenrelay.gateway.openai_compat import router as openai_router
 from tokenrelay.gateway.packets import TolerantPacket
 from tokenrelay.gateway.sockets import SocketGateway
@@ -83,13 +73,6 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def _first_problem(exc: RequestValidationError) -> str:
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        return f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg"))
-    return "invalid request"
-
-
 def create_app(
     settings: Settings, *, workers: int = 0, supervisor_state: Path | None = None
 ) -> ASGIApp:
@@ -132,60 +115,7 @@ def create_app(
     api.state.supervisor_state = supervisor_state
     api.state.sockets = SocketGateway(sio, current, access)
 
-    @api.exception_handler(InvalidInput)
-    async def invalid(_: Request, exc: InvalidInput) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=422)
-
-    @api.exception_handler(NotJson)
-    async def not_json(_: Request, exc: NotJson) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=415)
-
-    @api.exception_handler(NotFound)
-    async def not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=404)
-
-    @api.exception_handler(Unauthorized)
-    async def unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
-        return JSONResponse(
-            {"error": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-        )
-
-    @api.exception_handler(RateLimited)
-    async def rate_limited(_: Request, exc: RateLimited) -> JSONResponse:
-        headers = {"Retry-After": str(int(exc.retry_after_s))}
-        return JSONResponse({"error": str(exc)}, status_code=429, headers=headers)
-
-    @api.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        # FastAPI's own errors (unknown route, bad method, unreadable body) say {"error"} too.
-        return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
-
-    @api.exception_handler(BodyTooLarge)
-    async def too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
-        return JSONResponse({"error": exc.detail}, status_code=413)
-
-    @api.exception_handler(Conflict)
-    async def conflict(_: Request, exc: Conflict) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=409)
-
-    @api.exception_handler(AnswerTimeout)
-    async def answer_timeout(_: Request, exc: AnswerTimeout) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=504)
-
-    @api.exception_handler(Overloaded)
-    async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:
-        # The whole backlog full: 503; this caller's share full: 429. Never a dropped ask.
-        status = 429 if isinstance(exc, CallerFull) else 503
-        headers = {"Retry-After": str(int(exc.retry_after_s))}
-        return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
-
-    @api.exception_handler(StoreError)
-    async def store_error(_: Request, exc: StoreError) -> JSONResponse:
-        return JSONResponse({"error": f"storage unavailable: {exc}"}, status_code=503)
-
-    @api.exception_handler(RequestValidationError)
-    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": _first_problem(exc)}, status_code=422)
+    error_replies.install(api)
 
     @api.get("/", include_in_schema=False)
     async def page() -> Any:
