@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from tests.conftest import running_gateway
@@ -17,6 +18,9 @@ from tests.faults_report import record
 from tests.sse import events
 from tokenrelay.keys import Keys
 from tokenrelay.settings import Settings
+
+# Part of `make reliability` (its rows), and of `make test` like every faults scenario.
+pytestmark = pytest.mark.faults
 
 TERMINAL = {"done", "failed", "cancelled"}
 
