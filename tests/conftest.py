@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from tests.support.net import free_port as free_port  # re-exported for older imports
 from tokenrelay.gateway import create_app
 from tokenrelay.settings import Settings
+from tokenrelay.testing import MockLLM
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +104,19 @@ async def running_gateway(
 async def gateway(make_settings: Callable[..., Settings]) -> AsyncIterator[str]:
     async with running_gateway(make_settings()) as url:
         yield url
+
+
+@pytest.fixture
+async def mock_gateway(
+    make_settings: Callable[..., Settings],
+) -> AsyncIterator[tuple[str, MockLLM]]:
+    """A gateway (one in-process worker) answering with the mock model, and the mock."""
+    async with MockLLM() as mock:
+        settings = make_settings(
+            provider="openai", openai_base_url=mock.base_url, openai_model="mock-llm"
+        )
+        async with running_gateway(settings) as url:
+            yield url, mock
 
 
 # Each async test runs under an asyncio deadline a little inside pytest-timeout's: when it

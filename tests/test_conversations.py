@@ -4,7 +4,7 @@ asked in a thread brings the thread's earlier questions and answers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,18 +17,6 @@ from tests.conftest import running_gateway
 from tokenrelay.providers.base import SYSTEM_PROMPT
 from tokenrelay.settings import Settings
 from tokenrelay.testing import MockLLM, directive
-
-
-@pytest.fixture
-async def mock_gateway(
-    make_settings: Callable[..., Settings],
-) -> AsyncIterator[tuple[str, MockLLM]]:
-    async with MockLLM() as mock:
-        settings = make_settings(
-            provider="openai", openai_base_url=mock.base_url, openai_model="mock-llm"
-        )
-        async with running_gateway(settings) as url:
-            yield url, mock
 
 
 async def _received(mock: MockLLM, marker: str) -> dict[str, Any]:

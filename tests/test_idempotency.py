@@ -5,29 +5,13 @@ the key reused for another question is a 409 / an error ack."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
-import pytest
 import socketio
 from openai import AsyncOpenAI
 
-from tests.conftest import running_gateway
-from tokenrelay.settings import Settings
 from tokenrelay.testing import MockLLM, directive
-
-
-@pytest.fixture
-async def mock_gateway(
-    make_settings: Callable[..., Settings],
-) -> AsyncIterator[tuple[str, MockLLM]]:
-    async with MockLLM() as mock:
-        settings = make_settings(
-            provider="openai", openai_base_url=mock.base_url, openai_model="mock-llm"
-        )
-        async with running_gateway(settings) as url:
-            yield url, mock
 
 
 async def test_http_retries_with_one_key_are_answered_once(
@@ -51,9 +35,7 @@ async def test_http_retries_with_one_key_are_answered_once(
         other = await client.post(
             "/api/questions", json={"question": "something else"}, headers=headers
         )
-        unkeyed = await client.post(
-            "/api/questions", json={"question": question, "stream": False}
-        )
+        unkeyed = await client.post("/api/questions", json={"question": question, "stream": False})
         bad = await client.post(
             "/api/questions", json={"question": question}, headers={"Idempotency-Key": "x" * 300}
         )
@@ -74,8 +56,7 @@ async def test_socketio_request_id_is_answered_once(mock_gateway: tuple[str, Moc
     await client.connect(url, transports=["websocket"])
     try:
         acks: list[Any] = [
-            await client.call("ask", {"question": question, "request_id": "r-1"})
-            for _ in range(3)
+            await client.call("ask", {"question": question, "request_id": "r-1"}) for _ in range(3)
         ]
         seed: list[Any] = [
             await client.call(
