@@ -33,13 +33,7 @@ async def test_a_reclaimed_answer_continues_a_sampling_model(
     prefix = f"c{secrets.token_hex(4)}:"
     keys = Keys(prefix)
     async with Cluster(tmp_path, redis_url, prefix) as cluster:
-        mock = await cluster.mock()
-        cluster.settings.update(
-            TOKENRELAY_PROVIDER="openai",
-            OPENAI_BASE_URL=mock.url,
-            OPENAI_MODEL="mock-llm",
-            TOKENRELAY_RECLAIM_IDLE_MS="1000",
-        )
+        mock = await cluster.answer_with_mock(TOKENRELAY_RECLAIM_IDLE_MS="1000")
         gateway = await cluster.gateway()
         doomed = await cluster.worker("worker-1")
         question = f"Sampled {directive(tokens=TOKENS, rate=20, sample=1)}"

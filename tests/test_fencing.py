@@ -29,13 +29,7 @@ async def test_a_paused_then_reclaimed_worker_cannot_write(
     prefix = f"x{secrets.token_hex(4)}:"
     keys = Keys(prefix)
     async with Cluster(tmp_path, redis_url, prefix) as cluster:
-        mock = await cluster.mock()
-        cluster.settings.update(
-            TOKENRELAY_PROVIDER="openai",
-            OPENAI_BASE_URL=mock.url,
-            OPENAI_MODEL="mock-llm",
-            TOKENRELAY_RECLAIM_IDLE_MS="1000",
-        )
+        await cluster.answer_with_mock(TOKENRELAY_RECLAIM_IDLE_MS="1000")
         gateway = await cluster.gateway()
         paused = await cluster.worker("worker-1")
         question = f"F {directive(tokens=60, rate=15)}"

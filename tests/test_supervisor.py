@@ -71,10 +71,7 @@ async def test_crashed_worker_process_answers_go_on(
     prefix = f"s{secrets.token_hex(4)}:"
     keys = Keys(prefix)
     async with Cluster(tmp_path, redis_url, prefix) as cluster:
-        mock = await cluster.mock()
-        cluster.settings.update(
-            TOKENRELAY_PROVIDER="openai", OPENAI_BASE_URL=mock.url, OPENAI_MODEL="mock-llm"
-        )
+        await cluster.answer_with_mock()
         serve = await cluster.serve(workers=2)
         before = await processes(serve)
         questions = [f"S{n} {directive(tokens=80, rate=20)}" for n in range(5)]
@@ -136,11 +133,7 @@ async def test_sigterm_to_one_of_two_workers_hands_its_answer_to_the_other(
     prefix = f"s{secrets.token_hex(4)}:"
     keys = Keys(prefix)
     async with Cluster(tmp_path, redis_url, prefix) as cluster:
-        mock = await cluster.mock()
-        cluster.settings.update(
-            TOKENRELAY_PROVIDER="openai",
-            OPENAI_BASE_URL=mock.url,
-            OPENAI_MODEL="mock-llm",
+        await cluster.answer_with_mock(
             TOKENRELAY_GRACE_PERIOD_S="1",
             TOKENRELAY_RECLAIM_IDLE_MS="60000",  # only a release can hand it over quickly
         )
@@ -184,13 +177,7 @@ async def test_serve_stopped_and_restarted_mid_answer_completes(
     """The default layout (embedded Valkey in the data directory): SIGTERM `serve` while an
     answer streams, start it again; the viewer re-attaches and gets the answer whole."""
     async with Cluster(tmp_path, redis_url, "tokenrelay:") as cluster:
-        mock = await cluster.mock()
-        cluster.settings.update(
-            TOKENRELAY_PROVIDER="openai",
-            OPENAI_BASE_URL=mock.url,
-            OPENAI_MODEL="mock-llm",
-            TOKENRELAY_GRACE_PERIOD_S="1",
-        )
+        await cluster.answer_with_mock(TOKENRELAY_GRACE_PERIOD_S="1")
         serve = await cluster.serve(workers=1, embedded=True)
         children = await processes(serve)
         question = f"R {directive(tokens=80, rate=10)}"

@@ -154,6 +154,18 @@ class Cluster:
         await wait_http(proc, f"{proc.url}/models")
         return proc
 
+    async def answer_with_mock(self, **settings: str) -> Proc:
+        """Start the mock model and make it the model of every process started after
+        (the `openai` provider pointed at it), with these settings too."""
+        mock = await self.mock()
+        self.settings.update(
+            TOKENRELAY_PROVIDER="openai",
+            OPENAI_BASE_URL=mock.url,
+            OPENAI_MODEL="mock-llm",
+            **settings,
+        )
+        return mock
+
     async def gateway(
         self, name: str = "gateway", workers: int = 0, log_level: str = "warning", **extra: str
     ) -> Proc:
