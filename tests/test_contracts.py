@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,6 +28,7 @@ import pytest
 import socketio
 import uvicorn
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, NodesManager
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -37,7 +38,15 @@ from websockets.asyncio.client import connect as ws_connect
 
 from tests.support.net import free_port
 from tests.support.sockets import connected, wait_for
-from tokenrelay.connection import BLOCK_MARGIN_S, dedicated_client
+from tests.support.valkey_cluster import ValkeyCluster
+from tokenrelay.connection import (
+    BLOCK_MARGIN_S,
+    ClusterClient,
+    as_cluster,
+    cluster_client,
+    dedicated_client,
+    node_client,
+)
 from tokenrelay.gateway.access import Access
 from tokenrelay.gateway.packets import UNREADABLE, TolerantPacket
 from tokenrelay.gateway.sockets import SOCKET_QUEUE_MAX, SocketGateway
@@ -500,3 +509,110 @@ async def test_the_gateway_emit_waits_while_the_queue_is_full(
         await wait_for(lambda: gateway.queued() == [])
         async with asyncio.timeout(1):
             await gateway._emit(sid, "chunk", "after the end")
+
+
+# -- redis-py's cluster client: what connection.py's ClusterClient builds on ------------------
+#
+# connection.py retries a cluster pipeline's failed commands itself and forces a layout
+# refresh after a failover: it reads `ClusterPipeline._execution_strategy._command_queue`
+# (the queued PipelineCommands: `args`, `kwargs`, `result`), runs `ClusterPipeline.execute`
+# and `reset`, and sets `RedisCluster._initialize`. `_execution_strategy` first appeared in
+# redis-py 6.2 (a minor release): these internals move between minors.
+
+
+@pytest.fixture(scope="module")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    cluster = ValkeyCluster(tmp_path_factory.mktemp("contract-cluster")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@asynccontextmanager
+async def cluster(url: str) -> AsyncIterator[ClusterClient]:
+    client = as_cluster(cluster_client(url, size=4, name="contract-cluster"))
+    try:
+        await client.initialize()
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.cluster
+async def test_setting_initialize_makes_the_next_command_reread_the_layout(
+    valkey_cluster: ValkeyCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with cluster(valkey_cluster.url) as client:
+        calls = 0
+        reread = NodesManager.initialize
+
+        async def counting(self: NodesManager, *args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return await reread(self, *args, **kwargs)
+
+        monkeypatch.setattr(NodesManager, "initialize", counting)
+        assert client._initialize is False, "initialised once"
+        await client.set("contract:{a}", "1")
+        assert calls == 0
+        client._initialize = True  # what connection.py does after a failover
+        assert await client.get("contract:{a}") == "1"
+        assert calls == 1 and client._initialize is False
+        client._initialize = True
+        async with client.pipeline() as pipe:
+            pipe.get("contract:{a}")
+            assert await pipe.execute() == ["1"]
+        assert calls == 2
+        await client.delete("contract:{a}")
+
+
+@pytest.mark.cluster
+async def test_a_cluster_pipeline_exposes_its_queued_commands(
+    valkey_cluster: ValkeyCluster,
+) -> None:
+    async with cluster(valkey_cluster.url) as client:
+        pipe = ClusterPipeline(client)  # type: ignore[abstract]
+        pipe.set("contract:{b}", "v")
+        pipe.get("contract:{b}")
+        pipe.incr("contract:{b}")  # fails: not an integer
+        queue = list(pipe._execution_strategy._command_queue)  # type: ignore[attr-defined]
+        assert [cmd.args for cmd in queue] == [
+            ("SET", "contract:{b}", "v"),
+            ("GET", "contract:{b}"),
+            ("INCRBY", "contract:{b}", 1),
+        ]
+        assert all(isinstance(cmd.kwargs, dict) and cmd.result is None for cmd in queue)
+        # As ClusterClient.run_bounded calls it: errors come back as results.
+        results = await ClusterPipeline.execute(pipe, raise_on_error=False)
+        assert results[:2] == [True, "v"] and isinstance(results[2], ResponseError)
+        assert [cmd.result for cmd in queue][:2] == [True, "v"]
+        assert isinstance(queue[2].result, ResponseError)
+        await pipe.reset()  # type: ignore[no-untyped-call]
+        assert pipe._execution_strategy._command_queue == []  # type: ignore[attr-defined]
+        # A command re-queued from a PipelineCommand's args and kwargs runs as the original.
+        again = ClusterPipeline(client)  # type: ignore[abstract]
+        again.execute_command(*queue[1].args, **queue[1].kwargs)
+        assert await again.execute() == ["v"]
+        await client.delete("contract:{b}")
+
+
+@pytest.mark.cluster
+async def test_a_node_client_reaches_the_node_serving_a_key(
+    valkey_cluster: ValkeyCluster,
+) -> None:
+    """The relay's cluster reader: `get_node_from_key` and a ClusterNode's host, port and
+    connection_kwargs give a plain connection that may block on that slot's keys."""
+    async with cluster(valkey_cluster.url) as client:
+        key = "contract:{c}:answer"
+        node = client.get_node_from_key(key)
+        assert isinstance(node, ClusterNode)
+        reader = node_client(node, name="contract-node-reader", block_ms=100)
+        try:
+            await client.xadd(key, {"type": "chunk", "data": "here"})
+            reply = await _Reader._xread(reader, _packed((key, "0-0")))
+            ((got_key, raw),) = _pairs(reply)
+            assert got_key == key and raw[0][1] == ["type", "chunk", "data", "here"]
+        finally:
+            await reader.aclose()
+            await client.delete(key)
