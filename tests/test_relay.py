@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import pytest
 from redis.asyncio import Redis
 
+from tests.support.sockets import wait_for
 from tokenrelay.connection import dedicated_client, pooled_client
 from tokenrelay.relay import BUFFER_BYTES, Relay, Subscription
 from tokenrelay.services import make_store
@@ -81,12 +82,6 @@ async def reader_connections(redis: Redis, name: str) -> int:
     return sum(1 for c in clients if c.get("name") == name)
 
 
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 def ids_of(entries: list[Entry]) -> list[str]:
     return [e.entry_id for e in entries]
 
@@ -136,9 +131,9 @@ async def test_a_viewer_whose_buffer_fills_catches_up_from_redis(
 
         slow_task = h.spawn(slow_viewer())
         fast_task = h.spawn(collect(relay, qid))
-        await wait_until(lambda: relay.viewers == 2)  # both live, the stream still empty
+        await wait_for(lambda: relay.viewers == 2)  # both live, the stream still empty
         first = await store.append(qid, Entry(EntryType.START))
-        await wait_until(lambda: len(slow) == 1)
+        await wait_for(lambda: len(slow) == 1)
         ids = [first]
         for start in range(0, 300, 30):
             batch = [
@@ -151,7 +146,7 @@ async def test_a_viewer_whose_buffer_fills_catches_up_from_redis(
         async with asyncio.timeout(TIMEOUT_S):
             fast = await fast_task  # a stalled viewer never holds up another
             # Bounded: the stalled viewer holds at most `limit` entries, not 300.
-            await wait_until(lambda: relay.lags() == [limit])
+            await wait_for(lambda: relay.lags() == [limit])
             resume.set()
             await slow_task
     assert ids_of(fast) == ids
@@ -178,7 +173,7 @@ async def test_overflow_under_a_steady_producer(
             return got
 
         viewers = [h.spawn(pausing_viewer(n)) for n in (7, 13, 40, 10_000)]
-        await wait_until(lambda: relay.viewers == len(viewers))
+        await wait_for(lambda: relay.viewers == len(viewers))
         async with asyncio.timeout(TIMEOUT_S):
             ids = await produce(store, qid, 400, every_s=0.001)
             results = await asyncio.gather(*viewers)
@@ -198,7 +193,7 @@ async def test_attach_after_a_cursor_mid_answer(
         written = [await store.append(qid, Entry(EntryType.START))]
         written += [await store.append(qid, Entry(EntryType.CHUNK, f"{i}")) for i in range(20)]
         resident = h.spawn(collect(relay, qid))  # keeps the key in the shared read
-        await wait_until(lambda: relay.watched == 1)
+        await wait_for(lambda: relay.watched == 1)
         late = h.spawn(collect(relay, qid, written[5]))
         more = [await store.append(qid, Entry(EntryType.CHUNK, f"more{i}")) for i in range(10)]
         end = await store.append(qid, Entry(EntryType.END))
@@ -219,7 +214,7 @@ async def test_attaches_racing_a_producer_have_no_gap_and_no_duplicate(
         relay, store = h.relay, h.store
         qid = "race"
         resident = h.spawn(collect(relay, qid))
-        await wait_until(lambda: relay.watched == 1)
+        await wait_for(lambda: relay.watched == 1)
         producing = h.spawn(produce(store, qid, 300, every_s=0.002))
         late: list[tuple[str, asyncio.Task[list[Entry]]]] = []
         while not producing.done():
@@ -267,7 +262,7 @@ async def test_an_entry_the_relay_cannot_read_does_not_stop_the_shared_read(
         relay, store = h.relay, h.store
         h.spawn(collect(relay, "odd"))
         other = h.spawn(collect(relay, "other"))
-        await wait_until(lambda: relay.watched == 2)
+        await wait_for(lambda: relay.watched == 2)
         await store.redis.xadd(store.keys.answer("odd"), {"type": "from-the-future", "data": "{}"})
         await asyncio.sleep(0.2)
         try:
@@ -289,7 +284,7 @@ async def test_many_answers_over_one_reading_connection(
     async with running_relay(make_settings()) as h:
         relay, store, name = h.relay, h.store, h.reader_name
         viewers = {qid: [h.spawn(collect(relay, qid)) for _ in range(2)] for qid in answers}
-        await wait_until(lambda: (relay.watched, relay.viewers) == (len(answers), 2 * len(answers)))
+        await wait_for(lambda: (relay.watched, relay.viewers) == (len(answers), 2 * len(answers)))
         async with asyncio.timeout(TIMEOUT_S):
             produced = await asyncio.gather(
                 *(produce(store, qid, 25, every_s=0.002) for qid in answers)
@@ -311,7 +306,7 @@ async def test_the_reader_reconnects_after_its_connection_is_killed(
         relay, store, name = h.relay, h.store, h.reader_name
         qid = "killed"
         viewer = h.spawn(collect(relay, qid))
-        await wait_until(lambda: relay.watched == 1)
+        await wait_for(lambda: relay.watched == 1)
         producing = h.spawn(produce(store, qid, 200, every_s=0.002))
         await asyncio.sleep(0.1)
         clients: Any = await redis.client_list()
@@ -330,14 +325,14 @@ async def test_a_viewer_that_leaves_drops_the_key_from_the_read(
     async with running_relay(make_settings()) as h:
         relay, store = h.relay, h.store
         waiting = [h.spawn(collect(relay, "left")) for _ in range(viewers)]
-        await wait_until(lambda: relay.viewers == viewers and relay.watched == 1)
+        await wait_for(lambda: relay.viewers == viewers and relay.watched == 1)
         for task in waiting:
             task.cancel()  # as a disconnect cancels its watch
         await asyncio.gather(*waiting, return_exceptions=True)
         assert relay.viewers == 0 and relay.watched == 0
         # The relay goes on serving others.
         other = h.spawn(collect(relay, "other"))
-        await wait_until(lambda: relay.watched == 1)
+        await wait_for(lambda: relay.watched == 1)
         async with asyncio.timeout(TIMEOUT_S):
             ids = await produce(store, "other", 3)
             assert ids_of(await other) == ids
