@@ -131,7 +131,7 @@ async def turns(tab: Tab) -> list[tuple[str, str]]:
 
 async def follow_up(tab: Tab, text: str) -> None:
     """Type in the follow-up box under the answer and press Enter, like a person."""
-    box = tab.page.get_by_label("Follow-up question")
+    box = tab.page.get_by_label("Follow-up", exact=True)
     await box.fill(text)
     await box.press("Enter")
 
@@ -153,7 +153,7 @@ async def test_a_follow_up_under_the_answer_continues_the_conversation(
 ) -> None:
     tab = await open_tab(context, mocked.url)
     page = tab.page
-    follow_box = page.get_by_label("Follow-up question")
+    follow_box = page.get_by_label("Follow-up", exact=True)
     assert await follow_box.is_hidden(), "no follow-up before there is an answer"
 
     q1 = question("What is a stream?", reply("one"), rate=25)
@@ -265,7 +265,7 @@ async def test_a_thread_reloads_whole_and_opens_whole_from_history(
     # Replay works per answer: the latest replays under the turns, which stay.
     await tab.page.get_by_role("button", name="Replay at original pace").click()
     await tab.wait_status("replaying", timeout_s=3)
-    assert await tab.page.get_by_label("Follow-up question").is_hidden()
+    assert await tab.page.get_by_label("Follow-up", exact=True).is_hidden()
     assert await turns(tab) == [(q1, reply("alpha"))]
     await tab.wait_status("done", timeout_s=30)
     assert words(await tab.answer_text()) == words(reply("beta", 40))
@@ -311,7 +311,7 @@ async def test_a_thread_at_phone_width(mocked: Served, browser: Browser) -> None
         first = await wait_answer(tab, None)
         await follow_up(tab, question("Still readable?", reply("still")))
         await wait_answer(tab, first)
-        assert await tab.page.get_by_role("button", name="Ask follow-up").is_visible()
+        assert await tab.page.get_by_role("button", name="Send follow-up").is_visible()
         overflow = await tab.page.evaluate(
             "document.scrollingElement.scrollWidth - document.documentElement.clientWidth"
         )
