@@ -181,20 +181,23 @@ class Questions(StoreBase):
         start, page = 0, limit if owner is None else max(limit, 100)
         # The index is bounded (history_max), so even a filtered scan is.
         while len(found) < limit:
-            records, seen = await self._history_page(start, page, owner)
+            records, seen, removed = await self._history_page(start, page, owner)
             found.extend(records)
             if seen < page or owner is None:
                 break
-            start += page
+            # The expired ids just removed shrank the index: the next page starts that much
+            # nearer, or as many ids would be skipped.
+            start += seen - removed
         return found[:limit]
 
     async def _history_page(
         self, start: int, count: int, owner: str | None
-    ) -> tuple[list[QuestionRecord], int]:
-        """Records of ids [start, start+count) of the index, and how many ids there were."""
+    ) -> tuple[list[QuestionRecord], int, int]:
+        """Records of ids [start, start+count) of the index, how many ids there were, and how
+        many of them were expired (and removed from the index)."""
         ids: Any = await self.redis.zrevrange(self.keys.history, start, start + count - 1)
         if not ids:
-            return [], 0
+            return [], 0, 0
         async with self.redis.pipeline(transaction=False) as pipe:
             for question_id in ids:
                 pipe.hgetall(self.keys.question(question_id))
@@ -207,7 +210,7 @@ class Questions(StoreBase):
             for qid, h in zip(ids, hashes, strict=True)
             if h and (owner is None or h.get(RecordField.OWNER, "") == owner)
         ]
-        return records, len(ids)
+        return records, len(ids), len(expired)
 
     async def lost(self, older_than_ms: int, lock_ms: int) -> list[QuestionRecord]:
         """Questions still `queued` whose request is no longer in the request stream (lost
