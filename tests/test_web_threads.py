@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, BrowserContext
+from playwright.async_api import Browser, BrowserContext, Route
 
 from tests.support.web import assert_healthy
 from tests.web_browser import Tab, build_bundle, chromium, open_tab
@@ -319,3 +319,53 @@ async def test_a_thread_at_phone_width(mocked: Served, browser: Browser) -> None
         assert_healthy(tab)
     finally:
         await context.close()
+
+
+async def test_a_second_tab_follows_a_thread_live_and_follows_it_up_while_it_loads(
+    mocked: Served, browser: Browser, context: BrowserContext
+) -> None:
+    tab = await open_tab(context, mocked.url)
+    q1 = question("Live thread: what is a stream?", reply("first"))
+    await tab.ask(q1)
+    first = await wait_answer(tab, None)
+    q2 = question("And live?", reply("second", 30), rate=15)
+    await follow_up(tab, q2)
+    await tab.wait_status("streaming")
+    second = tab.question_id
+    assert second and second != first
+
+    other_context = await browser.new_context(viewport={"width": 1000, "height": 800})
+
+    async def slowly(route: Route) -> None:
+        await asyncio.sleep(6)  # the first turn arrives long after the answer below it ends
+        await route.continue_()
+
+    await other_context.route(f"**/api/questions/{first}", slowly)
+    try:
+        other = await open_tab(other_context, mocked.url, f"/?q={second}")
+        seen = await other.watch_growth(until="done")
+        grew = [len(words(text)) for text in seen[:-1] if words(text)]
+        assert len(grew) >= 2 and grew == sorted(grew), "the second tab follows it live"
+        assert words(seen[-1]) == words(reply("second", 30))
+        assert await turns(other) == [], "the first turn is still on its way"
+
+        # Followed up at once: the thread comes whole once the first turn has arrived.
+        q3 = question("Still there?", reply("third"))
+        await follow_up(other, q3)
+        await wait_answer(other, second)
+        await other.page.wait_for_function(
+            "() => document.querySelectorAll('#thread-turns > li').length === 2",
+            timeout=15_000,
+        )
+        assert await turns(other) == [(q1, reply("first")), (q2, reply("second", 30))]
+        assert [role for role, _ in await received(mocked, "Still there?")] == [
+            "system",
+            "user",
+            "assistant",
+            "user",
+            "assistant",
+            "user",
+        ]
+        assert_healthy(tab, other)
+    finally:
+        await other_context.close()

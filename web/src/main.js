@@ -33,6 +33,8 @@ let openOnceAllowed = null;
 let turns = [];
 /** Bumped whenever the turns shown change: an older load of them is then dropped. */
 let turnsSeq = 0;
+/** The answer whose earlier turns `turns` holds in full (null while they load). */
+let turnsOf = null;
 /** The follow-up box had the focus when it asked: it gets it back when the answer is done. */
 let refocusFollow = false;
 
@@ -117,10 +119,11 @@ function currentThread() {
   return current.meta.thread || turns[0]?.id || current.id;
 }
 
-/** Show `list` as the current answer's earlier turns. */
-function setTurns(list) {
+/** Show `list` as the current answer's earlier turns; `of`: the answer they are all of. */
+function setTurns(list, of = null) {
   turnsSeq += 1;
   turns = list;
+  turnsOf = of;
   view.renderThread(turns);
 }
 
@@ -133,10 +136,17 @@ async function fetchAnswer(id) {
   return answer;
 }
 
-/** Show the turns `answer` follows: this tab's snapshots at once, the rest from the server. */
-async function showEarlierTurns(answer) {
-  setTurns([]);
-  if (!answer.meta.follows) return;
+/**
+ * Show the turns `answer` follows: this tab's snapshots at once, the rest from the server.
+ * `clear: false` keeps the turns shown until the whole list is there.
+ */
+async function showEarlierTurns(answer, { clear = true } = {}) {
+  if (!answer.meta.follows) {
+    setTurns([], answer.id);
+    return;
+  }
+  if (clear) setTurns([]);
+  else turnsSeq += 1; // a load already under way is dropped
   const seq = turnsSeq;
   const list = await earlierTurns(
     answer,
@@ -156,7 +166,7 @@ async function showEarlierTurns(answer) {
     },
   );
   if (seq !== turnsSeq || current?.id !== answer.id) return; // another answer is shown now
-  setTurns(list);
+  setTurns(list, answer.id);
   view.markCurrentInHistory(currentThread());
 }
 
@@ -251,6 +261,7 @@ async function openQuestion(id, { push = true } = {}) {
  */
 async function ask(topic, question, stream, parent = null) {
   const earlier = turns;
+  const earlierOf = turnsOf;
   leaveCurrent();
   view.clearNotice();
   const seq = ++askSeq;
@@ -270,14 +281,18 @@ async function ask(topic, question, stream, parent = null) {
     setAddress(answer.id, true);
     show(answer);
     watch(answer);
+    // The parent's own turns were still loading when it was followed up: load them now.
+    if (!parent || earlierOf === parent.id) turnsOf = answer.id;
+    else showEarlierTurns(answer, { clear: false });
     refreshHistory();
     if (parent) view.els.followQuestion.value = "";
   } catch (e) {
     if (seq !== askSeq) return;
     if (parent) {
       // Not asked: the thread stays as it was, the follow-up still typed in its box.
-      setTurns(earlier);
+      setTurns(earlier, earlierOf);
       show(parent);
+      if (earlierOf !== parent.id) showEarlierTurns(parent, { clear: false });
       if (refocusFollow) view.els.followQuestion.focus();
       refocusFollow = false;
     } else {
