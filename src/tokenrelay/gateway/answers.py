@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tokenrelay.errors import AnswerTimeout
@@ -13,7 +14,7 @@ from tokenrelay.gateway.inputs import AskInput, reachable_cursor
 from tokenrelay.relay import Relay
 from tokenrelay.services import Services
 from tokenrelay.store import Store, answer_text
-from tokenrelay.wire import Context, Entry, EntryType, QuestionRecord
+from tokenrelay.wire import FINISHED_STATUSES, Context, Entry, EntryType, QuestionRecord
 
 WHOLE_ANSWER_TIMEOUT_S = 600.0
 # Text one `GET /api/questions/{id}` returns at most (the JSON body is about twice that).
@@ -73,6 +74,21 @@ async def attach(
     record = await svc.store.record(question_id)
     access.check_record(question_id, record.owner, who)
     return record, await reachable_cursor(svc.store, question_id, cursor)
+
+
+def at_end(record: QuestionRecord, cursor: str) -> bool:
+    """True when `cursor` is the terminal entry of a finished answer: nothing can follow."""
+    return record.status in FINISHED_STATUSES and cursor == record.last_entry_id
+
+
+async def follow(svc: Services, record: QuestionRecord, cursor: str) -> AsyncIterator[Entry]:
+    """The answer's entries after `cursor`, live, to its terminal entry; nothing at all when
+    the cursor already is that entry (else the viewer would wait for ever)."""
+    if at_end(record, cursor):
+        return
+    assert svc.relay is not None
+    async for entry in svc.relay.follow(record.id, cursor):
+        yield entry
 
 
 async def whole(svc: Services, question_id: str) -> WholeAnswer:

@@ -210,11 +210,10 @@ async def events(
     as the Socket.IO `answer` event. Reconnect with `Last-Event-ID` or `?after=`."""
     cursor = parse_cursor(last_event_id if last_event_id is not None else after)
     record, cursor = await attached(request, qid, who, cursor)
-    relay = services(request).relay
-    assert relay is not None
+    svc = services(request)
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
-        async for entry in relay.follow(record.id, cursor):
+        async for entry in answers.follow(svc, record, cursor):
             yield ServerSentEvent(
                 data=dumps(entry.event(record.id)), event=entry.type.value, id=entry.entry_id
             )

@@ -192,8 +192,6 @@ def _failure(entry: Entry) -> OpenAIError:
 
 
 def _stream(request: Request, record: QuestionRecord, cursor: str, *, usage: bool) -> Response:
-    relay = services(request).relay
-    assert relay is not None
     head = {**_head(record, record.model), "object": "chat.completion.chunk"}
 
     def chunk(entry: Entry, delta: dict[str, str], finish: str | None = None) -> ServerSentEvent:
@@ -202,7 +200,7 @@ def _stream(request: Request, record: QuestionRecord, cursor: str, *, usage: boo
         return ServerSentEvent(data=dumps(data), id=entry.entry_id)
 
     async def events() -> AsyncIterator[ServerSentEvent]:
-        async for entry in relay.follow(record.id, cursor):
+        async for entry in answers.follow(services(request), record, cursor):
             if entry.type is EntryType.START:
                 head["model"] = str(entry.meta.get("model") or head["model"])
                 yield chunk(entry, {"role": "assistant", "content": ""})

@@ -25,7 +25,7 @@ from tokenrelay.gateway.conversation import follow_up
 from tokenrelay.gateway.inputs import ask_input, idempotency_key, question_id, watch_input
 from tokenrelay.gateway.packets import UNREADABLE
 from tokenrelay.services import Services
-from tokenrelay.wire import EntryType, dumps
+from tokenrelay.wire import EntryType, QuestionRecord, dumps
 
 log = logging.getLogger(__name__)
 
@@ -255,14 +255,13 @@ class SocketGateway:
         record, after = await answers.attach(
             self._services(), self._access, self._caller(sid), qid, after
         )
-        self._own(sid, qid, self._relay_answer(sid, record.id, after))
+        if not answers.at_end(record, after):  # else nothing can come: hold no watch
+            self._own(sid, qid, self._relay_answer(sid, record, after))
         return {"ok": True, "id": qid, "status": record.status.value}
 
-    async def _relay_answer(self, sid: str, qid: str, after: str) -> None:
-        relay = self._services().relay
-        assert relay is not None
-        async for entry in relay.follow(qid, after):
-            await self._emit(sid, "answer", entry.event(qid))
+    async def _relay_answer(self, sid: str, record: QuestionRecord, after: str) -> None:
+        async for entry in answers.follow(self._services(), record, after):
+            await self._emit(sid, "answer", entry.event(record.id))
 
     async def _unwatch(self, sid: str, data: Any) -> dict[str, Any]:
         qid = question_id(data.get("id") if isinstance(data, dict) else data)

@@ -95,7 +95,6 @@ class Answer:
         self.first_ms = 0
         self._resume = _Resume("")
         self._partial = ""  # what a stopped worker wrote: the model is asked to continue it
-        self._prior_chunks = 0  # chunk entries in the stream before this delivery
         self._pieces = 0  # text pieces the model gave this delivery
         self._box: Outbox | None = None  # the answer's entries on their way to its stream
         self._ahead = -1
@@ -192,8 +191,7 @@ class Answer:
             self._partial = written
         else:
             self._resume = _Resume(written)
-        self._prior_chunks = sum(1 for e in prior if e.type is EntryType.CHUNK)
-        self.chunks = self._prior_chunks
+        self.chunks = sum(1 for e in prior if e.type is EntryType.CHUNK)
         return None
 
     async def _write_start(self, provider: Provider, record: QuestionRecord) -> None:
@@ -259,9 +257,12 @@ class Answer:
         diverged, text = self._resume.feed(item)
         if diverged:
             box.put(Entry(EntryType.RESTART, meta={"reason": RESTART_REASON}))
+            self.chunks = 0
         if not text:
             return
         box.put(Entry(EntryType.CHUNK, text))
+        # Pieces the model gave, whatever the batching: queued pieces may share an entry.
+        self.chunks += 1
         self._pieces += 1
         self._gap.tick()
         self.first_ms = self.first_ms or now_ms()
@@ -276,9 +277,6 @@ class Answer:
             # terminal entry: it says what went wrong.
             with contextlib.suppress(StoreError, RedisError, OSError):
                 await self._box.drain()
-            # Entries written, not model pieces: queued pieces may share an entry.
-            box = self._box
-            self.chunks = (0 if box.restarted else self._prior_chunks) + box.chunks
         created = self.record.created_ms
         ended = now_ms()
         ttft_ms = self.first_ms - created if self.first_ms else -1

@@ -56,8 +56,6 @@ class Outbox:
         self.epoch = epoch
         self.cancel_requested = False
         self.written = 0  # entries written so far
-        self.chunks = 0  # chunk entries written since the last `restart` this box wrote
-        self.restarted = False
         self._writer = writer
         self._entries: list[Entry] = []  # not sent yet
         self._failure: BaseException | None = None
@@ -89,17 +87,13 @@ class Outbox:
         taken, self._entries = self._entries, []
         return taken
 
-    def _sent(self, sent: list[Entry], results: list[tuple[str | None, bool]]) -> None:
-        for entry, (entry_id, cancel) in zip(sent, results, strict=True):
+    def _sent(self, results: list[tuple[str | None, bool]]) -> None:
+        for entry_id, cancel in results:
             if entry_id is None:
                 self._failure = self._failure or _fenced(self.question_id)
                 continue
             self.written += 1
             self.cancel_requested = self.cancel_requested or cancel
-            if entry.type is EntryType.CHUNK:
-                self.chunks += 1
-            elif entry.type is EntryType.RESTART:
-                self.chunks, self.restarted = 0, True
         self._settle()
 
     def _failed(self, error: BaseException) -> None:
@@ -201,5 +195,5 @@ class ChunkWriter:
                 p.done.set_result(Appended(entry_id, cancel))
         at = len(appends)
         for box, sent in boxes:
-            box._sent(sent, results[at : at + len(sent)])
+            box._sent(results[at : at + len(sent)])
             at += len(sent)
