@@ -22,7 +22,7 @@ from tests.support.sockets import connected, wait_for
 from tests.support.sse import Event, events
 from tests.support.valkey_cluster import ValkeyCluster
 from tokenrelay.connection import cluster_client
-from tokenrelay.keys import WORKER_GROUP
+from tokenrelay.keys import Keys
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import Store
@@ -233,7 +233,7 @@ async def test_master_killed_mid_answer(
         "TOKENRELAY_REDIS_CLUSTER": "true",
         "TOKENRELAY_PROVIDER": "scripted",
         "TOKENRELAY_SCRIPTED_TEXT": WORDS,
-        "TOKENRELAY_SCRIPTED_RATE": "20",
+        "TOKENRELAY_SCRIPTED_RATE": "10",
         "TOKENRELAY_RECLAIM_IDLE_MS": "3000",
     }
     async with Processes(tmp_path, valkey_cluster.url, prefix, env) as procs:
@@ -251,7 +251,9 @@ async def test_master_killed_mid_answer(
             ]
             watched = qids[0]
             viewers = [
-                asyncio.create_task(_whole_events(client, f"{g.url}/api/questions/{watched}/events"))
+                asyncio.create_task(
+                    _whole_events(client, f"{g.url}/api/questions/{watched}/events")
+                )
                 for g in gateways
             ] + [
                 asyncio.create_task(
@@ -259,13 +261,16 @@ async def test_master_killed_mid_answer(
                 )
                 for n, qid in enumerate(qids[1:])
             ]
-            await asyncio.sleep(1.0)  # about 20 chunks in
-            victim = _master_of(valkey_cluster, Processes_keys(prefix).answer(watched))
+            await asyncio.sleep(1.0)  # about 10 of 22 chunks in
+            victim = _master_of(valkey_cluster, Keys(prefix, 16, cluster=True).answer(watched))
             victim.kill()
             async with asyncio.timeout(90):
                 results = await asyncio.gather(*viewers)
     ends = [seen[-1].event for seen in results]
     assert all(end in ("end", "error") for end in ends), ends
+    for seen in results:  # an `error` says what happened; an `end` means the whole text
+        if seen[-1].event == "end":
+            assert _text(seen) == WORDS
     watched_views = results[:3]
     texts = {_text(seen) for seen in watched_views}
     assert len(texts) == 1, "the gateways disagree about the answer"
@@ -278,12 +283,6 @@ async def test_master_killed_mid_answer(
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def Processes_keys(prefix: str) -> Any:  # noqa: N802
-    from tokenrelay.keys import Keys
-
-    return Keys(prefix, 16, True)
 
 
 def _slot(key: str) -> int:
@@ -355,6 +354,3 @@ def _text(seen: list[Event]) -> str:
         elif e.event == "restart":
             parts.clear()
     return "".join(parts)
-
-
-__all__ = ["WORKER_GROUP"]

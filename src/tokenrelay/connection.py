@@ -26,9 +26,9 @@ from typing import Any, cast
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ClusterDownError, NoScriptError, SlotNotCoveredError
+from redis.exceptions import ClusterDownError, NoScriptError, RedisError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -109,14 +109,51 @@ def cluster_client(url: str, *, size: int, name: str, socket_timeout_s: float = 
         socket_keepalive=True,
         socket_timeout=socket_timeout_s,
         health_check_interval=30,
+        # Its own retries are immediate, and a failed pipeline closes every connection of
+        # the client (blocked reads included); ours wait, and close nothing.
+        retry=Retry(NoBackoff(), retries=0),
     )
     client.bound(size)
     return cast(Redis, client)
 
 
-def cluster_reader(url: str, *, name: str, block_ms: int, size: int) -> Redis:
-    """A cluster client for blocking reads: `size` of them may block at once."""
-    return cluster_client(url, size=size, name=name, socket_timeout_s=block_ms / 1000 + 10.0)
+class NodeReaders:
+    """Dedicated connections for blocking reads over a cluster, one per slot read: each to
+    the node serving its slot, opened on first use, reopened after MOVED or a failover
+    (`relocate`). redis-py's cluster client is not used for these: a read may block for
+    seconds, and its refreshes recycle connections that are in use."""
+
+    def __init__(self, cluster: Redis, *, name: str, block_ms: int) -> None:
+        self._cluster = as_cluster(cluster)
+        self._name = name
+        self._block_ms = block_ms
+        self._clients: dict[int, Redis] = {}
+
+    async def client_for(self, key: str) -> Redis:
+        slot = self._cluster.keyslot(key)
+        client = self._clients.get(slot)
+        if client is None:
+            node = self._cluster.get_node_from_key(key)
+            if node is None:
+                raise SlotNotCoveredError(f"no node serves {key}'s slot yet")
+            client = node_client(node, name=self._name, block_ms=self._block_ms)
+            self._clients[slot] = client
+        return client
+
+    async def relocate(self, key: str) -> None:
+        """Forget the connection for `key`'s slot and learn the cluster's layout anew."""
+        client = self._clients.pop(self._cluster.keyslot(key), None)
+        if client is not None:
+            await client.aclose()
+        try:
+            await self._cluster.nodes_manager.initialize()
+        except RedisError as e:
+            log.warning("redis cluster: cannot refresh the layout (%s)", e)
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
 
 
 def is_cluster(client: Any) -> bool:
@@ -146,12 +183,12 @@ class _Backoff:
         self._deadline = loop.time() + RETRY_WINDOW_S
         self._delay_s = RETRY_FIRST_S
 
-    async def wait(self, error: Exception) -> None:
-        """Sleep before the next try; raise `error` once the window is over."""
+    async def wait(self, error: Exception, what: object) -> None:
+        """Sleep before the next try of `what`; raise `error` once the window is over."""
         loop = asyncio.get_running_loop()
         if loop.time() + self._delay_s > self._deadline:
             raise error
-        log.warning("redis cluster: %s; trying again in %.2fs", error, self._delay_s)
+        log.warning("redis cluster: %s: %s; trying again in %.2fs", what, error, self._delay_s)
         await asyncio.sleep(self._delay_s)
         self._delay_s = min(self._delay_s * 2, RETRY_MAX_S)
 
@@ -174,7 +211,7 @@ class ClusterClient(RedisCluster):
                 if "target_nodes" in kwargs:  # aimed at one node: its caller decides
                     raise
                 backoff = backoff or _Backoff()
-                await backoff.wait(e)
+                await backoff.wait(e, args[0])
                 self._initialize = True  # learn the new layout before the next try
 
     def pipeline(
@@ -225,7 +262,7 @@ class _Pipeline(ClusterPipeline):
             if error is None:
                 error = next(c.result for c in failed if isinstance(c.result, Exception))
             backoff = backoff or _Backoff()
-            await backoff.wait(error)
+            await backoff.wait(error, f"pipeline ({len(failed)} commands)")
             client._initialize = True  # learn the new layout first
             pipe = ClusterPipeline(client)  # type: ignore[abstract]
             for cmd in failed:

@@ -241,6 +241,17 @@ class _Reader:
         log.warning("relay: reader for shard %s reconnects (%s)", self.tag, error)
 
     async def _run(self) -> None:
+        """The read loop, started again after anything unexpected: every viewer of every
+        answer on this gateway depends on it."""
+        while True:
+            try:
+                await self._read_loop()
+            except Exception:
+                log.exception("relay: the shared read failed unexpectedly; starting it again")
+                self._reader_id = None
+                await asyncio.sleep(0.1)
+
+    async def _read_loop(self) -> None:
         backoff_s = 0.05
         loop = asyncio.get_running_loop()
         armed_at = 0.0
@@ -277,9 +288,10 @@ class _Reader:
                 # A key dropped and re-added meanwhile has a new cursor: the next read serves it.
                 if not raw or self.read.cursors.get(key) != streams[key]:
                     continue
-                entries = [Entry.from_flat(entry_id, flat) for entry_id, flat in raw]
-                self.read.set(key, entries[-1].entry_id)
-                self._relay.deliver(key, entries)
+                self.read.set(key, raw[-1][0])
+                entries = _readable(key, raw)
+                if entries:
+                    self._relay.deliver(key, entries)
 
     @staticmethod
     async def _xread(reader: Redis, command: bytes) -> Any:
@@ -298,6 +310,18 @@ class _Reader:
         if isinstance(response, ResponseError):  # the parser hands error replies back
             raise response
         return response
+
+
+def _readable(key: str, raw: list[Any]) -> list[Entry]:
+    """The entries this version can read; one it cannot (a newer worker's type, an XADD by
+    hand) is logged and skipped rather than stopping the read every viewer shares."""
+    entries: list[Entry] = []
+    for entry_id, flat in raw:
+        try:
+            entries.append(Entry.from_flat(entry_id, flat))
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("relay: skipping entry %s of %s that cannot be read (%s)", entry_id, key, e)
+    return entries
 
 
 class Relay:

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from tokenrelay.connection import (
+    NodeReaders,
     cluster_client,
-    cluster_reader,
     dedicated_client,
     pooled_client,
     warm,
@@ -64,11 +64,10 @@ def redis_client(settings: Settings, url: str, *, size: int, name: str) -> Redis
     return pooled_client(url, size=size, name=name)
 
 
-def reader_client(settings: Settings, url: str, *, name: str) -> Redis:
+def reader_client(settings: Settings, store: Store, url: str, *, name: str) -> Redis | NodeReaders:
     """A worker's connection(s) for blocking reads: one, or in a cluster one per shard."""
     if settings.redis_cluster:
-        shards = settings.request_shard_count
-        return cluster_reader(url, name=name, block_ms=settings.block_ms, size=shards)
+        return NodeReaders(store.redis, name=name, block_ms=settings.block_ms)
     return dedicated_client(url, name=name, block_ms=settings.block_ms)
 
 
@@ -98,7 +97,7 @@ def make_worker(
 ) -> Worker:
     return Worker(
         store,
-        reader_client(settings, redis_url, name="tokenrelay-worker-read"),
+        reader_client(settings, store, redis_url, name="tokenrelay-worker-read"),
         provider,
         concurrency=settings.worker_concurrency,
         block_ms=settings.block_ms,

@@ -65,9 +65,9 @@ class ValkeyCluster:
         for node in self.nodes:
             _wait_ping(node.port)
         addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        replicas = ["--cluster-replicas", "1", "--cluster-yes"]
         subprocess.run(
-            [_bin("valkey-cli"), "--cluster", "create", *addrs]
-            + ["--cluster-replicas", "1", "--cluster-yes"],
+            [_bin("valkey-cli"), "--cluster", "create", *addrs, *replicas],
             check=True,
             capture_output=True,
             timeout=START_TIMEOUT_S,
@@ -160,4 +160,3 @@ def env_for(cluster: ValkeyCluster) -> dict[str, str]:
 
 
 __all__ = ["ValkeyCluster", "env_for"]
-

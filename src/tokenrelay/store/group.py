@@ -12,6 +12,7 @@ never be reclaimed, and their answers would stay `streaming` for ever.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,6 +40,17 @@ return 1
 """
 
 
+# Resets the idle time of the entries ARGV[3..] still pending for consumer ARGV[2].
+_BEAT_OWN = """
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  end
+end
+return 0
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Depth:
     pending: int  # taken by a worker, not yet acknowledged
@@ -63,6 +75,7 @@ class RequestGroup:
         self._shard_of = {stream: n for n, stream in enumerate(self.streams)}
         self._cluster = is_cluster(redis)
         self._forget = redis.register_script(_FORGET_IF_IDLE)
+        self._beat = redis.register_script(_BEAT_OWN)
         self._next_reclaim = 0
 
     @property
@@ -129,11 +142,16 @@ class RequestGroup:
 
     async def heartbeat(self, consumer: str, requests: list[str]) -> None:
         """Reset the idle time of requests still being answered: a long answer is not a dead
-        one. JUSTID: it does not count as another delivery."""
-        for shard, entry_ids in self._by_shard(requests).items():
-            await self.redis.xclaim(
-                self.streams[shard], WORKER_GROUP, consumer, 0, list[Any](entry_ids), justid=True
+        one. JUSTID: it does not count as another delivery. Only those still pending for
+        `consumer`: a worker woken from a pause must not take back what another reclaimed."""
+        by_shard = self._by_shard(requests)
+        # Side by side: a shard whose node is failing over must not starve the others' beats.
+        await asyncio.gather(
+            *(
+                self._beat(keys=[self.streams[shard]], args=[WORKER_GROUP, consumer, *ids])
+                for shard, ids in by_shard.items()
             )
+        )
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[Request]:
         """Take up to `count` requests idle for `min_idle_ms` (their worker died or let go),

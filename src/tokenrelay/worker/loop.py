@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from tokenrelay import metrics
+from tokenrelay.connection import NodeReaders
 from tokenrelay.providers.base import Provider
 from tokenrelay.providers.guard import Timeouts
 from tokenrelay.store import Store
@@ -45,7 +46,7 @@ class Worker:
     def __init__(
         self,
         store: Store,
-        reader: Redis,
+        reader: Redis | NodeReaders,
         provider: Provider,
         *,
         concurrency: int,
@@ -177,11 +178,17 @@ class Worker:
         backoff_s = 0.1
         while True:
             count = await self._take_slots(most)
+            key = self.store.group.streams[shards[0]]
             try:
+                reader = self._reader
+                if isinstance(reader, NodeReaders):  # cluster: this shard's node
+                    reader = await reader.client_for(key)
                 requests = await self.store.group.read_new(
-                    self._reader, self.name, count, self._block_ms, shards
+                    reader, self.name, count, self._block_ms, shards
                 )
             except (RedisError, OSError) as e:
+                if isinstance(self._reader, NodeReaders):
+                    await self._reader.relocate(key)  # MOVED, or a failover
                 what = "refused" if isinstance(e, ResponseError) else "unavailable"
                 log.warning(
                     "worker %s: XREADGROUP %s (%s); retrying in %.1fs",
