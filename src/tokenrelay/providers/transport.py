@@ -31,8 +31,9 @@ class LeanTransport(httpx.AsyncHTTPTransport):
     def __init__(self, limits: httpx.Limits) -> None:
         ssl_context = httpx.create_ssl_context()
         super().__init__(verify=ssl_context, limits=limits)
-        # The pool httpx builds, on another socket layer; httpx's own transports still
-        # serve the proxies the client finds in the environment.
+        # The pool httpx builds, on another socket layer. (httpx's attribute: were it renamed,
+        # httpx's own pool would serve, only slower. Behind a proxy the provider keeps
+        # httpx's transport: a client given a transport reads no proxy variable.)
         self._pool = httpcore.AsyncConnectionPool(
             ssl_context=ssl_context,
             max_connections=limits.max_connections,
