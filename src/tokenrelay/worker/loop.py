@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -92,6 +93,10 @@ class Worker:
         self._writer.start()
         metrics.SLOTS.inc(self._concurrency)
         sets = self.store.group.read_sets()
+        # From a random shard on: when the slots cannot arm every shard's read at once, each
+        # worker arms a different part, so together they cover all of them.
+        start = random.randrange(len(sets))
+        sets = sets[start:] + sets[:start]
         # One blocking read per set of shards (in a cluster, per shard); each takes at most
         # its share of the free slots, so every shard keeps a read armed while slots are free.
         most = max(1, self._concurrency // len(sets))
