@@ -168,6 +168,7 @@ def _write(
     lags = sorted(lag.lags_ns)
     summary: dict[str, Any] = {
         "deliveries": sum(len(v.recv_ns) for v in viewers),
+        "entries": sum(v.entries for v in viewers),
         "viewers": len(viewers),
         "viewers_done": sum(1 for v in viewers if v.terminal == "end"),
         "errors": errors[:5],

@@ -20,22 +20,30 @@ CONNECT_AT_ONCE = 100
 
 
 class Viewer:
-    """What one viewer of one answer received: chunk receive times (or latencies, direct)."""
+    """What one viewer of one answer received: each model chunk's receive time (or latency,
+    direct), and how many entries carried them."""
 
-    __slots__ = ("done", "error", "first_ns", "recv_ns", "stored_ms", "terminal")
+    __slots__ = ("done", "entries", "error", "first_ns", "recv_ns", "stored_ms", "terminal")
 
     def __init__(self) -> None:
         self.recv_ns = array("q")
         self.stored_ms = array("q")  # the ms part of each chunk's entry ID: when Redis stored it
+        self.entries = 0
         self.first_ns = 0
         self.terminal = ""
         self.error = ""
         self.done = asyncio.Event()
 
-    def entry(self, now_ns: int, kind: str, entry_id: str) -> None:
+    def entry(self, now_ns: int, kind: str, entry_id: str, text: str = "") -> None:
         if kind == "chunk":
-            self.recv_ns.append(now_ns)
-            self.stored_ms.append(int(entry_id.partition("-")[0]))
+            # A worker whose writes fall behind coalesces queued chunks into one entry; the
+            # mock's chunks are single words, so the words count the model's chunks in it.
+            chunks = len(text.split()) or 1
+            stored_ms = int(entry_id.partition("-")[0])
+            for _ in range(chunks):
+                self.recv_ns.append(now_ns)
+                self.stored_ms.append(stored_ms)
+            self.entries += 1
             self.first_ns = self.first_ns or now_ns
         elif kind in TERMINAL:
             self.terminal = kind
@@ -105,7 +113,7 @@ class SocketIODriver(Driver):
             def on_event(now_ns: int, packet: str) -> None:
                 event, data = orjson.loads(packet)
                 if event == "answer":
-                    viewer.entry(now_ns, data["type"], data["entry_id"])
+                    viewer.entry(now_ns, data["type"], data["entry_id"], data.get("text", ""))
 
             sock.on_event = on_event
             async with gate:
@@ -155,7 +163,9 @@ class SSEDriver(Driver):
                 for block in blocks:
                     fields = dict(f.split(b": ", 1) for f in block.split(b"\r\n") if b": " in f)
                     if b"event" in fields:
-                        viewer.entry(now, fields[b"event"].decode(), fields[b"id"].decode())
+                        kind = fields[b"event"].decode()
+                        data = orjson.loads(fields[b"data"]) if kind == "chunk" else {}
+                        viewer.entry(now, kind, fields[b"id"].decode(), data.get("text", ""))
                 if viewer.done.is_set():
                     return
 

@@ -10,8 +10,14 @@ from typing import Any
 from bench.spec import question_for
 from bench.stack import Stack
 
+# Paced, so that each token is its own entry (the largest stream): a worker coalesces
+# chunks into one entry only while a write is still on its way.
+RATE = 100.0
 
-async def measure_memory(stack: Stack, answers: int, tokens: int) -> dict[str, Any]:
+
+async def measure_memory(
+    stack: Stack, answers: int, tokens: int, rate: float = RATE
+) -> dict[str, Any]:
     """Ask `answers` questions of `tokens` tokens, wait for each to end, then read
     MEMORY USAGE (exact: SAMPLES 0) of its answer stream and record, and their TTL.
     `check_gone` later says whether retention removed them."""
@@ -19,7 +25,7 @@ async def measure_memory(stack: Stack, answers: int, tokens: int) -> dict[str, A
     redis, keys = stack.redis, stack.keys
 
     async def ask() -> str:
-        body = {"question": question_for(secrets.token_hex(8), tokens, 0), "stream": False}
+        body = {"question": question_for(secrets.token_hex(8), tokens, rate), "stream": False}
         assert stack.http is not None
         async with stack.http.post(
             f"{stack.gateway_url}/api/questions", json=body, timeout=None
@@ -43,6 +49,7 @@ async def measure_memory(stack: Stack, answers: int, tokens: int) -> dict[str, A
     return {
         "answers": n,
         "tokens": tokens,
+        "rate": rate,
         "entries_per_answer": round(sum(chunks) / n, 1),
         "stream_bytes": round(stream_b),
         "record_bytes": round(record_b),

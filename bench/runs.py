@@ -230,6 +230,8 @@ def _figures(
     viewers = sum(s["viewers"] for s in summaries)
     done = sum(s["viewers_done"] for s in summaries)
 
+    relayed = mode != "direct"
+
     def per(role: str, count: int) -> float | None:
         return round(cpu[role] * 1e6 / count, 1) if count and role in cpu else None
 
@@ -237,7 +239,6 @@ def _figures(
     # and the embedded Valkey), per chunk a viewer received.
     own = sum(cpu.get(role, 0.0) for role in OWN_ROLES)
 
-    relayed = mode != "direct"
     return {
         "answers": cell.answers,
         "viewers": cell.viewers,
@@ -250,6 +251,8 @@ def _figures(
         "errors": errors,
         "expected_deliveries": cell.deliveries,
         "deliveries": deliveries,
+        # Entries that carried them (a worker behind coalesces chunks into one entry).
+        "entries_delivered": sum(s.get("entries", 0) for s in summaries) if relayed else None,
         "chunks_written": written if relayed else None,
         "unmatched_chunks": sum(s["unmatched_chunks"] for s in summaries),
         "wall_s": round(wall_s, 2),
