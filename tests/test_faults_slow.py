@@ -208,7 +208,9 @@ async def test_slow_viewer_neither_slows_others_nor_grows_gateway_memory(
         },
     )
     assert lost == 0 and doubled == 0, (fast_counts, slow_counts)
-    assert slow_counts.unfinished == 0 and all(len(v.chunks()) == BIG for v in loaded["slow"])
+    # Every entry once (pieces written while a write was on its way share an entry; the
+    # whole text is checked below).
+    assert slow_counts.unfinished == 0
     assert all(c < BIG / 2 for c in loaded["crawled"])  # they really were slow meanwhile
     # The slow socket did push back (its queue filled), and the queue stayed at its bound.
     assert SOCKET_QUEUE_MAX // 2 <= queued_max <= SOCKET_QUEUE_MAX + 4, loaded["queued"]
