@@ -221,6 +221,42 @@ async def test_gateway_reading_connections_do_not_grow_with_viewers(
     assert all(t == Settings.model_fields["scripted_text"].default for t in texts)
 
 
+async def test_a_slot_moved_mid_answer(
+    cluster_settings: Callable[..., Settings], valkey_cluster: ValkeyCluster
+) -> None:
+    """Resharding while an answer streams: the slot of its shard moves to another master.
+    The relay's reader and the worker's blocked read are told MOVED and reconnect to the
+    new node; the writes follow MOVED/ASK. The viewer gets the whole answer, once, and
+    questions asked after the move are answered too."""
+    settings = cluster_settings(scripted_text=WORDS, scripted_rate=20.0, worker_concurrency=128)
+    async with (
+        running_gateway(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as client,
+    ):
+        qid = (await client.post("/api/questions", json={"question": "moving"})).json()["id"]
+        viewer = asyncio.create_task(_whole_events(client, f"/api/questions/{qid}/events"))
+        await asyncio.sleep(0.4)
+        keys = Keys(settings.key_prefix, settings.request_shard_count, cluster=True)
+        slot = _slot(keys.answer(qid))
+        here = _master_of(valkey_cluster, keys.answer(qid))
+        there = next(n for n in valkey_cluster.primaries() if n.port != here.port)
+        await asyncio.to_thread(valkey_cluster.move_slot, slot, there.port)
+        assert _master_of(valkey_cluster, keys.answer(qid)).port == there.port
+        async with asyncio.timeout(60):
+            seen = await viewer
+            ids = [e.id for e in seen]
+            assert seen[-1].event == "end" and len(ids) == len(set(ids))
+            assert _text(seen) == WORDS
+            later: list[str] = []
+            while sum(1 for q in later if _slot(keys.answer(q)) == slot) < 2:
+                r = await client.post("/api/questions", json={"question": f"after{len(later)}"})
+                later.append(r.json()["id"])
+            texts = await asyncio.gather(
+                *(_whole(client, f"/api/questions/{q}/events") for q in later)
+            )
+    assert all(t == WORDS for t in texts)  # two of them queued and answered in the moved slot
+
+
 async def test_master_killed_mid_answer(
     valkey_cluster: ValkeyCluster, tmp_path: Path, redis_url: str
 ) -> None:

@@ -127,6 +127,30 @@ class ValkeyCluster:
                 raise TimeoutError("the Valkey Cluster did not become ok")
             time.sleep(0.1)
 
+    def move_slot(self, slot: int, to_port: int) -> None:
+        """Migrate `slot` (its keys too) to the master on `to_port`, as a resharding would:
+        IMPORTING/MIGRATING, MIGRATE the keys, then SETSLOT NODE on every master."""
+        masters = {n.port: Redis(port=n.port, socket_timeout=10) for n in self.primaries()}
+        try:
+            ids = {
+                port: str(r.execute_command("CLUSTER MYID"), "utf-8") for port, r in masters.items()
+            }
+            source = next(
+                port
+                for port, r in masters.items()
+                if any(lo <= slot <= hi for lo, hi, *_ in _ranges(r, ids[port]))
+            )
+            src, dst = masters[source], masters[to_port]
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[to_port])
+            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 10_000, "KEYS", *keys)
+            for port in [to_port, source, *(p for p in masters if p not in (to_port, source))]:
+                masters[port].execute_command("CLUSTER SETSLOT", slot, "NODE", ids[to_port])
+        finally:
+            for r in masters.values():
+                r.close()
+
     def stop(self) -> None:
         for node in self.nodes:
             if node.alive:
@@ -153,6 +177,16 @@ def _wait_ping(port: int) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"valkey on port {port} did not start")
         time.sleep(0.05)
+
+
+def _ranges(client: Redis, node_id: str) -> list[tuple[int, int]]:
+    """The slot ranges `node_id` serves, from CLUSTER SLOTS."""
+    out = []
+    for lo, hi, master, *_ in client.execute_command("CLUSTER SLOTS"):
+        master_id = master[2].decode() if isinstance(master[2], bytes) else str(master[2])
+        if master_id == node_id:
+            out.append((int(lo), int(hi)))
+    return out
 
 
 def env_for(cluster: ValkeyCluster) -> dict[str, str]:
