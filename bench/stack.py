@@ -96,6 +96,8 @@ class Stack:
             OPENAI_MODEL="mock-llm",
             TOKENRELAY_RETENTION_S=str(self.config.retention_s),
             TOKENRELAY_WORKER_CONCURRENCY=str(self.config.worker_concurrency),
+            # Every simulated user asks from 127.0.0.1: one caller, as many answers as a run.
+            TOKENRELAY_MAX_QUEUED_PER_CALLER=str(self.config.worker_concurrency),
         )
         if self.config.layout == "serve":
             await self._start_serve()
