@@ -8,6 +8,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -132,21 +133,19 @@ class ValkeyCluster:
         IMPORTING/MIGRATING, MIGRATE the keys, then SETSLOT NODE on every master."""
         masters = {n.port: Redis(port=n.port, socket_timeout=10) for n in self.primaries()}
         try:
-            ids = {
-                port: str(r.execute_command("CLUSTER MYID"), "utf-8") for port, r in masters.items()
-            }
+            ids = {port: str(_cmd(r, "CLUSTER MYID"), "utf-8") for port, r in masters.items()}
             source = next(
                 port
                 for port, r in masters.items()
                 if any(lo <= slot <= hi for lo, hi, *_ in _ranges(r, ids[port]))
             )
             src, dst = masters[source], masters[to_port]
-            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
-            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[to_port])
-            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
-                src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 10_000, "KEYS", *keys)
+            _cmd(dst, "CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+            _cmd(src, "CLUSTER SETSLOT", slot, "MIGRATING", ids[to_port])
+            while keys := _cmd(src, "CLUSTER GETKEYSINSLOT", slot, 100):
+                _cmd(src, "MIGRATE", "127.0.0.1", to_port, "", 0, 10_000, "KEYS", *keys)
             for port in [to_port, source, *(p for p in masters if p not in (to_port, source))]:
-                masters[port].execute_command("CLUSTER SETSLOT", slot, "NODE", ids[to_port])
+                _cmd(masters[port], "CLUSTER SETSLOT", slot, "NODE", ids[to_port])
         finally:
             for r in masters.values():
                 r.close()
@@ -179,10 +178,14 @@ def _wait_ping(port: int) -> None:
         time.sleep(0.05)
 
 
+def _cmd(client: Redis, *args: Any) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
 def _ranges(client: Redis, node_id: str) -> list[tuple[int, int]]:
     """The slot ranges `node_id` serves, from CLUSTER SLOTS."""
     out = []
-    for lo, hi, master, *_ in client.execute_command("CLUSTER SLOTS"):
+    for lo, hi, master, *_ in _cmd(client, "CLUSTER SLOTS"):
         master_id = master[2].decode() if isinstance(master[2], bytes) else str(master[2])
         if master_id == node_id:
             out.append((int(lo), int(hi)))
