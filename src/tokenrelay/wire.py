@@ -28,6 +28,11 @@ class EntryType(StrEnum):
     # A reclaimed request whose new generation diverged from the partial answer:
     # viewers drop the text they have and keep reading.
     RESTART = "restart"
+    # What a reasoning model thinks before it answers (`reasoning_content`), kept apart from
+    # the answer's text.
+    REASONING = "reasoning"
+    # A piece of a tool call the model makes: index, id and name (first piece), arguments.
+    TOOL_CALL = "tool_call"
 
 
 TERMINAL_TYPES = frozenset({EntryType.END, EntryType.ERROR, EntryType.CANCELLED})
@@ -132,10 +137,24 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One earlier message of a conversation: role is system, user, assistant or tool."""
+    """One earlier message of a conversation: role is system, user, assistant or tool.
+    `extra` keeps what tool use needs: an assistant's `tool_calls`, a tool's
+    `tool_call_id` (and `name`)."""
 
     role: str
     content: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def message(self) -> dict[str, Any]:
+        return {"role": self.role, "content": self.content, **self.extra}
+
+    def pack(self) -> list[Any]:
+        return [self.role, self.content, self.extra] if self.extra else [self.role, self.content]
+
+    @classmethod
+    def unpack(cls, packed: list[Any]) -> Turn:
+        extra = packed[2] if len(packed) > 2 and isinstance(packed[2], dict) else {}
+        return cls(str(packed[0]), str(packed[1]), extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +183,7 @@ class QuestionRequest:
     def fields(self) -> dict[str, str]:
         out = {"id": self.id, "topic": self.topic, "question": self.question, "model": self.model}
         if self.history:  # only when there is one: most requests stay four short fields
-            out["history"] = dumps([[t.role, t.content] for t in self.history])
+            out["history"] = dumps([t.pack() for t in self.history])
         if self.options:
             out["options"] = dumps(self.options)
         return out
@@ -178,7 +197,7 @@ class QuestionRequest:
             fields.get("topic", ""),
             fields.get("question", ""),
             fields.get("model", ""),
-            tuple(Turn(str(role), str(content)) for role, content in turns),
+            tuple(Turn.unpack(packed) for packed in turns),
             _loads_object(fields["options"]) if fields.get("options") else {},
         )
 

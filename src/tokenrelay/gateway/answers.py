@@ -26,6 +26,7 @@ _PAGE_COUNT = 100
 class WholeAnswer:
     text: str
     last: Entry  # the terminal entry (end, error or cancelled)
+    entries: tuple[Entry, ...] = ()  # since the last restart: reasoning, tool calls, text
 
     @property
     def ok(self) -> bool:
@@ -111,7 +112,9 @@ async def whole_answer(
         async for entry in relay.follow(question_id):
             entries.append(entry)
             if entry.terminal:
-                return WholeAnswer(answer_text(entries), entry)
+                restarts = [i for i, e in enumerate(entries) if e.type is EntryType.RESTART]
+                since = entries[restarts[-1] + 1 :] if restarts else entries
+                return WholeAnswer(answer_text(entries), entry, tuple(since))
     raise RuntimeError("answer stream ended without a terminal entry")  # follow() never does
 
 

@@ -34,6 +34,9 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "seed": (int, -(2**63), 2**63 - 1),
 }
 SAMPLING = (*_NUMBERS, "stop")
+# Tool use, passed to the model as sent (the model validates the schemas).
+TOOLS = ("tools", "tool_choice", "parallel_tool_calls")
+MAX_TOOLS = 128
 
 
 def sampling_options(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,6 +61,28 @@ def sampling_options(body: Mapping[str, Any]) -> dict[str, Any]:
         if len(stops) > MAX_STOPS:
             raise InvalidInput(f"'stop' takes at most {MAX_STOPS} strings")
         out["stop"] = stops
+    return out | _tool_options(body)
+
+
+def _tool_options(body: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
+            raise InvalidInput("'tools' must be a list of objects")
+        if len(tools) > MAX_TOOLS:
+            raise InvalidInput(f"'tools' takes at most {MAX_TOOLS} tools")
+        out["tools"] = tools
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if not isinstance(choice, str | Mapping):
+            raise InvalidInput("'tool_choice' must be a string or an object")
+        out["tool_choice"] = choice
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None:
+        if not isinstance(parallel, bool):
+            raise InvalidInput("'parallel_tool_calls' must be true or false")
+        out["parallel_tool_calls"] = parallel
     return out
 
 
@@ -80,6 +105,23 @@ def _content(message: Mapping[str, Any], index: int) -> str:
     return content
 
 
+def _tool_fields(message: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """What tool use adds to a message: an assistant's calls, a tool result's call id."""
+    extra: dict[str, Any] = {}
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if message.get("role") != "assistant" or not isinstance(calls, list):
+            raise InvalidInput(f"messages[{index}]: 'tool_calls' is a list, on assistant turns")
+        extra["tool_calls"] = calls
+    for name in ("tool_call_id", "name"):
+        value = message.get(name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise InvalidInput(f"messages[{index}]: '{name}' must be a string")
+            extra[name] = value
+    return extra
+
+
 def messages_input(messages: object, budget_chars: int) -> tuple[tuple[Turn, ...], str]:
     """(the turns before the question, the question): the question is the last message,
     which must be the user's. Turns past `budget_chars` are dropped oldest first (system
@@ -97,7 +139,7 @@ def messages_input(messages: object, budget_chars: int) -> tuple[tuple[Turn, ...
         role = message.get("role")
         if role not in ROLES:
             raise InvalidInput(f"messages[{index}]: 'role' must be one of {', '.join(ROLES)}")
-        turns.append(Turn(str(role), _content(message, index)))
+        turns.append(Turn(str(role), _content(message, index), _tool_fields(message, index)))
     last = turns.pop()
     if last.role != "user":
         raise InvalidInput("'messages' needs a user message last: it is the question")

@@ -30,7 +30,7 @@ from tokenrelay.errors import (
 )
 from tokenrelay.gateway import answers
 from tokenrelay.gateway.access import Caller, RateLimited, Unauthorized, bearer
-from tokenrelay.gateway.conversation import SAMPLING, messages_input, sampling_options
+from tokenrelay.gateway.conversation import SAMPLING, TOOLS, messages_input, sampling_options
 from tokenrelay.gateway.http import SSE_PING_S, access, services
 from tokenrelay.gateway.inputs import (
     NotJson,
@@ -84,7 +84,17 @@ def _caller(request: Request) -> Caller:
 
 # What the front door takes besides the sampling options: anything else is refused with a
 # 400 naming it, never dropped silently.
-_ACCEPTED = {"model", "messages", "stream", "stream_options", "topic", "n", "user", *SAMPLING}
+_ACCEPTED = {
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "topic",
+    "n",
+    "user",
+    *SAMPLING,
+    *TOOLS,
+}
 
 
 def _context(body: dict[str, Any], budget_chars: int) -> tuple[str, Context]:
@@ -92,8 +102,8 @@ def _context(body: dict[str, Any], budget_chars: int) -> tuple[str, Context]:
     unknown = sorted(set(body) - _ACCEPTED)
     if unknown:
         raise InvalidInput(
-            f"unsupported parameter {unknown[0]!r}: tokenrelay passes messages and sampling "
-            f"options ({', '.join(SAMPLING)}) to the model"
+            f"unsupported parameter {unknown[0]!r}: tokenrelay passes messages, sampling "
+            f"options ({', '.join(SAMPLING)}) and tools ({', '.join(TOOLS)}) to the model"
         )
     if body.get("n", 1) != 1:
         raise InvalidInput("'n' must be 1: tokenrelay streams one answer per question")
@@ -194,7 +204,7 @@ def _failure(entry: Entry) -> OpenAIError:
 def _stream(request: Request, record: QuestionRecord, cursor: str, *, usage: bool) -> Response:
     head = {**_head(record, record.model), "object": "chat.completion.chunk"}
 
-    def chunk(entry: Entry, delta: dict[str, str], finish: str | None = None) -> ServerSentEvent:
+    def chunk(entry: Entry, delta: dict[str, Any], finish: str | None = None) -> ServerSentEvent:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         data = {**head, "choices": [choice], "tokenrelay_entry_id": entry.entry_id}
         return ServerSentEvent(data=dumps(data), id=entry.entry_id)
@@ -206,6 +216,10 @@ def _stream(request: Request, record: QuestionRecord, cursor: str, *, usage: boo
                 yield chunk(entry, {"role": "assistant", "content": ""})
             elif entry.type is EntryType.CHUNK:
                 yield chunk(entry, {"content": entry.text})
+            elif entry.type is EntryType.REASONING:
+                yield chunk(entry, {"reasoning_content": entry.text})
+            elif entry.type is EntryType.TOOL_CALL:
+                yield chunk(entry, {"tool_calls": [_tool_call_delta(entry)]})
             elif entry.type is EntryType.RESTART:
                 # Text already sent cannot be taken back in this protocol: end, say how to go on.
                 message = (
@@ -224,6 +238,33 @@ def _stream(request: Request, record: QuestionRecord, cursor: str, *, usage: boo
                 yield _error_event(_failure(entry), entry)
 
     return EventSourceResponse(events(), ping=SSE_PING_S, headers={ID_HEADER: record.id})
+
+
+def _tool_call_delta(entry: Entry) -> dict[str, Any]:
+    """A tool call piece as OpenAI streams it: id, type and name only on a call's first."""
+    function: dict[str, str] = {"arguments": entry.text}
+    delta: dict[str, Any] = {"index": int(entry.meta.get("index", 0)), "function": function}
+    if entry.meta.get("id"):
+        delta["id"], delta["type"] = str(entry.meta["id"]), "function"
+    if entry.meta.get("name"):
+        function["name"] = str(entry.meta["name"])
+    return delta
+
+
+def _tool_calls(entries: list[Entry]) -> list[dict[str, Any]]:
+    """A whole answer's tool calls, their pieces joined by index."""
+    calls: dict[int, dict[str, Any]] = {}
+    for entry in entries:
+        if entry.type is not EntryType.TOOL_CALL:
+            continue
+        index = int(entry.meta.get("index", 0))
+        call = calls.setdefault(
+            index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+        )
+        call["id"] = call["id"] or str(entry.meta.get("id") or "")
+        call["function"]["name"] += str(entry.meta.get("name") or "")
+        call["function"]["arguments"] += entry.text
+    return [calls[i] for i in sorted(calls)]
 
 
 def _error_event(error: OpenAIError, entry: Entry) -> ServerSentEvent:
@@ -253,7 +294,12 @@ async def _whole(request: Request, record: QuestionRecord) -> Response:
     if not whole.ok:
         return _failure(whole.last).response(record.id)
     done = await svc.store.record(record.id)
-    message = {"role": "assistant", "content": whole.text, "refusal": None}
+    message: dict[str, Any] = {"role": "assistant", "content": whole.text, "refusal": None}
+    thoughts = "".join(e.text for e in whole.entries if e.type is EntryType.REASONING)
+    if thoughts:
+        message["reasoning_content"] = thoughts
+    if calls := _tool_calls(list(whole.entries)):
+        message["tool_calls"] = calls
     reason = str(whole.last.meta.get("finish_reason") or "stop")
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
     completion = {

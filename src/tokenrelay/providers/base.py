@@ -8,7 +8,17 @@ from typing import Any, Protocol
 
 from tokenrelay.wire import Turn
 
-__all__ = ["CONTINUE_INSTRUCTION", "Finish", "Prompt", "Provider", "Turn", "Waiting"]
+__all__ = [
+    "CONTINUE_INSTRUCTION",
+    "Finish",
+    "Item",
+    "Prompt",
+    "Provider",
+    "Reasoning",
+    "ToolCall",
+    "Turn",
+    "Waiting",
+]
 
 # The seed's prompt: the model is an expert on the topic; the question is the human turn.
 SYSTEM_PROMPT = (
@@ -40,11 +50,11 @@ class Prompt:
     def system(self) -> str:
         return SYSTEM_PROMPT.format(topic=self.topic)
 
-    def chat(self) -> list[dict[str, str]]:
+    def chat(self) -> list[dict[str, Any]]:
         """The chat messages: the seed's system prompt (unless the history brings its own),
         the history, the question, and, to continue a cut-off answer, that answer as the
         assistant's turn followed by the instruction to go on."""
-        messages = [{"role": t.role, "content": t.content} for t in self.history]
+        messages: list[dict[str, Any]] = [t.message() for t in self.history]
         if not any(t.role == "system" for t in self.history):
             messages.insert(0, {"role": "system", "content": self.system})
         messages.append({"role": "user", "content": self.question})
@@ -64,6 +74,24 @@ class Finish:
 
 
 @dataclass(frozen=True, slots=True)
+class Reasoning:
+    """Text a reasoning model streams before its answer (`reasoning_content`)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A piece of a tool call the model streams (OpenAI's `delta.tool_calls[i]`): the first
+    piece of a call names its `id` and function `name`, later ones add to `arguments`."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Waiting:
     """Yielded while a generation waits its turn (a local model answers one at a time).
 
@@ -72,6 +100,11 @@ class Waiting:
     """
 
     ahead: int
+
+
+# What a provider streams: answer text, then one Finish; Waiting while it queues; a reasoning
+# model's thoughts and tool calls as the model makes them.
+Item = str | Finish | Waiting | Reasoning | ToolCall
 
 
 class Provider(Protocol):
@@ -87,6 +120,6 @@ class Provider(Protocol):
     @property
     def model(self) -> str: ...
 
-    def stream(self, prompt: Prompt) -> AsyncIterator[str | Finish | Waiting]: ...
+    def stream(self, prompt: Prompt) -> AsyncIterator[Item]: ...
 
     async def aclose(self) -> None: ...

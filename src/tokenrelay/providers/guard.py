@@ -7,16 +7,13 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from tokenrelay.errors import ProviderError
-from tokenrelay.providers.base import Finish, Waiting
+from tokenrelay.providers.base import Item, Waiting
 
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     first_token_s: float
     stall_s: float
-
-
-Item = str | Finish | Waiting
 
 
 class Watchdog:

@@ -19,7 +19,7 @@ import httpx
 import orjson
 
 from tokenrelay.errors import ConfigError, ProviderError
-from tokenrelay.providers.base import Finish, Prompt
+from tokenrelay.providers.base import Finish, Prompt, Reasoning, ToolCall
 from tokenrelay.providers.retry import retry_after_s, retry_delay_s, should_retry
 from tokenrelay.providers.sse import SSEDecoder
 from tokenrelay.providers.transport import LeanTransport
@@ -99,7 +99,7 @@ class OpenAIProvider:
     def model(self) -> str:
         return self._model
 
-    async def stream(self, prompt: Prompt) -> AsyncIterator[str | Finish]:
+    async def stream(self, prompt: Prompt) -> AsyncIterator[str | Finish | Reasoning | ToolCall]:
         response = await self._open(self._request_body(prompt))
         decoder = SSEDecoder()
         reason: str | None = None
@@ -116,9 +116,11 @@ class OpenAIProvider:
                             done = True
                             break
                         chunk = orjson.loads(payload)
-                        text, finish = self._read(chunk)
+                        text, finish, extras = self._read(chunk)
                         usage = chunk.get("usage") or usage
                         reason = finish or reason
+                        for extra in extras:
+                            yield extra
                         if text:
                             yield text
                     if done:
@@ -198,8 +200,9 @@ class OpenAIProvider:
             await asyncio.sleep(delay_s)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _read(self, chunk: Any) -> tuple[str, str | None]:
-        """The chunk's text and finish reason; compatible servers vary, so check the shape."""
+    def _read(self, chunk: Any) -> tuple[str, str | None, list[Reasoning | ToolCall]]:
+        """The chunk's text, finish reason, and a reasoning model's thoughts and tool calls;
+        compatible servers vary, so check the shape."""
         if not isinstance(chunk, dict):
             raise self._fail(
                 "malformed",
@@ -210,20 +213,23 @@ class OpenAIProvider:
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             if choices is None and chunk.get("usage") is not None:
-                return "", None  # some servers send the usage chunk with "choices": null
+                return "", None, []  # some servers send the usage chunk with "choices": null
             raise self._fail(
                 "malformed", f"{self._url} sent a stream chunk without 'choices': {chunk!r:.200}"
             )
         text, finish = "", None
+        extras: list[Reasoning | ToolCall] = []
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
-            content = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(content, str):
-                text += content
+            if isinstance(delta, dict):
+                content = delta.get("content")
+                if isinstance(content, str):
+                    text += content
+                extras += _extras(delta)
             finish = choice.get("finish_reason") or finish
-        return text, finish if isinstance(finish, str) else None
+        return text, finish if isinstance(finish, str) else None, extras
 
     @property
     def _retries(self) -> str:
@@ -347,3 +353,28 @@ def _count(value: object) -> int:
 
 def _say(e: BaseException) -> str:
     return str(e) or type(e).__name__
+
+
+def _extras(delta: dict[str, Any]) -> list[Reasoning | ToolCall]:
+    """A delta's reasoning text (`reasoning_content`, or `reasoning` as some servers name it)
+    and tool call pieces."""
+    out: list[Reasoning | ToolCall] = []
+    thought = delta.get("reasoning_content") or delta.get("reasoning")
+    if isinstance(thought, str) and thought:
+        out.append(Reasoning(thought))
+    calls = delta.get("tool_calls")
+    for call in calls if isinstance(calls, list) else []:
+        if not isinstance(call, dict):
+            continue
+        function: Any = call.get("function")
+        function = function if isinstance(function, dict) else {}
+        index: Any = call.get("index")
+        out.append(
+            ToolCall(
+                index=index if isinstance(index, int) else 0,
+                id=str(call.get("id") or ""),
+                name=str(function.get("name") or ""),
+                arguments=str(function.get("arguments") or ""),
+            )
+        )
+    return out

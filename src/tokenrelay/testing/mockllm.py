@@ -82,6 +82,10 @@ class Script:
     cut_after: int | None = None
     # 1: every generation draws new words, as a sampling model does (two answers differ).
     sample: int = 0
+    # Reasoning pieces (`reasoning_content`) streamed before the answer, as reasoning models do.
+    reasoning: int = 0
+    # Instead of text: a call of this tool, its arguments streamed in pieces.
+    tool: str | None = None
 
     @classmethod
     def parse(cls, message: str) -> Script:
@@ -110,6 +114,8 @@ _CONVERT: dict[str, Callable[[str], object]] = {
     "malformed_after": int,
     "cut_after": int,
     "sample": int,
+    "reasoning": int,
+    "tool": str,
 }
 
 
@@ -212,6 +218,20 @@ def _parse_request(body: object) -> tuple[str, list[dict[str, Any]], str, str]:
     raise ValueError("'messages' needs a user message with text content.")
 
 
+TOOL_ARGUMENTS = '{"query": "XREADGROUP", "limit": 3}'
+
+
+def _tool_call_pieces(name: str) -> list[dict[str, Any]]:
+    """A call of tool `name` as OpenAI streams it: id, type and name first, then the
+    arguments (TOOL_ARGUMENTS) in three pieces."""
+    third = len(TOOL_ARGUMENTS) // 3
+    parts = [TOOL_ARGUMENTS[:third], TOOL_ARGUMENTS[third : 2 * third], TOOL_ARGUMENTS[2 * third :]]
+    first = {"index": 0, "id": "call_mock1", "type": "function"}
+    pieces = [{**first, "function": {"name": name, "arguments": ""}}]
+    pieces += [{"index": 0, "function": {"arguments": part}} for part in parts]
+    return pieces
+
+
 class MockBackend:
     """The app's state: request counts per question, live streams, shutdown."""
 
@@ -300,13 +320,21 @@ class MockBackend:
             if usage is not None:
                 base["usage"] = None
 
-            def chunk(delta: dict[str, str], finish: str | None = None, **extra: object) -> bytes:
+            def chunk(delta: dict[str, Any], finish: str | None = None, **extra: object) -> bytes:
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
                 return _sse({**base, "choices": [choice], **extra})
 
             if not await self._pause(script.stall_first):
                 return
             yield chunk({"role": "assistant", "content": ""})
+            for n in range(script.reasoning):
+                yield chunk({"reasoning_content": f"thought{n} "})
+            if script.tool is not None:
+                for piece in _tool_call_pieces(script.tool):
+                    yield chunk({"tool_calls": [piece]})
+                yield chunk({}, "tool_calls")
+                yield b"data: [DONE]\n\n"
+                return
             loop = asyncio.get_running_loop()
             start, paused = loop.time(), 0.0
             cut = None if script.cut_after is None else min(script.cut_after, len(pieces))

@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 
 from tokenrelay import logs, metrics
 from tokenrelay.errors import Fenced, ProviderError, StoreError
-from tokenrelay.providers.base import Finish, Prompt, Provider, Waiting
+from tokenrelay.providers.base import Finish, Prompt, Provider, Reasoning, ToolCall, Waiting
 from tokenrelay.providers.guard import Timeouts, close_stream, guarded
 from tokenrelay.store import Store, answer_text, now_ms
 from tokenrelay.wire import (
@@ -231,6 +231,8 @@ class Answer:
                     raise _Cancelled
                 if isinstance(item, Finish):
                     finish = item
+                elif isinstance(item, Reasoning | ToolCall):
+                    self._extra(box, item)
                 elif isinstance(item, Waiting):
                     # Waiting writes nothing when nothing changed: read the flag itself, so
                     # a cancel reaches an answer still queued for a local model.
@@ -252,6 +254,16 @@ class Answer:
         if ahead != self._ahead:
             self._ahead = ahead
             box.put(Entry(EntryType.WAITING, meta={"ahead": ahead}))
+
+    def _extra(self, box: Outbox, item: Reasoning | ToolCall) -> None:
+        """A reasoning model's thoughts, a tool call's pieces: typed entries of their own,
+        resumable like the text, never part of it."""
+        if isinstance(item, Reasoning):
+            box.put(Entry(EntryType.REASONING, item.text))
+        else:
+            meta = {"index": item.index, "id": item.id, "name": item.name}
+            box.put(Entry(EntryType.TOOL_CALL, item.arguments, meta))
+        self.first_ms = self.first_ms or now_ms()
 
     def _text(self, box: Outbox, item: str) -> None:
         diverged, text = self._resume.feed(item)

@@ -27,6 +27,8 @@ from tokenrelay.wire import Entry, EntryType
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2_000
+# Entries whose queued texts join into one (a tool call's pieces carry more than text).
+_COALESCED = frozenset({EntryType.CHUNK, EntryType.REASONING})
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +67,10 @@ class Outbox:
     def put(self, entry: Entry) -> None:
         """Queue `entry` (raising what an earlier write of this answer ran into)."""
         self.check()
-        if self._entries and entry.type is EntryType.CHUNK:
+        if self._entries and entry.type in _COALESCED:
             last = self._entries[-1]
-            if last.type is EntryType.CHUNK:  # behind: one entry for the queued tokens
-                self._entries[-1] = Entry(EntryType.CHUNK, last.text + entry.text)
+            if last.type is entry.type:  # behind: one entry for the queued tokens
+                self._entries[-1] = Entry(entry.type, last.text + entry.text)
                 return
         self._entries.append(entry)
         self._idle.clear()
