@@ -132,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
         f"{SERVE_CELLS} for the full and quick sweeps, none for custom cells; '' for none)",
     )
     p.add_argument(
+        "--serve-workers",
+        type=int,
+        help="worker processes under `serve` (default: its own, one per core)",
+    )
+    p.add_argument(
         "--profile",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -264,7 +269,10 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 result["provider_read_cost_us"] = await provider_read_cost_async()
                 print(f"CPU per chunk read: {result['provider_read_cost_us']}", flush=True)
         if serve_cells:
-            await _serve_layout(result, serve_cells, modes, config, workdir / "serve", out, kw)
+            serve = dataclasses.replace(
+                config, layout="serve", worker_uvloop=False, serve_workers=args.serve_workers
+            )
+            await _serve_layout(result, serve_cells, modes, serve, workdir / "serve", out, kw)
     finally:
         result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         result["duration_s"] = round(time.monotonic() - started, 1)
@@ -280,19 +288,18 @@ async def _serve_layout(
     result: dict[str, Any],
     cells: list[Cell],
     modes: tuple[Mode, ...],
-    split: StackConfig,
+    config: StackConfig,
     workdir: Path,
     out: Path,
     kw: dict[str, Any],
 ) -> None:
     """The same cells on `tokenrelay serve` as `make run` starts it, after the split
     stack has stopped (so the two never share the machine)."""
-    config = dataclasses.replace(split, layout="serve", worker_uvloop=False)
     async with Stack(workdir, config) as stack:
         result["settings"]["serve_worker_processes"] = stack.worker_processes
         print(
-            f"default serve layout: supervisor + gateway + {stack.worker_processes} worker "
-            "processes + embedded Valkey",
+            f"serve layout{' (default)' if config.serve_workers is None else ''}: supervisor + "
+            f"gateway + {stack.worker_processes} worker processes + embedded Valkey",
             flush=True,
         )
         await run_one(stack, WARMUP, "socketio", **kw)

@@ -49,6 +49,8 @@ class StackConfig:
     # What-if: the worker on uvloop (as the gateway is), not `tokenrelay worker` as shipped.
     worker_uvloop: bool = False
     layout: Layout = "split"
+    # Worker processes under `serve`; None: its default (one per core), as `make run` runs.
+    serve_workers: int | None = None
 
 
 class Stack:
@@ -121,7 +123,7 @@ class Stack:
         self.gateway_url = gateway.url
 
     async def _start_serve(self) -> None:
-        serve = await self.cluster.serve(workers=None, embedded=True)
+        serve = await self.cluster.serve(workers=self.config.serve_workers, embedded=True)
         self._serve = psutil.Process(serve.pid)
         self._track("serve", serve.pid)
         self.gateway_url = serve.url
