@@ -41,12 +41,8 @@ async def test_front_door_passes_the_conversation_and_options_through(
         reply = await sdk.chat.completions.create(
             model="any", messages=messages, temperature=0.3, max_tokens=50, seed=7, stop=["\n\n"]
         )
-        with pytest.raises(openai.BadRequestError, match="unsupported parameter 'tools'"):
-            await sdk.chat.completions.create(
-                model="any",
-                messages=messages,
-                tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
-            )
+        with pytest.raises(openai.BadRequestError, match="unsupported parameter 'logprobs'"):
+            await sdk.chat.completions.create(model="any", messages=messages, logprobs=True)
         with pytest.raises(openai.BadRequestError, match="'temperature' must be between"):
             await sdk.chat.completions.create(model="any", messages=messages, temperature=5)
         with pytest.raises(openai.BadRequestError, match="'role' must be one of"):
