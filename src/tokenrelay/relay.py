@@ -420,54 +420,64 @@ class Relay:
         entry not after the last one delivered is dropped, so there is no gap at
         the hand-over and no duplicate.
         """
-        store = self.store
-        key = store.keys.answer(question_id)
+        key = self.store.keys.answer(question_id)
         last = after
         size = _PageSize()
         while True:
             # Catch up from the stream until its current end, a page of bounded size at a time.
-            while True:
-                count = size.count
-                page = await store.read(question_id, last, count)
-                size.seen(page)
-                for entry in page:
+            async for entry in self._history(question_id, last, size):
+                last = entry.entry_id
+                metrics.relayed(entry)
+                yield entry
+                if entry.terminal:
+                    return
+            sub, cursor = self._subscribe(key, last)
+            try:
+                # Entries up to the shared read's cursor will not come live: read them here.
+                async for entry in self._history(question_id, last, size, until=cursor):
                     last = entry.entry_id
                     metrics.relayed(entry)
                     yield entry
                     if entry.terminal:
                         return
-                if len(page) < count:
-                    break
-            sub, cursor = self._subscribe(key, last)
-            try:
-                # Entries up to the shared read's cursor will not come live: read them here.
-                while entry_id_after(cursor, last):
-                    count = size.count
-                    page = await store.read(question_id, last, count)
-                    size.seen(page)
-                    for entry in page:
-                        if entry_id_after(entry.entry_id, cursor):
-                            break
-                        last = entry.entry_id
-                        metrics.relayed(entry)
-                        yield entry
-                        if entry.terminal:
-                            return
-                    if len(page) < count or entry_id_after(page[-1].entry_id, cursor):
-                        break
-                while True:
-                    await sub.ready.wait()
-                    sub.ready.clear()
-                    if sub.overflowed:
-                        break  # back to catching up from Redis
-                    while sub.buffer:
-                        entry = sub.take()
-                        if not entry_id_after(entry.entry_id, last):
-                            continue
-                        last = entry.entry_id
-                        metrics.relayed(entry)
-                        yield entry
-                        if entry.terminal:
-                            return
+                async for entry in self._live(sub, last):  # until the viewer overflows
+                    last = entry.entry_id
+                    metrics.relayed(entry)
+                    yield entry
+                    if entry.terminal:
+                        return
             finally:
                 self._unsubscribe(sub)
+
+    async def _history(
+        self, question_id: str, after: str, size: _PageSize, until: str | None = None
+    ) -> AsyncIterator[Entry]:
+        """The stored entries after `after` (up to `until` when given), in bounded pages."""
+        last = after
+        while until is None or entry_id_after(until, last):
+            count = size.count
+            page = await self.store.read(question_id, last, count)
+            size.seen(page)
+            for entry in page:
+                if until is not None and entry_id_after(entry.entry_id, until):
+                    return
+                last = entry.entry_id
+                yield entry
+            if len(page) < count:
+                return
+
+    @staticmethod
+    async def _live(sub: Subscription, after: str) -> AsyncIterator[Entry]:
+        """Live entries after `after` as the shared read hands them over; ends when the
+        viewer's buffer overflowed (it catches up from Redis then)."""
+        last = after
+        while True:
+            await sub.ready.wait()
+            sub.ready.clear()
+            if sub.overflowed:
+                return
+            while sub.buffer:
+                entry = sub.take()
+                if entry_id_after(entry.entry_id, last):
+                    last = entry.entry_id
+                    yield entry

@@ -221,6 +221,16 @@ def _parse_request(body: object) -> tuple[str, list[dict[str, Any]], str, str]:
 TOOL_ARGUMENTS = '{"query": "XREADGROUP", "limit": 3}'
 
 
+def _extra_deltas(script: Script) -> list[dict[str, Any]]:
+    """The thoughts (`reasoning=N`) and the tool call (`tool=NAME`) a script streams."""
+    deltas: list[dict[str, Any]] = [
+        {"reasoning_content": f"thought{n} "} for n in range(script.reasoning)
+    ]
+    if script.tool is not None:
+        deltas += [{"tool_calls": [piece]} for piece in _tool_call_pieces(script.tool)]
+    return deltas
+
+
 def _tool_call_pieces(name: str) -> list[dict[str, Any]]:
     """A call of tool `name` as OpenAI streams it: id, type and name first, then the
     arguments (TOOL_ARGUMENTS) in three pieces."""
@@ -230,6 +240,10 @@ def _tool_call_pieces(name: str) -> list[dict[str, Any]]:
     pieces = [{**first, "function": {"name": name, "arguments": ""}}]
     pieces += [{"index": 0, "function": {"arguments": part}} for part in parts]
     return pieces
+
+
+class _StreamOver(Exception):
+    """The scripted stream ends here, without its finish (cut, broken, or shutting down)."""
 
 
 class MockBackend:
@@ -327,43 +341,54 @@ class MockBackend:
             if not await self._pause(script.stall_first):
                 return
             yield chunk({"role": "assistant", "content": ""})
-            for n in range(script.reasoning):
-                yield chunk({"reasoning_content": f"thought{n} "})
-            if script.tool is not None:
-                for piece in _tool_call_pieces(script.tool):
-                    yield chunk({"tool_calls": [piece]})
+            for delta in _extra_deltas(script):
+                yield chunk(delta)
+            if script.tool is not None:  # a tool call instead of text
                 yield chunk({}, "tool_calls")
                 yield b"data: [DONE]\n\n"
                 return
-            loop = asyncio.get_running_loop()
-            start, paused = loop.time(), 0.0
-            cut = None if script.cut_after is None else min(script.cut_after, len(pieces))
-            bad = (
-                None if script.malformed_after is None else min(script.malformed_after, len(pieces))
-            )
-            for i in range(len(pieces) + 1):
-                if i == cut:
-                    return
-                if i == bad:
-                    yield b"data: {not json\n\n"
-                    return
-                if i == len(pieces):
-                    break
-                if i == script.stall_after and script.stall > 0:
-                    if not await self._pause(script.stall):
-                        return
-                    paused += script.stall
-                # Pace against the start time, so slow sends never stretch the whole answer.
-                delay = start + paused + i / script.rate - loop.time() if script.rate else 0.0
-                if not await self._pause(delay):
-                    return
-                yield chunk({"content": pieces[i]}, tokenrelay_sent_ns=time.time_ns())
-            yield chunk({}, "stop")
+            try:
+                async for event in self._text_events(pieces, script, chunk):
+                    yield event
+            except _StreamOver:
+                return
             if usage is not None:
                 yield _sse({**base, "choices": [], "usage": usage})
             yield b"data: [DONE]\n\n"
         finally:
             self.active_streams -= 1
+
+    async def _text_events(
+        self, pieces: list[str], script: Script, chunk: Callable[..., bytes]
+    ) -> AsyncIterator[bytes]:
+        """The answer's text, paced, then its finish; cut, broken or stalled as scripted
+        (a cut or broken stream ends the whole response: the caller's usage and [DONE] are
+        never reached)."""
+        loop = asyncio.get_running_loop()
+        start, paused = loop.time(), 0.0
+        cut = None if script.cut_after is None else min(script.cut_after, len(pieces))
+        bad = None if script.malformed_after is None else min(script.malformed_after, len(pieces))
+        for i, piece in enumerate(pieces):
+            if i == cut:
+                raise _StreamOver
+            if i == bad:
+                yield b"data: {not json\n\n"
+                raise _StreamOver
+            if i == script.stall_after and script.stall > 0:
+                if not await self._pause(script.stall):
+                    raise _StreamOver
+                paused += script.stall
+            # Pace against the start time, so slow sends never stretch the whole answer.
+            delay = start + paused + i / script.rate - loop.time() if script.rate else 0.0
+            if not await self._pause(delay):
+                raise _StreamOver
+            yield chunk({"content": piece}, tokenrelay_sent_ns=time.time_ns())
+        if cut == len(pieces):
+            raise _StreamOver
+        if bad == len(pieces):
+            yield b"data: {not json\n\n"
+            raise _StreamOver
+        yield chunk({}, "stop")
 
 
 class _EmbeddedServer(uvicorn.Server):
