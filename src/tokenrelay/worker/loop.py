@@ -97,9 +97,11 @@ class Worker:
         # worker arms a different part, so together they cover all of them.
         start = random.randrange(len(sets))
         sets = sets[start:] + sets[:start]
-        # One blocking read per set of shards (in a cluster, per shard); each takes at most
-        # its share of the free slots, so every shard keeps a read armed while slots are free.
-        most = max(1, self._concurrency // len(sets))
+        # One blocking read per set of shards (in a cluster, per shard). A blocked read holds
+        # the slots it may fill: one read takes all that are free; several take one each,
+        # so that idle reads never hold more than one slot apiece hostage (with 6 each, 16
+        # idle shards kept 96 slots from work, and questions waited ~10 s for a slot).
+        most = self._concurrency if len(sets) == 1 else 1
         self._loops = [
             *(
                 asyncio.create_task(self._read_loop(shards, most), name=f"{self.name}-read")
