@@ -21,8 +21,8 @@ import pytest
 import socketio
 
 from tests.conftest import running_gateway
-from tests.sse import events
 from tests.support.procs import Cluster, processes
+from tests.support.sse import events
 from tokenrelay.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)

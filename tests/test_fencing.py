@@ -14,8 +14,8 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.faults_clients import Viewer, tally
-from tests.faults_procs import Cluster
 from tests.faults_report import record
+from tests.support.procs import Cluster
 from tests.support.streams import chunk_ids
 from tokenrelay.keys import Keys
 from tokenrelay.testing import answer_text, directive

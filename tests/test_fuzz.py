@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import free_port
-from tests.faults_procs import clean_env
+from tests.support.net import free_port
+from tests.support.procs import clean_env
 
 FUZZ = settings(
     max_examples=60,

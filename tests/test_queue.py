@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from tests.conftest import running_gateway
 from tests.faults_report import record
-from tests.sse import events
+from tests.support.sse import events
 from tokenrelay.keys import Keys
 from tokenrelay.settings import Settings
 

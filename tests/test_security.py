@@ -22,8 +22,8 @@ from websockets.sync.client import connect
 from websockets.typing import Origin
 
 from tests.conftest import running_gateway
-from tests.faults_procs import Cluster, Proc
 from tests.faults_report import record
+from tests.support.procs import Cluster, Proc
 from tokenrelay import Client
 from tokenrelay.gateway.answers import MAX_ANSWER_BYTES
 from tokenrelay.gateway.headers import PAGE_CSP

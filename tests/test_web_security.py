@@ -19,8 +19,8 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Route, async_playwright
 
-from tests.conftest import free_port
 from tests.faults_report import record
+from tests.support.net import free_port
 from tests.support.procs import Cluster, Proc
 from tests.web_browser import CHROMIUM, CHROMIUM_ARGS, build_bundle, require_browser
 
