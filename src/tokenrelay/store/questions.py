@@ -16,6 +16,7 @@ from tokenrelay.wire import Context, QuestionRecord, QuestionRequest, RecordFiel
 # counts toward its cap (its answer was lost with a Redis that restarted without it).
 CALLER_STALE_MS = 3_600_000
 FULL_RETRY_AFTER_S = 5.0
+UNFINISHED_GRACE_S = 24 * 3600
 
 # Reserve a place for a question in its caller's set, unless the caller is at its cap.
 _RESERVE = """
@@ -116,8 +117,11 @@ class Questions(StoreBase):
         record_key = self.keys.question(question_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(record_key, mapping=record)  # type: ignore[arg-type]
-            if self.limits.retention_s > 0:  # every record expires, whatever its status
-                pipe.expire(record_key, self.limits.retention_s)
+            if self.limits.retention_s > 0:
+                # Every record expires, whatever its status; an unfinished one a day after the
+                # retention at the earliest (a long queue or answer must not lose it), the
+                # finished one `retention_s` after its end (Store.finish).
+                pipe.expire(record_key, self.limits.retention_s + UNFINISHED_GRACE_S)
             pipe.zadd(self.keys.history, {question_id: created})
             pipe.zremrangebyrank(self.keys.history, 0, -(self.limits.history_max + 1))
             await pipe.execute()
