@@ -74,6 +74,7 @@ class Worker:
         self._inflight: dict[str, asyncio.Task[Any]] = {}  # request entry id -> task
         self._slot_free = asyncio.Event()
         self._reserved = 0  # slots the blocked reads may fill
+        self._hold = True  # a read's reserved slots are not free for another read
         self._reclaim_now = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -97,11 +98,13 @@ class Worker:
         # worker arms a different part, so together they cover all of them.
         start = random.randrange(len(sets))
         sets = sets[start:] + sets[:start]
-        # One blocking read per set of shards (in a cluster, per shard). A blocked read holds
-        # the slots it may fill: one read takes all that are free; several take one each,
-        # so that idle reads never hold more than one slot apiece hostage (with 6 each, 16
-        # idle shards kept 96 slots from work, and questions waited ~10 s for a slot).
+        # One blocking read per set of shards (in a cluster, per shard). One read takes every
+        # free slot. Several take one request each and stay armed while any slot is free, so
+        # that no shard waits for a slot another shard's idle read holds: a burst may take up
+        # to (shards - 1) requests past the concurrency. (Holding slots for idle reads kept
+        # questions of unarmed shards waiting ~10 s for an answer to end.)
         most = self._concurrency if len(sets) == 1 else 1
+        self._hold = len(sets) == 1
         self._loops = [
             *(
                 asyncio.create_task(self._read_loop(shards, most), name=f"{self.name}-read")
@@ -174,10 +177,10 @@ class Worker:
 
     async def _take_slots(self, most: int) -> int:
         """Reserve up to `most` free slots for one read (at least one: waits for it)."""
-        while self.free - self._reserved <= 0:
+        while self.free - (self._reserved if self._hold else 0) <= 0:
             self._slot_free.clear()
             await self._slot_free.wait()
-        count = min(most, self.free - self._reserved)
+        count = max(1, min(most, self.free - self._reserved))
         self._reserved += count
         return count
 
