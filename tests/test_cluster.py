@@ -63,6 +63,33 @@ async def store(cluster_settings: Callable[..., Settings]) -> AsyncIterator[Stor
         await client.aclose()
 
 
+async def test_request_shards_on_one_node(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """TOKENRELAY_REQUEST_SHARDS on a single node: asks spread over the streams, one
+    XREADGROUP covers them all, every answer arrives, and nothing is left queued."""
+    settings = make_settings(request_shards=4)
+    async with (
+        running_gateway(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as client,
+    ):
+        answers = [
+            (await client.post("/api/questions", json={"question": f"s{n}", "stream": False}))
+            for n in range(12)
+        ]
+        assert all(r.status_code in (200, 201) for r in answers), answers[0].text
+        records = [
+            (await client.get(f"/api/questions/{r.json()['id']}")).json()["question"]
+            for r in answers
+        ]
+    assert all(r["status"] == "done" for r in records)
+    keys = Keys(settings.key_prefix, 4)
+    assert len(set(keys.request_shards)) == 4
+    assert [await redis.xlen(stream) for stream in keys.request_shards] == [0, 0, 0, 0]
+    used = {keys.shard_of(r.json()["id"]) for r in answers}
+    assert len(used) > 1
+
+
 async def test_one_read_cannot_span_two_slots_even_on_one_node(
     valkey_cluster: ValkeyCluster,
 ) -> None:
