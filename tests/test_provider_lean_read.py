@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from tokenrelay.errors import ProviderError
 from tokenrelay.providers import transport
-from tokenrelay.providers.base import Finish, Prompt
+from tokenrelay.providers.base import Finish, Item, Prompt
 from tokenrelay.providers.openai import OpenAIProvider
 from tokenrelay.providers.retry import retry_after_s, retry_delay_s, should_retry
 from tokenrelay.providers.sse import SSEDecoder
@@ -123,7 +123,7 @@ async def provider(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[MockL
             await made.aclose()
 
 
-async def _answer(provider: OpenAIProvider, question: str) -> list[str | Finish]:
+async def _answer(provider: OpenAIProvider, question: str) -> list[Item]:
     return [item async for item in provider.stream(Prompt("Redis", question))]
 
 
@@ -193,7 +193,7 @@ async def _reads(body: bytes) -> AsyncIterator[bytes]:
         yield piece
 
 
-async def _collect_from(provider: OpenAIProvider) -> list[str | Finish]:
+async def _collect_from(provider: OpenAIProvider) -> list[Item]:
     try:
         return await _answer(provider, "shape?")
     finally:
@@ -224,7 +224,7 @@ async def test_an_error_event_mid_stream_is_a_server_error_without_the_key() -> 
     error = {"error": {"message": f"overloaded, key {SECRET}", "type": "server_error"}}
     body = _chunk("partial") + b"data: " + orjson.dumps(error) + b"\n\n"
     provider, _ = _serving(body)
-    seen: list[str | Finish] = []
+    seen: list[Item] = []
 
     async def collect() -> None:
         try:

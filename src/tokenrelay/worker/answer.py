@@ -219,8 +219,14 @@ class Answer:
         for the previous write (the outbox coalesces chunks while a write is on its way)."""
         box = self._box = gen.writer.outbox(self.request.id, self.epoch)
         request = self.request
+        assert self.record is not None
         prompt = Prompt(
-            request.topic, request.question, request.history, self._partial, request.options
+            request.topic,
+            request.question,
+            request.history,
+            self._partial,
+            request.options,
+            self.record.caller,
         )
         stream = gen.provider.stream(prompt)
         items = guarded(stream, gen.timeouts)
