@@ -247,8 +247,11 @@ class LocalProvider:
         self._closed = True
         if self._running_stop is not None:
             self._running_stop.set()
-        async with self._turn():  # waits for the running generation's thread to stop
+        await self._lock.acquire()  # waits for the running generation's thread to stop
+        try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._unload)
+        finally:
+            self._lock.release()
         self._executor.shutdown(wait=False)
 
     async def _wait_turn(self, caller: str) -> AsyncGenerator[Waiting, None]:
