@@ -50,9 +50,11 @@ test-faults: install
 	$(VENV)/bin/pytest -m faults $(PYTEST_ARGS)
 
 # The fault scenarios against real processes, then docs/reliability.md from their results.
-reliability: install
+reliability: install web browser
 	@out=$$(mktemp -d); \
 	TOKENRELAY_RELIABILITY_DIR=$$out $(VENV)/bin/pytest -m faults $(PYTEST_ARGS); status=$$?; \
+	TOKENRELAY_RELIABILITY_DIR=$$out $(VENV)/bin/pytest tests/test_web_security.py \
+		$(PYTEST_ARGS) || status=1; \
 	$(PY) scripts/reliability_report.py $$out docs/reliability.md && rm -rf $$out; \
 	echo "wrote docs/reliability.md"; exit $$status
 
