@@ -108,10 +108,11 @@ async def test_watch_resumes_after_a_cursor_and_detaches_on_ctrl_c(gateway_url: 
         stream = await client.ask("Watch me")
         first = [e async for e in stream]
     cursor = first[5].entry_id
-    code, out, _ = await run(
+    code, out, err = await run(
         "watch", stream.id, "--after", cursor, "--json", "--server", gateway_url
     )
-    assert code == 0 and [e["entry_id"] for e in map(orjson.loads, out.splitlines())] == [
+    assert code == 0, err
+    assert [e["entry_id"] for e in map(orjson.loads, out.splitlines())] == [
         e.entry_id for e in first[6:]
     ]
 
@@ -128,7 +129,8 @@ async def test_watch_resumes_after_a_cursor_and_detaches_on_ctrl_c(gateway_url: 
             break
     rest, err = await asyncio.wait_for(proc.communicate(), 30)
     seen.extend(orjson.loads(line) for line in rest.splitlines())  # printed before the signal
-    assert proc.returncode == 130 and seen[-1]["type"] == "chunk"
+    assert proc.returncode == 130, err.decode()
+    assert seen[-1]["type"] == "chunk"
     assert f"tokenrelay watch {slow.id} --after {seen[-1]['entry_id']}" in err.decode()
     async with Client(gateway_url) as client:
         assert (await client.watch(slow.id).collect()).text == TEXT  # detaching did not cancel

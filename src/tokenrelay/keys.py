@@ -43,12 +43,17 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
 
 # token_urlsafe's alphabet: a shard tag is two of its characters (64 * 64 possible tags).
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-_TAGS = [a + b for a in _ALPHABET for b in _ALPHABET]
+# A tag starts a question id: never with '-', which a command line reads as an option.
+_TAGS = [a + b for a in _ALPHABET if a != "-" for b in _ALPHABET]
 MAX_SHARDS = len(_TAGS)
 
 
 def new_question_id() -> str:
-    return secrets.token_urlsafe(ID_BYTES)
+    """22 URL-safe characters, never starting with '-' (a command line would take the id for
+    an option: `tokenrelay watch -x...`)."""
+    while (question_id := secrets.token_urlsafe(ID_BYTES)).startswith("-"):
+        pass
+    return question_id
 
 
 @functools.cache
