@@ -108,10 +108,10 @@ async def test_watch_resumes_after_a_cursor_and_detaches_on_ctrl_c(gateway_url: 
         stream = await client.ask("Watch me")
         first = [e async for e in stream]
     cursor = first[5].entry_id
-    code, out, err = await run(
+    code, out, problem = await run(
         "watch", stream.id, "--after", cursor, "--json", "--server", gateway_url
     )
-    assert code == 0, err
+    assert code == 0, problem
     assert [e["entry_id"] for e in map(orjson.loads, out.splitlines())] == [
         e.entry_id for e in first[6:]
     ]
