@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from tokenrelay.cli_client import add_commands as add_client_commands
 from tokenrelay.cli_client import run as run_client
 from tokenrelay.errors import TokenRelayError
 from tokenrelay.settings import Settings, load_settings
+
+# A worker's stop: the grace period for its answers, then this long for the rest of the
+# clean-up (releasing requests, closing connections) before it exits regardless.
+SHUTDOWN_MARGIN_S = 20.0
+EXIT_STOP_OVERRAN = 70
 
 DESCRIPTION = """\
 tokenrelay streams LLM answers to browsers and programs through Redis Streams.
@@ -203,7 +209,17 @@ async def _work(settings: Settings, name: str | None, heartbeat_fd: int | None) 
             stop_metrics()
             if beating is not None:
                 beating.cancel()
+            _exit_after(settings.grace_period_s + SHUTDOWN_MARGIN_S)
     return 0
+
+
+def _exit_after(deadline_s: float) -> None:
+    """The hard deadline of a staged stop: whatever the clean-up still waits for (a Redis
+    that is gone, a model that will not stop), the process exits by then. A thread, so a
+    blocked event loop cannot hold it up; a clean stop exits long before it fires."""
+    timer = threading.Timer(deadline_s, os._exit, args=(EXIT_STOP_OVERRAN,))
+    timer.daemon = True
+    timer.start()
 
 
 async def _heartbeat(fd: int) -> None:
