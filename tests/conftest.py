@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import uvicorn
+from playwright.async_api import Browser
 from redis.asyncio import Redis
 
 from tests.support.net import free_port as free_port  # re-exported for older imports
+from tests.web_browser import build_bundle, chromium
 from tokenrelay.gateway import create_app
 from tokenrelay.settings import Settings
 from tokenrelay.testing import MockLLM
@@ -104,6 +107,19 @@ async def running_gateway(
 async def gateway(make_settings: Callable[..., Settings]) -> AsyncIterator[str]:
     async with running_gateway(make_settings()) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def bundle() -> None:
+    """The web page's bundle, built for the browser tests."""
+    build_bundle()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Chromium for one browser test module."""
+    async with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

@@ -24,11 +24,10 @@ from tests.support.web import (
     SCRIPT_CHUNKS,
     SCRIPT_RATE,
     assert_healthy,
+    mock_env,
     scripted_env,
 )
 from tests.web_browser import (
-    build_bundle,
-    chromium,
     markers,
     open_tab,
 )
@@ -39,17 +38,6 @@ pytestmark = [pytest.mark.browser]
 
 # `make screenshot` sets it to docs/screenshot.png; a test run leaves the work tree alone.
 SCREENSHOT_ENV = "TOKENRELAY_SCREENSHOT"
-
-
-@pytest.fixture(scope="module")
-def bundle() -> None:
-    build_bundle()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as launched:
-        yield launched
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +59,7 @@ def mocked(
         mock_model(workdir / "mock") as model,
         serve(
             workdir / "serve",
-            {
-                "TOKENRELAY_PROVIDER": "openai",
-                "OPENAI_BASE_URL": model.url + "/v1",
-                "OPENAI_API_KEY": "sk-test-not-a-secret",
-                "TOKENRELAY_PROVIDER_MAX_RETRIES": "0",
-                "TOKENRELAY_MAX_QUESTION_CHARS": "3000",
-            },
+            mock_env(model.url),
         ) as proc,
     ):
         yield proc

@@ -16,7 +16,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Request
 
 from tests.support.web import ALL_MARKERS, assert_healthy, scripted_env
-from tests.web_browser import Tab, build_bundle, chromium, markers, open_tab
+from tests.web_browser import Tab, markers, open_tab
 from tests.web_server import ServerProcess, serve
 
 pytestmark = [pytest.mark.browser]
@@ -27,17 +27,6 @@ WRONG_KEY = "wrong-key-0000000000000"
 KEPT_KEY_JS = "localStorage.getItem('tokenrelay:api-key')"
 REFUSED = '#conn[data-state="refused"]'
 CONNECTED = '#conn[data-state="connected"]'
-
-
-@pytest.fixture(scope="module")
-def bundle() -> None:
-    build_bundle()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as launched:
-        yield launched
 
 
 def keyed_env(**extra: str) -> dict[str, str]:

@@ -17,8 +17,8 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Route
 
-from tests.support.web import assert_healthy
-from tests.web_browser import Tab, build_bundle, chromium, open_tab
+from tests.support.web import assert_healthy, mock_env
+from tests.web_browser import Tab, open_tab
 from tests.web_server import ServerProcess, mock_model, serve
 from tokenrelay.providers.base import SYSTEM_PROMPT
 from tokenrelay.testing import directive
@@ -37,17 +37,6 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def bundle() -> None:
-    build_bundle()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as launched:
-        yield launched
-
-
-@pytest.fixture(scope="module")
 def mocked(
     browser: Browser, bundle: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
@@ -57,13 +46,7 @@ def mocked(
         mock_model(workdir / "mock") as model,
         serve(
             workdir / "serve",
-            {
-                "TOKENRELAY_PROVIDER": "openai",
-                "OPENAI_BASE_URL": model.url + "/v1",
-                "OPENAI_API_KEY": "sk-test-not-a-secret",
-                "TOKENRELAY_PROVIDER_MAX_RETRIES": "0",
-                "TOKENRELAY_MAX_QUESTION_CHARS": "3000",
-            },
+            mock_env(model.url),
         ) as proc,
     ):
         yield Served(proc, model.url)

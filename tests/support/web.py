@@ -31,6 +31,17 @@ SCRIPT_CHUNKS = len(SCRIPT.split())
 SCRIPT_RATE = 25.0  # chunks per second: about five seconds per answer
 
 
+def mock_env(model_url: str) -> dict[str, str]:
+    """`serve` answering with the mock model at `model_url` (directives pick answers)."""
+    return {
+        "TOKENRELAY_PROVIDER": "openai",
+        "OPENAI_BASE_URL": model_url + "/v1",
+        "OPENAI_API_KEY": "sk-test-not-a-secret",
+        "TOKENRELAY_PROVIDER_MAX_RETRIES": "0",
+        "TOKENRELAY_MAX_QUESTION_CHARS": "3000",
+    }
+
+
 def scripted_env(rate: float = SCRIPT_RATE) -> dict[str, str]:
     return {
         "TOKENRELAY_PROVIDER": "scripted",
