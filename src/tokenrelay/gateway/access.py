@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from tokenrelay.errors import NotFound, TokenRelayError
 from tokenrelay.settings import Settings
-from tokenrelay.store import Store
 
 # Clients remembered by the rate limiter; the least recently seen are forgotten first.
 MAX_TRACKED_CLIENTS = 100_000
@@ -140,14 +139,9 @@ class Access:
         """Count one question against the caller's rate limit; RateLimited when over it."""
         self.limiter.take(caller.client)
 
-    async def check_owner(self, store: Store, question_id: str, caller: Caller) -> None:
-        """NotFound unless `caller` may see this answer; other keys' answers do not exist."""
-        if not self._keys:
-            return
-        self.check_record(question_id, await store.owner(question_id), caller)
-
     def check_record(self, question_id: str, owner: str, caller: Caller) -> None:
-        """As check_owner, with the owner already read (from the question's record)."""
+        """NotFound unless `caller` may see this answer (`owner` as its record says); other
+        keys' answers do not exist."""
         if self._keys and owner and not hmac.compare_digest(owner, caller.owner):
             raise NotFound(f"no question with id {question_id!r} (never asked, or expired)")
 
