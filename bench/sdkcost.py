@@ -1,9 +1,11 @@
 """What reading one streamed chunk from an OpenAI-compatible server costs a worker, by client.
 
 Measures, in this process's own CPU time, the worker's real `openai` provider
-(`OpenAIProvider.stream`, what a worker runs per answer) beside the official `openai` SDK
-and two bare lean readers of the same server-sent events (httpx and aiohttp, each parsing
-with orjson), with the mock model in another process. Run it alone with
+(`OpenAIProvider.stream`, what a worker runs per answer, on tokenrelay's own HTTP/1.1
+client), the same provider on the httpx client it had before (`openai_provider_httpx`,
+the baseline for that client), the official `openai` SDK and two bare lean readers of
+the same server-sent events (httpx and aiohttp, each parsing with orjson), with the mock
+model in another process. The readers take turns, `--rounds` times over. Run it alone with
 `python -m bench.sdkcost` (`--help` for streams, tokens, rates and readers).
 """
 
@@ -16,17 +18,19 @@ import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import httpx
 import openai
 import orjson
 
+from bench.httpx_lean import HttpxClient
 from bench.loop import run
 from tests.support.procs import Cluster
 from tokenrelay.providers.base import Prompt
-from tokenrelay.providers.openai import OpenAIProvider
+from tokenrelay.providers.h1pool import H1Client
+from tokenrelay.providers.openai import NO_KEY, OpenAIProvider
 from tokenrelay.settings import Settings
 from tokenrelay.testing.mockllm import directive
 
@@ -56,9 +60,15 @@ def _count(events: list[bytes]) -> int:
 
 
 async def measure(
-    base_url: str, streams: int, tokens: int, rate: float, only: list[str] | None = None
-) -> dict[str, float]:
-    """CPU microseconds per content chunk for each reader, `streams` answers at once."""
+    base_url: str,
+    streams: int,
+    tokens: int,
+    rate: float,
+    only: list[str] | None = None,
+    rounds: int = 1,
+) -> dict[str, float | list[float]]:
+    """CPU microseconds per content chunk for each reader, `streams` answers at once; with
+    `rounds` above 1, a list: one figure per round, the readers taking turns."""
     question = f"cost {directive(tokens=tokens, rate=rate) if rate else directive(tokens=tokens)}"
     settings = Settings(
         _env_file=None,
@@ -68,12 +78,28 @@ async def measure(
         worker_concurrency=streams,
     )
     provider = OpenAIProvider.from_settings(settings)
+    headers = {
+        "authorization": f"Bearer {NO_KEY}",
+        "content-type": "application/json",
+        "accept": "application/json",
+        "user-agent": "tokenrelay",
+    }
+    on_httpx = OpenAIProvider(
+        cast(H1Client, HttpxClient(headers, read_timeout_s=60.0, max_idle=streams)),
+        base_url,
+        "mock-llm",
+        secret=None,
+        max_retries=settings.provider_max_retries,
+    )
     sdk = openai.AsyncOpenAI(api_key="unused", base_url=base_url, max_retries=0)
     hx = httpx.AsyncClient(base_url=base_url, timeout=60, limits=httpx.Limits(max_connections=None))
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
     async def with_provider(q: str) -> int:
         return sum([isinstance(item, str) async for item in provider.stream(Prompt("cost", q))])
+
+    async def with_provider_on_httpx(q: str) -> int:
+        return sum([isinstance(item, str) async for item in on_httpx.stream(Prompt("cost", q))])
 
     async def with_sdk(q: str) -> int:
         stream = await sdk.chat.completions.create(
@@ -99,29 +125,32 @@ async def measure(
 
     readers: dict[str, Reader] = {
         "openai_provider": with_provider,
+        "openai_provider_httpx": with_provider_on_httpx,
         "openai_sdk": with_sdk,
         "httpx_orjson": with_httpx,
         "aiohttp_orjson": with_aiohttp,
     }
-    out = {}
+    chosen = {name: reader for name, reader in readers.items() if not only or name in only}
+    runs: dict[str, list[float]] = {name: [] for name in chosen}
     try:
-        for name, reader in readers.items():
-            if only and name not in only:
-                continue
+        for reader in chosen.values():
             await reader(question)  # warm: connections, imports, first-call costs
-            before = _cpu_s()
-            chunks = sum(await asyncio.gather(*(reader(question) for _ in range(streams))))
-            out[name] = round((_cpu_s() - before) * 1e6 / max(1, chunks), 1)
+        for _ in range(rounds):  # in turns, so that a busy spell on the machine hits all
+            for name, reader in chosen.items():
+                before = _cpu_s()
+                chunks = sum(await asyncio.gather(*(reader(question) for _ in range(streams))))
+                runs[name].append(round((_cpu_s() - before) * 1e6 / max(1, chunks), 1))
     finally:
         await provider.aclose()
+        await on_httpx.aclose()
         await sdk.close()
         await hx.aclose()
         await session.close()
-    return out
+    return {name: values[0] if rounds == 1 else values for name, values in runs.items()}
 
 
 async def _main(
-    streams: int, tokens: int, rates: list[float], only: list[str] | None = None
+    streams: int, tokens: int, rates: list[float], only: list[str] | None = None, rounds: int = 1
 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-sdkcost-"))
     try:
@@ -130,7 +159,7 @@ async def _main(
             results: dict[str, Any] = {"streams": streams, "tokens": tokens}
             for rate in rates:
                 label = f"{rate:g}/s" if rate else "unthrottled"
-                results[label] = await measure(mock.url, streams, tokens, rate, only)
+                results[label] = await measure(mock.url, streams, tokens, rate, only, rounds)
             return results
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -153,13 +182,14 @@ def main(argv: list[str] | None = None) -> None:
         "--rates", default="20,0", help="tokens/s per answer, comma-separated; 0 = unthrottled"
     )
     parser.add_argument("--readers", default="", help="comma-separated subset (default: all)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each reader, in turns")
     parser.add_argument(
         "--asyncio", action="store_true", help="asyncio's own loop, as `tokenrelay worker` runs"
     )
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     only = [r for r in args.readers.split(",") if r] or None
-    coro = _main(args.streams, args.tokens, rates, only)
+    coro = _main(args.streams, args.tokens, rates, only, args.rounds)
     results = asyncio.run(coro) if args.asyncio else run(coro)
     print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
 

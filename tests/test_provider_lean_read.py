@@ -1,22 +1,24 @@
-"""The openai provider's own HTTP reading: SSE decoding, the SDK's retry rules, keep-alive."""
+"""The openai provider's own HTTP reading: SSE decoding, the SDK's retry rules, keep-alive,
+shapes the mock model does not send (from a scripted local server)."""
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import gzip
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpcore
-import httpx
 import orjson
 import pytest
 from pydantic import SecretStr
 
+from tests.support.rawhttp import Peer, RawServer
 from tokenrelay.errors import ProviderError
-from tokenrelay.providers import transport
 from tokenrelay.providers.base import Finish, Item, Prompt
+from tokenrelay.providers.h1 import Connection, HTTPStatusError, Origin
+from tokenrelay.providers.h1pool import H1Client
 from tokenrelay.providers.openai import OpenAIProvider
 from tokenrelay.providers.retry import retry_after_s, retry_delay_s, should_retry
 from tokenrelay.providers.sse import SSEDecoder
@@ -96,22 +98,20 @@ def test_retry_after_reported_to_the_caller() -> None:
 def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The TCP connections the provider opens, counted as they are opened."""
     opened: list[str] = []
-    connect = transport.AsyncioBackend.connect_tcp
+    connect = H1Client._connect
 
-    async def counting(
-        self: transport.AsyncioBackend, host: str, port: int, **kw: Any
-    ) -> httpcore.AsyncNetworkStream:
-        opened.append(f"{host}:{port}")
-        return await connect(self, host, port, **kw)
+    async def counting(self: H1Client, origin: Origin) -> Connection:
+        opened.append(f"{origin.host}:{origin.port}")
+        return await connect(self, origin)
 
-    monkeypatch.setattr(transport.AsyncioBackend, "connect_tcp", counting)
+    monkeypatch.setattr(H1Client, "_connect", counting)
     return opened
 
 
 @pytest.fixture
 async def provider(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[MockLLM, Any]]:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)  # the lean transport serves direct connections
+        monkeypatch.delenv(name, raising=False)  # these tests count direct connections
     async with MockLLM() as mock:
         settings = Settings(
             _env_file=None, openai_api_key=SecretStr("sk-lean"), openai_base_url=mock.base_url
@@ -172,32 +172,39 @@ def _chunk(content: str | None = None, finish: str | None = None, **extra: objec
     return b"data: " + orjson.dumps({"choices": [choice], **extra}) + b"\n\n"
 
 
-def _serving(
+@contextlib.asynccontextmanager
+async def _serving(
     *bodies: bytes | tuple[int, dict[str, str], bytes],
-) -> tuple[OpenAIProvider, list[int]]:
-    """A provider answered with the next body (or status, headers, body), a few bytes a read."""
+) -> AsyncIterator[tuple[OpenAIProvider, list[int]]]:
+    """A provider answered with the next body (or status, headers, body) by a real local
+    server, in chunks of a few bytes."""
     seen: list[int] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(1)
-        given = bodies[min(len(seen), len(bodies)) - 1]
-        status, headers, body = given if isinstance(given, tuple) else (200, {}, given)
-        return httpx.Response(status, headers=headers, content=_reads(body))
+    async def handle(peer: Peer) -> None:
+        while await peer.request() is not None:
+            seen.append(1)
+            given = bodies[min(len(seen), len(bodies)) - 1]
+            status, headers, body = given if isinstance(given, tuple) else (200, {}, given)
+            await peer.respond(body, status=status, headers=headers, piece=7)
 
-    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    return OpenAIProvider(http, "http://model.test/v1", "m", secret=SECRET, max_retries=1), seen
+    async with RawServer(handle) as server:
+        settings = Settings(
+            _env_file=None,
+            openai_api_key=SecretStr(SECRET),
+            openai_base_url=f"{server.url}/v1",
+            openai_model="m",
+            provider_max_retries=1,
+        )
+        provider = OpenAIProvider.from_settings(settings)
+        try:
+            yield provider, seen
+        finally:
+            await provider.aclose()
 
 
-async def _reads(body: bytes) -> AsyncIterator[bytes]:
-    for piece in _pieces(body, 7):
-        yield piece
-
-
-async def _collect_from(provider: OpenAIProvider) -> list[Item]:
-    try:
+async def _collect_from(*bodies: bytes | tuple[int, dict[str, str], bytes]) -> list[Item]:
+    async with _serving(*bodies) as (provider, _):
         return await _answer(provider, "shape?")
-    finally:
-        await provider.aclose()
 
 
 async def test_usage_chunk_with_null_choices_comments_and_crlf() -> None:
@@ -210,28 +217,26 @@ async def test_usage_chunk_with_null_choices_comments_and_crlf() -> None:
         + orjson.dumps({"choices": None, "usage": usage})
         + b"\n\ndata: [DONE]\n\n"
     )
-    provider, _ = _serving(body)
-    assert await _collect_from(provider) == ["Hello", " there", Finish("stop", 7, 2)]
+    assert await _collect_from(body) == ["Hello", " there", Finish("stop", 7, 2)]
 
 
 async def test_a_compressed_stream_is_decoded() -> None:
     body = gzip.compress(_chunk("zipped", "stop") + b"data: [DONE]\n\n")
-    provider, _ = _serving((200, {"content-encoding": "gzip"}, body))
-    assert await _collect_from(provider) == ["zipped", Finish("stop")]
+    assert await _collect_from((200, {"content-encoding": "gzip"}, body)) == [
+        "zipped",
+        Finish("stop"),
+    ]
 
 
 async def test_an_error_event_mid_stream_is_a_server_error_without_the_key() -> None:
     error = {"error": {"message": f"overloaded, key {SECRET}", "type": "server_error"}}
     body = _chunk("partial") + b"data: " + orjson.dumps(error) + b"\n\n"
-    provider, _ = _serving(body)
     seen: list[Item] = []
 
     async def collect() -> None:
-        try:
+        async with _serving(body) as (provider, _):
             async for item in provider.stream(Prompt("Redis", "shape?")):
                 seen.append(item)
-        finally:
-            await provider.aclose()
 
     with pytest.raises(ProviderError) as info:
         await collect()
@@ -242,24 +247,22 @@ async def test_an_error_event_mid_stream_is_a_server_error_without_the_key() -> 
 
 @pytest.mark.parametrize("payload", [b"[1, 2]", b'"text"', b'{"id": "x"}'])
 async def test_a_chunk_of_the_wrong_shape_is_malformed(payload: bytes) -> None:
-    provider, _ = _serving(b"data: " + payload + b"\n\n")
     with pytest.raises(ProviderError) as info:
-        await _collect_from(provider)
+        await _collect_from(b"data: " + payload + b"\n\n")
     assert info.value.kind == "malformed"
 
 
 async def test_the_server_saying_do_not_retry_is_obeyed() -> None:
     refused = (503, {"x-should-retry": "false"}, b'{"error": {"message": "down"}}')
-    provider, seen = _serving(refused, _chunk("late", "stop"))
     with pytest.raises(ProviderError) as info:
-        await _collect_from(provider)
+        async with _serving(refused, _chunk("late", "stop")) as (provider, seen):
+            await _answer(provider, "shape?")
     assert info.value.kind == "server" and "down" in info.value.message
     assert len(seen) == 1
 
 
 async def test_a_non_json_error_body_still_names_the_status() -> None:
-    provider, _ = _serving((502, {}, b"<html>Bad Gateway</html>"), (502, {}, b"<html>"))
     with pytest.raises(ProviderError) as info:
-        await _collect_from(provider)
+        await _collect_from((502, {}, b"<html>Bad Gateway</html>"), (502, {}, b"<html>"))
     assert info.value.kind == "server" and "502" in info.value.message
-    assert isinstance(info.value.__cause__, httpx.HTTPStatusError)
+    assert isinstance(info.value.__cause__, HTTPStatusError)

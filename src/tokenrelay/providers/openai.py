@@ -1,28 +1,27 @@
 """The `openai` provider: OpenAI or any OpenAI-compatible server, its stream read lean.
 
 The official SDK builds a pydantic object for every streamed chunk, most of a worker's
-CPU per chunk. This reads the server-sent events with orjson over one kept-alive httpx
-client, and keeps the SDK's retry rules (`provider_max_retries`, Retry-After) and what
-each failure reports.
+CPU per chunk. This reads the server-sent events with orjson over tokenrelay's own
+kept-alive HTTP/1.1 client (`h1pool`, parsed by llhttp), and keeps the SDK's retry rules
+(`provider_max_retries`, Retry-After) and what each failure reports.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import anyio
 import httpx
 import orjson
 
 from tokenrelay.errors import ConfigError, ProviderError
 from tokenrelay.providers.base import Finish, Prompt, Reasoning, ToolCall
+from tokenrelay.providers.h1 import HTTPFailure, HTTPStatusError, HTTPTimeout
+from tokenrelay.providers.h1pool import H1Client, Response
 from tokenrelay.providers.retry import retry_after_s, retry_delay_s, should_retry
 from tokenrelay.providers.sse import SSEDecoder
-from tokenrelay.providers.transport import LeanTransport
 from tokenrelay.settings import Settings
 
 OPENAI_URL = "https://api.openai.com/v1"
@@ -32,14 +31,12 @@ _CONNECT_TIMEOUT_S = 10.0
 _KEEPALIVE_S = 5.0  # as the SDK kept them
 _DRAIN_S = 0.1  # after [DONE]: read the body's end, so the connection is kept for reuse
 _ERROR_BODY_BYTES = 64 * 1024
-# httpx leaves some TLS failures unwrapped; they are connection trouble all the same.
-_TRANSPORT_ERRORS = (httpx.RequestError, ssl.SSLError)
 
 
 class OpenAIProvider:
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: H1Client,
         url: str,
         model: str,
         *,
@@ -65,23 +62,20 @@ class OpenAIProvider:
         read_timeout_s = max(settings.first_token_timeout_s, settings.stall_timeout_s)
         # One connection per answer in flight, kept between answers; never a wait for the
         # pool, so a slow model cannot turn into a false timeout here.
-        limits = httpx.Limits(
-            max_connections=None,
-            max_keepalive_connections=settings.worker_concurrency,
-            keepalive_expiry=_KEEPALIVE_S,
-        )
-        http = httpx.AsyncClient(
-            headers={
+        http = H1Client(
+            {
                 "authorization": f"Bearer {key or NO_KEY}",
                 "content-type": "application/json",
                 "accept": "application/json",
                 "user-agent": "tokenrelay",
             },
-            timeout=httpx.Timeout(read_timeout_s, connect=_CONNECT_TIMEOUT_S),
-            limits=limits,
-            # httpx reads no proxy variable once given a transport: behind one, keep its own.
-            transport=None if _proxied() else LeanTransport(limits),
-            follow_redirects=True,
+            connect_timeout_s=_CONNECT_TIMEOUT_S,
+            read_timeout_s=read_timeout_s,
+            max_idle=settings.worker_concurrency,
+            keepalive_s=_KEEPALIVE_S,
+            # httpx's: certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR as httpx read them.
+            ssl_context=httpx.create_ssl_context(),
+            proxies=urllib.request.getproxies(),
         )
         return cls(
             http,
@@ -105,12 +99,10 @@ class OpenAIProvider:
         reason: str | None = None
         usage: Any = None
         done = False
-        # Raw bytes unless the server compressed them: one layer less per read.
-        encoded = response.headers.get("content-encoding", "identity") != "identity"
-        body = response.aiter_bytes() if encoded else response.aiter_raw()
+        read = response.read
         try:
             try:
-                async for data in body:
+                while data := await read():
                     for payload in decoder.feed(data):
                         if payload.startswith(b"[DONE]"):
                             done = True
@@ -124,11 +116,12 @@ class OpenAIProvider:
                         if text:
                             yield text
                     if done:
-                        await _drain(body)
+                        # Read the body's end, so that the connection is kept for reuse.
+                        await response.drain(_DRAIN_S)
                         break
-            except httpx.TimeoutException as e:
+            except HTTPTimeout as e:
                 raise self._timeout(e) from e
-            except _TRANSPORT_ERRORS as e:
+            except HTTPFailure as e:
                 raise self._fail(
                     "incomplete",
                     f"the connection to {self._url} broke mid-answer ({_say(e)})",
@@ -141,9 +134,9 @@ class OpenAIProvider:
                     f"({type(e).__name__}: {e}); is it an OpenAI-compatible server?",
                 ) from e
         finally:
-            # Shielded so that a cancelled consumer still hangs up and the server stops generating.
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            # Synchronous, so that a cancelled consumer still hangs up and the server stops
+            # generating; a response not read to its end closes its connection.
+            response.close()
         if reason is None:
             raise self._fail(
                 "incomplete",
@@ -170,18 +163,17 @@ class OpenAIProvider:
             }
         )
 
-    async def _open(self, body: bytes) -> httpx.Response:
+    async def _open(self, body: bytes) -> Response:
         """The streaming response, after the SDK's retries; a failure as `ProviderError`."""
         for attempt in range(self._max_retries + 1):
             last = attempt == self._max_retries
-            request = self._http.build_request("POST", self._endpoint, content=body)
             try:
-                response = await self._http.send(request, stream=True)
-            except httpx.TimeoutException as e:
+                response = await self._http.post(self._endpoint, body)
+            except HTTPTimeout as e:
                 if last:
                     raise self._timeout(e) from e
                 delay_s = retry_delay_s(attempt, None)
-            except _TRANSPORT_ERRORS as e:
+            except HTTPFailure as e:
                 if last:
                     raise self._fail(
                         "connection",
@@ -191,12 +183,12 @@ class OpenAIProvider:
                     ) from e
                 delay_s = retry_delay_s(attempt, None)
             else:
-                if response.is_success:
+                if 200 <= response.status < 300:
                     return response
-                if last or not should_retry(response.status_code, response.headers):
+                if last or not should_retry(response.status, response.headers):
                     raise await self._refused(response)
                 delay_s = retry_delay_s(attempt, response.headers)
-                await _read_some(response, _ERROR_BODY_BYTES)  # read whole: the connection stays
+                await response.read_some(_ERROR_BODY_BYTES)  # read whole: the connection stays
             await asyncio.sleep(delay_s)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -247,7 +239,7 @@ class OpenAIProvider:
             message = message.replace(self._secret, "***")
         return ProviderError(kind, message, retryable=retryable, retry_after_s=retry_after_s)
 
-    def _timeout(self, e: httpx.TimeoutException) -> ProviderError:
+    def _timeout(self, e: HTTPTimeout) -> ProviderError:
         return self._fail(
             "timeout",
             f"{self._url} sent nothing for too long ({self._retries}); it may be overloaded, or "
@@ -264,26 +256,26 @@ class OpenAIProvider:
             "server", f"the model server at {self._url} failed: {message}", retryable=True
         )
 
-    async def _refused(self, response: httpx.Response) -> ProviderError:
+    async def _refused(self, response: Response) -> ProviderError:
         """The error for a status the SDK would not (or no longer) retry, chained to its body."""
-        raw = await _read_some(response, _ERROR_BODY_BYTES)
+        raw = await response.read_some(_ERROR_BODY_BYTES)
         try:
             body = orjson.loads(raw)
         except ValueError:
             body = None
         error = body.get("error", body) if isinstance(body, dict) else None
         error = error if isinstance(error, dict) else {}
-        status, detail = response.status_code, f"Error code: {response.status_code}"
+        status, detail = response.status, f"Error code: {response.status}"
         if isinstance(error.get("message"), str) and error["message"]:
             detail += f" - {error['message']}"
         # The SDK's exception text, kept for the traceback; only redacted text goes further.
-        cause = httpx.HTTPStatusError(detail, request=response.request, response=response)
+        cause = HTTPStatusError(detail)
         failure = self._status_error(status, error, detail, response.headers)
         failure.__cause__ = cause
         return failure
 
     def _status_error(
-        self, status: int, error: dict[str, Any], said: str, headers: httpx.Headers
+        self, status: int, error: dict[str, Any], said: str, headers: Mapping[str, str]
     ) -> ProviderError:
         url, retries = self._url, self._retries
         detail = str(error.get("message") or said)[:300].rstrip(".")
@@ -316,35 +308,6 @@ class OpenAIProvider:
             f"the model server at {url} rejected the request for model {self._model!r} "
             f"({status}: {detail}); check OPENAI_MODEL",
         )
-
-
-async def _drain(body: AsyncIterator[bytes]) -> None:
-    """Read what follows [DONE] (the body's end) for a moment, so the connection is reused."""
-    try:
-        with anyio.move_on_after(_DRAIN_S):
-            async for _ in body:
-                pass
-    except _TRANSPORT_ERRORS:
-        pass  # the answer is complete; a connection that cannot be reused is just closed
-
-
-async def _read_some(response: httpx.Response, limit: int) -> bytes:
-    """Up to `limit` bytes of an error's body; a body cut off reads as what arrived."""
-    raw = b""
-    try:
-        async for data in response.aiter_bytes():
-            raw += data
-            if len(raw) >= limit:
-                break
-    except _TRANSPORT_ERRORS:
-        pass
-    finally:
-        await response.aclose()
-    return raw[:limit]
-
-
-def _proxied() -> bool:
-    return any(scheme in urllib.request.getproxies() for scheme in ("http", "https", "all"))
 
 
 def _count(value: object) -> int:

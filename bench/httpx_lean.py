@@ -1,4 +1,10 @@
-"""httpx's own HTTP/1.1 transport on a lean asyncio socket layer, for long token streams.
+"""The `openai` provider's HTTP layer before `h1pool`, kept as the benchmark's baseline.
+
+`HttpxClient` serves `OpenAIProvider` as `H1Client` does, over httpx on the transport
+below (what the provider used until #13's own HTTP/1.1 client): the same provider code
+per chunk, only the HTTP layer differs. Below, from `providers/transport.py` as it was:
+
+httpx's own HTTP/1.1 transport on a lean asyncio socket layer, for long token streams.
 
 httpx reads through httpcore's AnyIO backend, which per read enters a cancel scope for
 the timeout, maps exceptions in two context managers and switches the socket's reader on
@@ -14,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, cast
 
 import httpcore
 import httpx
+
+from tokenrelay.providers.h1 import HTTPFailure, HTTPTimeout
 
 _HIGH_WATER = 1 << 20  # bytes buffered before the socket stops reading
 _LOW_WATER = 1 << 18
@@ -245,3 +253,78 @@ class _Protocol(asyncio.Protocol):
             self._timer.cancel()
         self._timer_at = self._deadline
         self._timer = self._loop.call_at(self._deadline, self._check_deadline)
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+class HttpxResponse:
+    """`h1pool.Response`'s face on a streamed httpx response (raw bytes, as the provider
+    read them)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.status = response.status_code
+        self.headers = response.headers
+        self._response = response
+        self._body: AsyncIterator[bytes] = response.aiter_raw()
+
+    async def read(self) -> bytes:
+        try:
+            return await anext(self._body, b"")
+        except httpx.TimeoutException as e:
+            raise HTTPTimeout(str(e)) from e
+        except httpx.RequestError as e:
+            raise HTTPFailure(str(e)) from e
+
+    async def drain(self, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while await self.read():
+                    pass
+        except (TimeoutError, HTTPFailure):
+            pass
+
+    async def read_some(self, limit: int) -> bytes:
+        raw = b""
+        try:
+            while len(raw) < limit and (data := await self.read()):
+                raw += data
+        except HTTPFailure:
+            pass
+        finally:
+            self.close()
+        return raw[:limit]
+
+    def close(self) -> None:
+        # The provider's close is synchronous; httpx's is not (and never waits here).
+        task = asyncio.get_running_loop().create_task(self._response.aclose())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+
+class HttpxClient:
+    """`h1pool.H1Client`'s face on the kept-alive httpx client the provider had."""
+
+    def __init__(self, headers: Mapping[str, str], *, read_timeout_s: float, max_idle: int) -> None:
+        limits = httpx.Limits(
+            max_connections=None, max_keepalive_connections=max_idle, keepalive_expiry=5.0
+        )
+        self._http = httpx.AsyncClient(
+            headers=dict(headers),
+            timeout=httpx.Timeout(read_timeout_s, connect=10.0),
+            limits=limits,
+            transport=LeanTransport(limits),
+            follow_redirects=True,
+        )
+
+    async def post(self, url: str, body: bytes) -> HttpxResponse:
+        request = self._http.build_request("POST", url, content=body)
+        try:
+            return HttpxResponse(await self._http.send(request, stream=True))
+        except httpx.TimeoutException as e:
+            raise HTTPTimeout(str(e)) from e
+        except httpx.RequestError as e:
+            raise HTTPFailure(str(e)) from e
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
