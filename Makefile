@@ -59,7 +59,9 @@ reliability: install web browser
 	echo "wrote docs/reliability.md"; exit $$status
 
 # The benchmark (docs/performance.md): the full sweep, under 30 minutes; results and plot in
-# bench/results/. `make bench BENCH_ARGS=--quick` runs a few cells in about two minutes.
+# bench/results/. `make bench BENCH_ARGS=--quick` runs every target's cell with short answers
+# on both layouts (split and `serve`) in a few minutes, `BENCH_ARGS=--targets` the same at
+# full length; add `--cluster` for the same load on a 3-master Valkey Cluster (#14).
 .PHONY: bench
 
 bench: $(STAMP)

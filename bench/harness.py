@@ -2,9 +2,11 @@
 
 Run from the repository root:
 
-python -m bench --quick          # a few cells, about two minutes
+python -m bench --quick          # every target's cell, short answers, both layouts
+python -m bench --targets        # the same cells at full length
 python -m bench                  # the full sweep (1-1,000 answers, 1 and 10 viewers,
-                                 # 20 tokens/s and unthrottled), about 15 minutes
+                                 # 20 tokens/s and unthrottled) + the target cells
+python -m bench --quick --cluster   # and the same on a 3-master Valkey Cluster
 python -m bench --report bench/results/full.json   # print and plot a saved sweep
 """
 
@@ -20,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +36,17 @@ from bench.runs import run_one
 from bench.sdkcost import provider_read_cost_async
 from bench.spec import MODES, Cell, Mode
 from bench.stack import Stack, StackConfig
-from bench.sweep import FULL, QUICK_CELLS, Grid
-from bench.targets import MEMORY_TOKENS, evaluate
+from bench.sweep import FULL, QUICK_CELLS, Grid, target_cells, with_targets
+from bench.targets import MEMORY_TOKENS, TARGET_CELLS, evaluate
 
 WARMUP = Cell(10, 1, 20.0, 20)
 # 10,000 viewers at once: answers slow enough (30 s) to outlast 10,000 watches arriving.
 CONNECTION_CHECK = Cell(1000, 10, 0.2, 6)
 PROFILED = "1000x1@20,100x1@20"
-# The default `serve` layout (what `make run` starts) beside the split one, at the target cell.
-SERVE_CELLS = "100x1@20"
+# The default `serve` layout (what `make run` starts) beside the split one: every target cell.
+SERVE_CELLS = ",".join(need.spec for need in TARGET_CELLS)
+# The cluster layout beside the single-node one: latency and CPU, and what a worker writes.
+CLUSTER_CELLS = "100x1@20,100x1@0:burst"
 PROFILE_S = 8.0
 PACKAGES = (
     "redis",
@@ -99,11 +104,25 @@ def _parser() -> argparse.ArgumentParser:
         "real processes: a gateway, a worker, Valkey, the mock, and client processes; then "
         "the default `serve` layout (supervisor, gateway and worker processes) at --serve-cells.",
     )
-    p.add_argument("--quick", action="store_true", help="a small sweep (minutes), no profile")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="every target's cell with short answers, on both layouts (minutes), no profile",
+    )
+    p.add_argument(
+        "--targets",
+        action="store_true",
+        help="every target's cell at full length, on both layouts, no profile",
+    )
     p.add_argument("--answers", type=_csv(int), help="concurrent answers, e.g. 1,10,100")
     p.add_argument("--viewers", type=_csv(int), help="viewers per answer, e.g. 1,10")
     p.add_argument("--rates", type=_csv(float), help="tokens/s per answer; 0 = unthrottled")
-    p.add_argument("--tokens", type=int, help="tokens per answer (default: by rate and budget)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        help="tokens per answer (default: by rate and budget; with --quick or --targets, "
+        "their every answer's length)",
+    )
     p.add_argument("--modes", type=lambda s: tuple(s.split(",")), default=MODES)
     p.add_argument("--ramp-s", type=float, default=1.0, help="answers start spread over this")
     p.add_argument("--clients", type=int, default=2, help="client processes at most")
@@ -128,8 +147,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--serve-cells",
-        help="ANSWERSxVIEWERS@RATE,... to run on the default `serve` layout too (default "
-        f"{SERVE_CELLS} for the full and quick sweeps, none for custom cells; '' for none)",
+        help="ANSWERSxVIEWERS@RATE[:burst],... to run on the default `serve` layout too "
+        "(default: every target's cell for the full, quick and --targets sweeps, none for "
+        "custom cells; '' for none); :burst = all asked at once",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also run --cluster-cells in cluster mode on a Valkey Cluster on loopback "
+        "(3 masters + 1 replica each), after the other layouts",
+    )
+    p.add_argument(
+        "--cluster-cells",
+        default=CLUSTER_CELLS,
+        help=f"ANSWERSxVIEWERS@RATE[:burst],... for --cluster (default {CLUSTER_CELLS})",
     )
     p.add_argument(
         "--serve-workers",
@@ -157,8 +188,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cells(args: argparse.Namespace) -> tuple[str, list[Cell]]:
-    custom = any(v is not None for v in (args.answers, args.viewers, args.rates, args.tokens))
-    if custom:
+    """The split layout's cells. `--tokens` alone makes a custom grid; with `--quick` or
+    `--targets` it sets their answers' length (a smoke test of every target)."""
+    named = args.quick or args.targets
+    given = (args.answers, args.viewers, args.rates, None if named else args.tokens)
+    if any(v is not None for v in given):
         grid = Grid(
             answers=args.answers or (1,),
             viewers=args.viewers or (1,),
@@ -168,19 +202,64 @@ def _cells(args: argparse.Namespace) -> tuple[str, list[Cell]]:
             tokens=args.tokens,
         )
         return "custom", grid.cells()
+    kind, cells = "full", with_targets(FULL.cells())
     if args.quick:
-        return "quick", list(QUICK_CELLS)
-    return "full", FULL.cells()
+        kind, cells = "quick", list(QUICK_CELLS)
+    elif args.targets:
+        kind, cells = "targets", target_cells(quick=False)
+    if args.tokens:
+        cells = [dataclasses.replace(c, tokens=args.tokens) for c in cells]
+    return kind, cells
 
 
-def _parse_cells(spec: str, tokens: int | None) -> list[Cell]:
+def _parse_cells(spec: str, tokens: int | None, sweep: list[Cell]) -> list[Cell]:
+    """`ANSWERSxVIEWERS@RATE[:burst],...`; a cell the sweep has too keeps its length, so
+    that it runs the same answers on every layout."""
+    same = {c.key: c for c in sweep}
     cells = []
     for item in filter(None, spec.split(",")):
+        item, _, how = item.partition(":")
         size, _, rate_s = item.partition("@")
         answers, _, viewers = size.partition("x")
         a, v, rate = int(answers), int(viewers or 1), float(rate_s or 20)
-        cells.append(Cell(a, v, rate, tokens or FULL.tokens_for(a, v, rate)))
+        cell = Cell(a, v, rate, tokens or FULL.tokens_for(a, v, rate), how == "burst")
+        cells.append(same.get(cell.key, cell))
     return cells
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one invocation runs, on which layout."""
+
+    kind: str  # quick, targets, full or custom
+    cells: list[Cell]  # the split layout's sweep
+    serve_cells: list[Cell]
+    cluster_cells: list[Cell]
+    profile: bool
+    connection_check: bool
+
+    @property
+    def most_answers(self) -> int:
+        every = [*self.cells, *self.serve_cells, *self.cluster_cells, WARMUP]
+        if self.connection_check:
+            every.append(CONNECTION_CHECK)
+        return max(c.answers for c in every)
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    kind, cells = _cells(args)
+    serve_spec = args.serve_cells
+    if serve_spec is None:
+        serve_spec = "" if kind == "custom" else SERVE_CELLS
+    cluster = _parse_cells(args.cluster_cells, args.tokens, cells) if args.cluster else []
+    return Plan(
+        kind=kind,
+        cells=cells,
+        serve_cells=_parse_cells(serve_spec, args.tokens, cells),
+        cluster_cells=cluster,
+        profile=kind == "full" if args.profile is None else args.profile,
+        connection_check=kind == "full" if args.connection_check is None else args.connection_check,
+    )
 
 
 def _save(result: dict[str, Any], path: Path) -> None:
@@ -191,29 +270,48 @@ def _save(result: dict[str, Any], path: Path) -> None:
 
 
 async def sweep(args: argparse.Namespace) -> dict[str, Any]:
-    kind, cells = _cells(args)
+    plan = _plan(args)
     modes: tuple[Mode, ...] = args.modes
-    name = args.name or kind
-    profile = kind == "full" if args.profile is None else args.profile
-    connection_check = kind == "full" if args.connection_check is None else args.connection_check
+    name = args.name or plan.kind
     out = args.out / f"{name}.json"
-    serve_spec = args.serve_cells
-    if serve_spec is None:
-        serve_spec = "" if kind == "custom" else SERVE_CELLS
-    # A cell the sweep has too runs the same answers on both layouts.
-    same = {(c.answers, c.viewers, c.rate): c for c in cells}
-    serve_cells = [
-        same.get((c.answers, c.viewers, c.rate), c) for c in _parse_cells(serve_spec, args.tokens)
-    ]
     workdir = Path(tempfile.mkdtemp(prefix="tokenrelay-bench-"))
     config = StackConfig(
-        worker_concurrency=max(c.answers for c in (*cells, WARMUP, CONNECTION_CHECK))
-        + args.memory_answers,
+        worker_concurrency=plan.most_answers + args.memory_answers,
         retention_s=args.retention_s,
         worker_uvloop=args.worker_uvloop,
     )
     started = time.monotonic()
-    result: dict[str, Any] = {
+    result = _new_result(name, plan.kind, args, config)
+    print(
+        f"bench: {len(plan.cells)} cells x {len(modes)} transports, then {len(plan.serve_cells)} "
+        f"on serve, {len(plan.cluster_cells)} on a cluster; work dir {workdir}"
+    )
+    kw = {"ramp_s": args.ramp_s, "most_clients": args.clients, "workdir": workdir}
+    try:
+        await _split_layout(result, plan, modes, config, args, out, kw)
+        if plan.serve_cells:
+            serve = dataclasses.replace(
+                config, layout="serve", worker_uvloop=False, serve_workers=args.serve_workers
+            )
+            await _layout(result, "serve_runs", plan.serve_cells, modes, serve, out, kw)
+        if plan.cluster_cells:
+            cluster = dataclasses.replace(config, layout="cluster", worker_uvloop=False)
+            await _layout(result, "cluster_runs", plan.cluster_cells, modes, cluster, out, kw)
+    finally:
+        result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        result["duration_s"] = round(time.monotonic() - started, 1)
+        checks = [result["connection_check"]] if result["connection_check"] else []
+        result["targets"] = evaluate(result["runs"], result["memory"], checks, result["serve_runs"])
+        _save(result, out)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _new_result(
+    name: str, kind: str, args: argparse.Namespace, config: StackConfig
+) -> dict[str, Any]:
+    return {
         "name": name,
         "sweep": kind,
         "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -230,89 +328,98 @@ async def sweep(args: argparse.Namespace) -> dict[str, Any]:
         },
         "runs": [],
         "serve_runs": [],
+        "cluster_runs": [],
         "memory": None,
         "connection_check": None,
         "profiles": [],
         "provider_read_cost_us": None,
         "targets": [],
     }
-    print(f"bench: {len(cells)} cells x {len(modes)} transports; work dir {workdir}")
-    kw = {"ramp_s": args.ramp_s, "most_clients": args.clients, "workdir": workdir}
-    try:
-        async with Stack(workdir, config) as stack:
-            result["software"] = software(stack.valkey_version)
-            await run_one(stack, WARMUP, "socketio", **kw)  # first-use costs, not measured
-            if args.memory_answers:  # first, so retention runs out while the sweep goes on
-                result["memory"] = await measure_memory(
-                    stack, args.memory_answers, args.memory_tokens
-                )
-            print(report.header())
-            for cell in cells:
-                for mode in modes:
-                    figures = await run_one(stack, cell, mode, **kw)
-                    result["runs"].append(figures)
-                    print(report.line(figures), flush=True)
-                    _save(result, out)
-            if connection_check:
-                figures = await run_one(stack, CONNECTION_CHECK, "socketio", **kw)
-                result["connection_check"] = figures
-                print(f"connections {report.line(figures)}", flush=True)
-            if result["memory"] is not None:
-                await check_gone(stack, result["memory"])
-                print(f"memory per finished answer: {result['memory']}", flush=True)
-            if profile:
-                for cell in _parse_cells(args.profile_cells, args.tokens):
-                    for mode in ("socketio", "sse"):
-                        figures = await run_one(stack, cell, mode, profile_s=PROFILE_S, **kw)
-                        result["profiles"].append(figures)
-                        print(f"profiled  {report.line(figures)}", flush=True)
-                result["provider_read_cost_us"] = await provider_read_cost_async()
-                print(f"CPU per chunk read: {result['provider_read_cost_us']}", flush=True)
-        if serve_cells:
-            serve = dataclasses.replace(
-                config, layout="serve", worker_uvloop=False, serve_workers=args.serve_workers
-            )
-            await _serve_layout(result, serve_cells, modes, serve, workdir / "serve", out, kw)
-    finally:
-        result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-        result["duration_s"] = round(time.monotonic() - started, 1)
-        checks = [result["connection_check"]] if result["connection_check"] else []
-        result["targets"] = evaluate(result["runs"], result["memory"], checks, result["serve_runs"])
-        _save(result, out)
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return result
 
 
-async def _serve_layout(
+async def _split_layout(
     result: dict[str, Any],
-    cells: list[Cell],
+    plan: Plan,
     modes: tuple[Mode, ...],
     config: StackConfig,
-    workdir: Path,
+    args: argparse.Namespace,
     out: Path,
     kw: dict[str, Any],
 ) -> None:
-    """The same cells on `tokenrelay serve` as `make run` starts it, after the split
-    stack has stopped (so the two never share the machine)."""
-    async with Stack(workdir, config) as stack:
-        result["settings"]["serve_worker_processes"] = stack.worker_processes
-        print(
-            f"serve layout{' (default)' if config.serve_workers is None else ''}: supervisor + "
-            f"gateway + {stack.worker_processes} worker processes + embedded Valkey",
-            flush=True,
-        )
+    """The sweep on one `tokenrelay gateway` + one `tokenrelay worker`, and the checks
+    that go with it (memory, 10,000 viewers, profiles)."""
+    async with Stack(kw["workdir"], config) as stack:
+        result["software"] = software(stack.valkey_version)
+        await run_one(stack, WARMUP, "socketio", **kw)  # first-use costs, not measured
+        if args.memory_answers:  # first, so retention runs out while the sweep goes on
+            result["memory"] = await measure_memory(stack, args.memory_answers, args.memory_tokens)
+        print(report.header())
+        for cell in plan.cells:
+            for mode in modes:
+                figures = await run_one(stack, cell, mode, **kw)
+                result["runs"].append(figures)
+                print(report.line(figures), flush=True)
+                _save(result, out)
+        if plan.connection_check:
+            figures = await run_one(stack, CONNECTION_CHECK, "socketio", **kw)
+            result["connection_check"] = figures
+            print(f"connections {report.line(figures)}", flush=True)
+        if result["memory"] is not None:
+            await check_gone(stack, result["memory"])
+            print(f"memory per finished answer: {result['memory']}", flush=True)
+        if plan.profile:
+            await _profiles(result, stack, args, kw)
+
+
+async def _profiles(
+    result: dict[str, Any], stack: Stack, args: argparse.Namespace, kw: dict[str, Any]
+) -> None:
+    for cell in _parse_cells(args.profile_cells, args.tokens, []):
+        for mode in ("socketio", "sse"):
+            figures = await run_one(stack, cell, mode, profile_s=PROFILE_S, **kw)
+            result["profiles"].append(figures)
+            print(f"profiled  {report.line(figures)}", flush=True)
+    result["provider_read_cost_us"] = await provider_read_cost_async()
+    print(f"CPU per chunk read: {result['provider_read_cost_us']}", flush=True)
+
+
+async def _layout(
+    result: dict[str, Any],
+    key: str,
+    cells: list[Cell],
+    modes: tuple[Mode, ...],
+    config: StackConfig,
+    out: Path,
+    kw: dict[str, Any],
+) -> None:
+    """The same cells on another layout (`serve` as `make run` starts it, or the cluster),
+    after the previous stack has stopped (so two never share the machine)."""
+    async with Stack(kw["workdir"] / config.layout, config) as stack:
+        if config.layout == "serve":
+            result["settings"]["serve_worker_processes"] = stack.worker_processes
+            default = " (default)" if config.serve_workers is None else ""
+            print(
+                f"serve layout{default}: supervisor + gateway + {stack.worker_processes} "
+                "worker processes + embedded Valkey",
+                flush=True,
+            )
+        else:
+            print(f"cluster layout: gateway + worker on {stack.cluster_description}", flush=True)
+            result["settings"]["cluster"] = stack.cluster_description
         await run_one(stack, WARMUP, "socketio", **kw)
         print(report.header())
         for cell in cells:
             for mode in modes:
                 figures = await run_one(stack, cell, mode, **kw)
-                result["serve_runs"].append(figures)
+                result[key].append(figures)
                 print(report.line(figures), flush=True)
                 _save(result, out)
 
 
 def show(result: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+    if result.get("cluster_runs"):
+        print()
+        print(report.cluster_text(result))
     print()
     print(report.targets_text(result["targets"]))
     for prof in result.get("profiles", []):
@@ -330,8 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.report is not None:
         result = orjson.loads(args.report.read_bytes())
         print(report.header())
-        for figures in [*result["runs"], *result.get("serve_runs", [])]:
+        for figures in report.every_run(result):
             print(report.line(figures))
+        # Judged again from the saved figures, by today's targets.
+        checks = [result["connection_check"]] if result.get("connection_check") else []
+        result["targets"] = evaluate(
+            result["runs"], result.get("memory"), checks, result.get("serve_runs", [])
+        )
         show(result, args, args.report)
         return 0
     result = run(sweep(args))

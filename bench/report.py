@@ -8,7 +8,7 @@ from typing import Any
 Run = dict[str, Any]
 
 COLUMNS = (
-    ("layout", 6),
+    ("layout", 7),
     ("answers", 7),
     ("view", 4),
     ("rate", 5),
@@ -34,6 +34,16 @@ def _rate(rate: float) -> str:
     return f"{rate:g}" if rate else "max"
 
 
+def every_run(result: dict[str, Any]) -> list[Run]:
+    """The sweep's runs, then the `serve` layout's and the cluster's."""
+    return [*result["runs"], *result.get("serve_runs", []), *result.get("cluster_runs", [])]
+
+
+def cell_name(run: Run) -> str:
+    burst = ":burst" if run.get("burst") else ""
+    return f"{run['answers']}x{run['viewers']}@{_rate(run['rate'])}{burst}"
+
+
 def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -43,7 +53,7 @@ def row(run: Run) -> list[str]:
     hops = run.get("hops_ms")
     return [
         run.get("layout", "split"),
-        str(run["answers"]),
+        str(run["answers"]) + ("!" if run.get("burst") else ""),
         str(run["viewers"]),
         _rate(run["rate"]),
         str(run["tokens"]),
@@ -73,10 +83,47 @@ def line(run: Run) -> str:
 
 
 def targets_text(targets: list[dict[str, str]]) -> str:
-    lines = []
+    """One line per target and layout: status, what was measured, the target."""
+    lines = ["targets, from this run's figures (answers marked ! were all asked at once):"]
     for t in targets:
         note = f" ({t['note']})" if t.get("note") else ""
-        lines.append(f"[{t['status']}] {t['name']}: {t['measured']} — target {t['target']}{note}")
+        layout = f"{t.get('layout') or '-':<6}"
+        lines.append(
+            f"[{t['status']}] {layout} {t['name']}: {t['measured']} — target {t['target']}{note}"
+        )
+    return "\n".join(lines)
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def cluster_text(result: dict[str, Any]) -> str:
+    """Each cluster run beside the same cell and transport on one node (the split layout,
+    same gateway + worker processes): chunks/s and CPU per chunk, Valkey per node."""
+    single = {(cell_name(r), r["mode"]): r for r in result["runs"]}
+    lines = [
+        "cluster (3 masters + replicas) beside one node, same cell and transport; us per chunk",
+        "cell                 mode      chunks/s one|cluster  worker one|cluster  "
+        "gateway one|cluster  valkey one|cluster(sum)  valkey per node",
+    ]
+    for run in result.get("cluster_runs", []):
+        if run["mode"] == "direct":
+            continue
+        one = single.get((cell_name(run), run["mode"]))
+        cpu = run["cpu_us_per_chunk"]
+        base = one["cpu_us_per_chunk"] if one else {}
+        nodes = cpu.get("valkey_nodes_per_written") or {}
+        per_node = " ".join(f"{n.removeprefix('valkey:')} {_us(v)}" for n, v in nodes.items())
+        rate = f"{one['chunks_per_s']:.0f}" if one else "-"
+        lines.append(
+            f"{cell_name(run):<20} {run['mode']:<9} "
+            f"{rate:>8}|{run['chunks_per_s']:<8.0f}      "
+            f"{_us(base.get('worker_per_written')):>5}|{_us(cpu['worker_per_written']):<5}       "
+            f"{_us(base.get('gateway_per_delivery')):>5}|{_us(cpu['gateway_per_delivery']):<5}"
+            f"        {_us(base.get('valkey_per_written')):>5}|"
+            f"{_us(cpu['valkey_per_written']):<5}            {per_node}"
+        )
     return "\n".join(lines)
 
 
@@ -104,11 +151,19 @@ def markdown(result: dict[str, Any]) -> str:
         "all delivered",
     ]
     out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    runs = [*result["runs"], *result.get("serve_runs", [])]
-    out += ["| " + " | ".join(row(run)) + " |" for run in runs]
-    out += ["", "| target | measured | result |", "|---|---|---|"]
-    for t in result["targets"]:
-        out.append(f"| {t['name']}: {t['target']} | {t['measured']} | **{t['status']}** |")
+    out += ["| " + " | ".join(row(run)) + " |" for run in every_run(result)]
+    out += ["", targets_markdown(result["targets"])]
+    return "\n".join(out)
+
+
+def targets_markdown(targets: list[dict[str, str]]) -> str:
+    out = ["| layout | target | measured | result |", "|---|---|---|---|"]
+    for t in targets:
+        note = f" ({t['note']})" if t.get("note") else ""
+        out.append(
+            f"| {t.get('layout') or '-'} | {t['name']}: {t['target']} | {t['measured']}{note} "
+            f"| **{t['status']}** |"
+        )
     return "\n".join(out)
 
 
@@ -123,7 +178,8 @@ def plot(result: dict[str, Any], path: Path) -> Path | None:
         from matplotlib.lines import Line2D
     except ImportError:
         return None
-    runs: list[Run] = result["runs"]
+    # Ramped runs only: a burst cell repeats a concurrency with another start.
+    runs: list[Run] = [r for r in result["runs"] if not r.get("burst")]
     rates = sorted({r["rate"] for r in runs}, reverse=True)
     fig, axes = plt.subplots(1, len(rates), figsize=(5.5 * len(rates), 4.6), squeeze=False)
     colours = {"direct": "#555555", "socketio": "#1f77b4", "sse": "#d62728"}

@@ -148,6 +148,7 @@ async def run_one(
     n_proc = client_processes(cell, most_clients)
     share = -(-cell.answers // n_proc)
     target = f"{stack.mock_url}/v1" if mode == "direct" else stack.gateway_url
+    ramp_s = 0.0 if cell.burst else ramp_s
     timeout_s = run_timeout_s(cell, ramp_s)
     tag = f"{mode}-{cell.answers}x{cell.viewers}-{cell.rate:g}-{secrets.token_hex(2)}"
     clients = []
@@ -201,6 +202,8 @@ async def run_one(
     )
     figures["layout"] = stack.config.layout
     figures["worker_processes"] = stack.worker_processes
+    figures["burst"] = ramp_s == 0.0
+    figures["ramp_s"] = ramp_s
     if profiler is not None:
         figures["profile"] = await profiler.finish()
     return figures
@@ -224,6 +227,10 @@ def _figures(
     user = {role: cpu_after[role][0] - start[role][0] for role in cpu_after}
     system = {role: cpu_after[role][1] - start[role][1] for role in cpu_after}
     cpu = {role: round(user[role] + system[role], 3) for role in cpu_after}
+    # A cluster's nodes are tracked one by one ("valkey:m1", "valkey:r1", ...): summed too.
+    nodes = {role: s for role, s in cpu.items() if role.startswith("valkey:")}
+    if nodes:
+        cpu["valkey"] = round(sum(nodes.values()), 3)
     cpu["clients"] = round(sum(s["cpu_s"] for s in summaries), 3)
     kernel = {role: round(system[role] / cpu[role], 2) if cpu[role] else 0.0 for role in system}
     errors = sorted({e for s in summaries for e in s["errors"]})[:5]
@@ -279,7 +286,11 @@ def _figures(
             "tokenrelay_per_delivery": round(own * 1e6 / deliveries, 1)
             if relayed and deliveries
             else None,
+            "valkey_nodes_per_written": {role: per(role, written) for role in sorted(nodes)}
+            if relayed and nodes
+            else None,
         },
+        "chunks_written_per_s": round(written / wall_s, 1) if relayed else None,
         "redis_connections": sampler.figures(),
         "client_loop_lag_p99_ms": max(s["loop_lag_p99_ms"] for s in summaries),
         "idle_after": idle,

@@ -14,18 +14,28 @@ MODES: tuple[Mode, ...] = ("direct", "socketio", "sse")
 class Cell:
     """One point of the sweep: `answers` at once, each watched by `viewers`, at `rate` tokens/s.
 
-    `rate` 0 is unthrottled: the model sends as fast as it can.
+    `rate` 0 is unthrottled: the model sends as fast as it can. `burst`: every answer is
+    asked at the same instant (no ramp), as when many users press enter together.
     """
 
     answers: int
     viewers: int
     rate: float
     tokens: int
+    burst: bool = False
 
     @property
     def label(self) -> str:
         rate = f"{self.rate:g}/s" if self.rate else "unthrottled"
-        return f"{self.answers} answers x {self.viewers} viewers @ {rate}, {self.tokens} tokens"
+        at_once = ", asked at once" if self.burst else ""
+        return (
+            f"{self.answers} answers x {self.viewers} viewers @ {rate}, {self.tokens} tokens"
+            + at_once
+        )
+
+    @property
+    def key(self) -> tuple[int, int, float, bool]:
+        return (self.answers, self.viewers, self.rate, self.burst)
 
     @property
     def deliveries(self) -> int:

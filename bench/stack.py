@@ -4,7 +4,10 @@
 - `split`: `tokenrelay gateway` and `tokenrelay worker`, one process each, on a Valkey
   the benchmark starts (with the persistence `serve` gives its own);
 - `serve`: what `make run` starts, `tokenrelay serve` with nothing but the model set: the
-  supervisor, its embedded Valkey, one gateway process and one worker process per core.
+  supervisor, its embedded Valkey, one gateway process and one worker process per core;
+- `cluster`: the split layout in cluster mode (`TOKENRELAY_REDIS_CLUSTER=true`, `REDIS_URL`
+  one node) on a Valkey Cluster on loopback (3 masters + 1 replica each), each node's CPU
+  tracked on its own ("valkey:m1".., "valkey:r1"..).
 
 CPU is read per process with psutil. Under `serve` the children are found by their command
 line and summed by role (all workers together), so "worker" means every worker process;
@@ -25,15 +28,17 @@ from typing import Any, Literal
 
 import aiohttp
 import psutil
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from bench import ROOT
+from bench.valkey_cluster import ValkeyCluster
 from tests.support.procs import Cluster, processes, valkey
 from tokenrelay.embedded import EmbeddedValkey
 from tokenrelay.keys import Keys
+from tokenrelay.settings import CLUSTER_SHARDS
 
-Layout = Literal["split", "serve"]
-LAYOUTS: tuple[Layout, ...] = ("split", "serve")
+Layout = Literal["split", "serve", "cluster"]
+LAYOUTS: tuple[Layout, ...] = ("split", "serve", "cluster")
 UVLOOP_WORKER = (
     "import sys, uvloop; uvloop.install(); from tokenrelay.cli import main; "
     "sys.exit(main(['--log-level', 'warning', 'worker']))"
@@ -51,6 +56,9 @@ class StackConfig:
     layout: Layout = "split"
     # Worker processes under `serve`; None: its default (one per core), as `make run` runs.
     serve_workers: int | None = None
+    # The `cluster` layout's Valkey Cluster.
+    cluster_masters: int = 3
+    cluster_replicas: int = 1
 
 
 class Stack:
@@ -70,6 +78,10 @@ class Stack:
         self._tracked: dict[int, tuple[str, psutil.Process, tuple[float, float]]] = {}
         self._serve: psutil.Process | None = None
         self._valkey: Any = None
+        self._valkey_cluster: ValkeyCluster | None = None
+        self._cluster_client: RedisCluster | None = None
+        # One client per cluster node, for CLIENT LIST; a node label ("m1", "r1") each.
+        self._nodes: dict[str, Redis] = {}
         self.redis: Redis | None = None
         self.http: aiohttp.ClientSession | None = None
 
@@ -103,8 +115,11 @@ class Stack:
         )
         if self.config.layout == "serve":
             await self._start_serve()
+        elif self.config.layout == "cluster":
+            await self._start_cluster()
         else:
             await self._start_split()
+        # Under `cluster`, one node: the server's version, nothing keyed.
         self.redis = Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=30)
         info: Any = await self.redis.info("server")
         self.valkey_version = str(info.get("valkey_version") or info.get("redis_version"))
@@ -115,6 +130,34 @@ class Stack:
         )
         self._track("valkey", self._valkey.pid)
         self.redis_url = self.cluster.redis_url = f"redis://127.0.0.1:{self._valkey.port}/0"
+        await self._start_tokenrelay()
+
+    async def _start_cluster(self) -> None:
+        nodes = ValkeyCluster(
+            self.workdir / "valkey-cluster",
+            masters=self.config.cluster_masters,
+            replicas=self.config.cluster_replicas,
+        )
+        self._valkey_cluster = nodes
+        await asyncio.to_thread(nodes.start)
+        masters = {n.port for n in await asyncio.to_thread(nodes.primaries)}
+        counts = Counter[str]()
+        for node in sorted(nodes.nodes, key=lambda n: (n.port not in masters, n.port)):
+            kind = "m" if node.port in masters else "r"
+            counts[kind] += 1
+            label = f"{kind}{counts[kind]}"
+            self._track(f"valkey:{label}", node.pid)
+            self._nodes[label] = Redis(port=node.port, decode_responses=True, socket_timeout=30)
+        self.keys = Keys(self.keys.prefix, shards=CLUSTER_SHARDS, cluster=True)
+        self.redis_url = self.cluster.redis_url = nodes.url
+        self.cluster.settings["TOKENRELAY_REDIS_CLUSTER"] = "true"
+        self._cluster_client = RedisCluster.from_url(
+            nodes.url, decode_responses=True, socket_timeout=30
+        )
+        await self._start_tokenrelay()
+
+    async def _start_tokenrelay(self) -> None:
+        """One `tokenrelay worker` and one `tokenrelay gateway` on `redis_url`."""
         if self.config.worker_uvloop:
             self.cluster.worker_argv = [sys.executable, "-c", UVLOOP_WORKER]
         self._track("worker", (await self.cluster.worker()).pid)
@@ -145,9 +188,28 @@ class Stack:
         if self._valkey is not None:
             await asyncio.to_thread(self._valkey.stop)
             self._valkey = None
+        for client in self._nodes.values():
+            await client.aclose()
+        self._nodes = {}
+        if self._cluster_client is not None:
+            await self._cluster_client.aclose()
+            self._cluster_client = None
+        if self._valkey_cluster is not None:
+            await asyncio.to_thread(self._valkey_cluster.stop)
+            self._valkey_cluster = None
 
     def remove_workdir(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def cluster_description(self) -> str:
+        nodes = self._valkey_cluster
+        if nodes is None:
+            return ""
+        return (
+            f"a Valkey Cluster of {nodes.masters} masters + {nodes.replicas} replica(s) each, "
+            f"{self.keys.shards} request shards"
+        )
 
     # -- CPU accounting -----------------------------------------------------------
 
@@ -199,10 +261,13 @@ class Stack:
     # -- what the harness reads -------------------------------------------------
 
     async def redis_connections(self) -> dict[str, int]:
-        """Connections per client name (CLIENT LIST): tokenrelay-gateway, -gateway-read, ..."""
+        """Connections per client name (CLIENT LIST): tokenrelay-gateway, -gateway-read, ...;
+        under `cluster`, summed over every node."""
         assert self.redis is not None
-        clients: Any = await self.redis.client_list()
-        names = Counter(str(c.get("name") or "-") for c in clients)
+        names: Counter[str] = Counter()
+        for client in list(self._nodes.values()) or [self.redis]:
+            listed: Any = await client.client_list()
+            names.update(str(c.get("name") or "-") for c in listed)
         gateway = sum(n for name, n in names.items() if name.startswith("tokenrelay-gateway"))
         worker = sum(n for name, n in names.items() if name.startswith("tokenrelay-worker"))
         return {"gateway": gateway, "worker": worker, "total": sum(names.values())}
@@ -232,9 +297,11 @@ class Stack:
     async def wait_idle(self, timeout_s: float) -> bool:
         """Until the workers hold no request (every answer ended). False on timeout."""
         assert self.redis is not None
+        client: Redis | RedisCluster = self._cluster_client or self.redis
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if int(await self.redis.xlen(self.keys.requests)) == 0:
+            queued = [int(await client.xlen(key)) for key in self.keys.request_shards]
+            if sum(queued) == 0:
                 return True
             await asyncio.sleep(0.2)
         return False

@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass
 
 from bench.spec import Cell
+from bench.targets import AT_TARGET, BURST, ONE, SCALE, TARGET_CELLS, UNTHROTTLED, Need
 
 MIN_TOKENS = 20
 UNTHROTTLED_TOKENS = 500
@@ -47,10 +48,24 @@ FULL = Grid(
     budget=200_000,
 )
 
-QUICK_CELLS = [
-    Cell(1, 1, 20.0, 60),
-    Cell(100, 1, 20.0, 60),
-    Cell(1000, 1, 20.0, 60),
-    Cell(10, 10, 20.0, 60),
-    Cell(100, 1, 0.0, 200),
-]
+# The quick sweep's answer lengths: as short as each target's figure allows.
+QUICK_TOKENS = {ONE: 40, AT_TARGET: 60, BURST: 20, UNTHROTTLED: 200, SCALE: 40}
+
+
+def target_cells(quick: bool) -> list[Cell]:
+    """Every cell a target is judged on (bench/targets.py), quick or at full length."""
+    return [_cell(need, QUICK_TOKENS[need] if quick else None) for need in TARGET_CELLS]
+
+
+def _cell(need: Need, tokens: int | None) -> Cell:
+    tokens = tokens or FULL.tokens_for(need.answers, need.viewers, need.rate)
+    return Cell(need.answers, need.viewers, need.rate, tokens, need.burst)
+
+
+def with_targets(cells: list[Cell], quick: bool = False) -> list[Cell]:
+    """`cells`, then the target cells they do not have yet."""
+    have = {c.key for c in cells}
+    return [*cells, *(c for c in target_cells(quick) if c.key not in have)]
+
+
+QUICK_CELLS = [*target_cells(quick=True), Cell(10, 10, 20.0, 60)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,23 @@ import orjson
 import pytest
 
 from bench import ROOT
+from bench.harness import _parse_cells, _parser, _plan
 from bench.mock import nonce_of, stamp_of
 from bench.profile import summarise
 from bench.spec import question_for
 from bench.stats import percentile, summary_ms
 from bench.sweep import FULL
-from bench.targets import evaluate
+from bench.targets import (
+    AT_TARGET,
+    BURST,
+    ONE,
+    SCALE,
+    TARGET_CELLS,
+    TARGETS,
+    UNTHROTTLED,
+    Need,
+    evaluate,
+)
 
 
 def test_percentiles_are_nearest_rank() -> None:
@@ -67,84 +79,228 @@ def test_profile_summary_names_where_time_goes() -> None:
     assert ["generate (generation.py)", 30.0] in summary["tokenrelay_inclusive_pct"]
 
 
-def _run(mode: str, answers: int, p50: float, p99: float, **extra: Any) -> dict[str, Any]:
-    return {
-        "answers": answers,
-        "viewers": extra.pop("viewers", 1),
-        "rate": 20.0,
+def _run(need: Need, mode: str, **changes: Any) -> dict[str, Any]:
+    """A run's figures, every target met with a margin; `changes` overrides them."""
+    relayed = mode != "direct"
+    run: dict[str, Any] = {
+        "answers": need.answers,
+        "viewers": need.viewers,
+        "rate": need.rate,
+        "burst": need.burst,
         "mode": mode,
         "complete": True,
-        "latency_ms": {"p50": p50, "p99": p99},
+        "latency_ms": {"p50": 1.0 + 0.5 * relayed, "p99": 3.0 + 4.0 * relayed},
+        "ttfc_ms": {"p50": 50.0 + 1.5 * relayed},
         "chunks_per_s": 2000.0,
+        "chunks_written": 40_000 if relayed else None,
+        "wall_s": 2.0,
+        "worker_processes": 1,
         "deliveries": 100,
         "expected_deliveries": 100,
         "redis_connections": {"gateway_min": 9, "gateway_max": 9, "viewers_max": 100},
-        "cpu_us_per_chunk": {"gateway_per_delivery": 50.0, "worker_per_written": 80.0},
-        **extra,
+        "cpu_us_per_chunk": {
+            "gateway_per_delivery": 39.0 if relayed else None,
+            "worker_per_written": 79.0 if relayed else None,
+            "valkey_per_written": 24.0 if relayed else None,
+            "tokenrelay_per_delivery": 149.0 if relayed else None,
+        },
     }
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            run[key] = {**run[key], **value}
+        else:
+            run[key] = value
+    return run
+
+
+def _runs(**changes: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target cell over every transport; `changes[cell spec]` applies to its sse run."""
+    return [
+        _run(need, mode, **(changes.get(need.spec, {}) if mode == "sse" else {}))
+        for need in TARGET_CELLS
+        for mode in ("direct", "socketio", "sse")
+    ]
+
+
+# One figure per target, just past it (on the sse run of the target's cell).
+JUST_PAST: dict[str, tuple[Need, dict[str, Any]]] = {
+    "relay overhead over direct, 100 answers x 20/s": (AT_TARGET, {"latency_ms": {"p99": 8.01}}),
+    "relay overhead over direct, 1 answer x 20/s": (ONE, {"latency_ms": {"p50": 1.71}}),
+    "worker CPU per chunk written, 100 x 20/s (all worker processes)": (
+        AT_TARGET,
+        {"cpu_us_per_chunk": {"worker_per_written": 80.1}},
+    ),
+    "gateway CPU per chunk delivered, 100 x 20/s": (
+        AT_TARGET,
+        {"cpu_us_per_chunk": {"gateway_per_delivery": 40.1}},
+    ),
+    "Valkey CPU per chunk written, 100 x 20/s": (
+        AT_TARGET,
+        {"cpu_us_per_chunk": {"valkey_per_written": 25.1}},
+    ),
+    "chunks/s one worker process writes, 100 unthrottled answers asked at once": (
+        UNTHROTTLED,
+        {"worker_processes": 2, "chunks_written": 59_999},  # 14,999.75 per process
+    ),
+    "time to first chunk over direct, 100 answers x 20/s": (AT_TARGET, {"ttfc_ms": {"p50": 52.1}}),
+    "time to first chunk over direct, 100 answers asked at once": (
+        BURST,
+        {"ttfc_ms": {"p50": 100.1}},
+    ),
+    "tokenrelay's own CPU (all its processes) per chunk delivered, 100 x 20/s": (
+        AT_TARGET,
+        {"cpu_us_per_chunk": {"tokenrelay_per_delivery": 150.1}},
+    ),
+    "1,000 answers x 20/s": (SCALE, {"latency_ms": {"p99": 50.1}}),
+}
+
+
+ISSUE = {t.name for t in TARGETS}
+
+
+def _statuses(verdicts: list[dict[str, str]], layout: str) -> dict[str, str]:
+    return {t["name"]: t["status"] for t in verdicts if t["layout"] == layout}
+
+
+def test_every_target_is_judged_on_both_layouts() -> None:
+    assert set(JUST_PAST) == ISSUE  # every row of the issue's table is a target
+    verdicts = evaluate(_runs(), None, serve_runs=_runs())
+    for layout in ("split", "serve"):
+        statuses = _statuses(verdicts, layout)
+        assert {statuses[name] for name in ISSUE} == {"PASS"}, statuses
+
+
+def test_each_target_fails_just_past_its_figure() -> None:
+    for name, (need, change) in JUST_PAST.items():
+        verdicts = evaluate(_runs(), None, serve_runs=_runs(**{need.spec: change}))
+        serve = _statuses(verdicts, "serve")
+        assert [n for n in ISSUE if serve[n] != "PASS"] == [name], (name, serve)
+        assert serve[name] == "FAIL"
+        assert {s for n, s in _statuses(verdicts, "split").items() if n in ISSUE} == {"PASS"}
+
+
+def test_a_target_fails_when_a_chunk_is_lost() -> None:
+    runs = _runs(**{SCALE.spec: {"complete": False}})
+    scale = next(t for t in evaluate(runs, None) if t["name"] == "1,000 answers x 20/s")
+    assert scale["status"] == "FAIL" and "NOT every chunk" in scale["measured"]
+
+
+def test_a_target_whose_cell_did_not_run_says_which() -> None:
+    runs = [r for r in _runs() if not (r["burst"] and r["rate"] == 20.0 and r["mode"] == "direct")]
+    verdicts = evaluate(runs, None)
+    split = _statuses(verdicts, "split")
+    assert split["time to first chunk over direct, 100 answers asked at once"] == "NOT RUN"
+    note = next(
+        t["note"]
+        for t in verdicts
+        if t["name"].startswith("time to first chunk over direct, 100 answers asked")
+    )
+    assert "100x1@20:burst" in note and "direct" in note
+    # Nothing on `serve`: every one of its targets NOT RUN, none silently passed.
+    assert set(_statuses(verdicts, "serve").values()) == {"NOT RUN"}
 
 
 def test_targets_are_judged_strictly() -> None:
-    runs = [
-        _run("direct", 100, 0.2, 1.0),
-        _run("socketio", 100, 1.1, 5.9),  # +0.9 / +4.9: inside
-        _run("sse", 100, 1.3, 3.0),  # +1.1 at p50: outside
-        _run("socketio", 1000, 5.0, 50.1),
-    ]
     memory = {"tokens": 500, "total_bytes": 18_000, "stream_bytes": 17_000,
               "record_bytes": 1_000, "gone_after_s": 5.2, "retention_s": 5,
               "ttl_s_when_finished": 5}  # fmt: skip
-    verdicts = {t["name"]: t["status"] for t in evaluate(runs, memory)}
-    assert verdicts["relay overhead over direct, 100 answers x 20/s, socketio"] == "PASS"
-    assert verdicts["relay overhead over direct, 100 answers x 20/s, sse"] == "FAIL"
-    assert verdicts["1,000 answers x 20/s through one gateway + one worker, socketio"] == "FAIL"
-    assert verdicts["1,000 answers x 20/s through one gateway + one worker, sse"] == "NOT RUN"
+    verdicts = _statuses(evaluate(_runs(), memory), "split")
     connections = "Redis connections per gateway process, 1 viewer vs 10,000"
     assert verdicts[connections] == "NOT RUN"  # never reached 10,000 viewers
     assert verdicts["Redis memory per finished 500-token answer, gone after retention"] == "PASS"
+    big = {**memory, "total_bytes": 40_001}
+    verdicts = _statuses(evaluate(_runs(), big), "split")
+    assert verdicts["Redis memory per finished 500-token answer, gone after retention"] == "FAIL"
+
+
+def test_every_named_sweep_runs_every_target_cell_on_both_layouts() -> None:
+    for argv in (["--quick"], ["--targets"], [], ["--quick", "--tokens", "4"]):
+        plan = _plan(_parser().parse_args(argv))
+        for cells in (plan.cells, plan.serve_cells):
+            keys = {c.key for c in cells}
+            assert all(astuple(n) in keys for n in TARGET_CELLS), (argv, keys)
+        # The same answers on both layouts.
+        same = {c.key: c for c in plan.cells}
+        assert all(same[c.key] == c for c in plan.serve_cells)
+    quick = _plan(_parser().parse_args(["--quick", "--cluster"]))
+    assert {c.key for c in quick.cluster_cells} == {(100, 1, 20.0, False), (100, 1, 0.0, True)}
+    assert max(c.tokens for c in quick.cells) <= 200  # minutes, not a quarter of an hour
+    assert [c.burst for c in _parse_cells("100x1@20:burst,10x2@0", None, [])] == [True, False]
+
+
+def _quick(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *extra, "--out", str(tmp_path), "--name", "smoke"],
+        capture_output=True, text=True, timeout=560, cwd=ROOT,
+    )  # fmt: skip
 
 
 @pytest.mark.bench
-@pytest.mark.timeout(300)
-def test_tiny_sweep_reports_every_figure(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--answers", "2", "--viewers", "1,2",
-         "--rates", "0", "--tokens", "10", "--memory-answers", "1", "--retention-s", "8",
-         "--serve-cells", "2x2@0", "--out", str(tmp_path), "--name", "smoke"],
-        capture_output=True, text=True, timeout=280, cwd=ROOT,
-    )  # fmt: skip
+@pytest.mark.timeout(600)
+def test_quick_sweep_prints_every_target_on_both_layouts(tmp_path: Path) -> None:
+    """`--quick` with 4-token answers: every target's cell on both layouts, every row of
+    the targets table printed with PASS or FAIL from this run's figures."""
+    # Retention as the default (60 s): past the quick sweep's slowest first chunk, which
+    # a busy machine can push past 10 s at 1,000 answers (an expired question is refused).
+    result = _quick(tmp_path, "--quick", "--tokens", "4", "--memory-answers", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     report = orjson.loads((tmp_path / "smoke.json").read_bytes())
     assert (tmp_path / "smoke.png").stat().st_size > 1000
-    assert {(r["viewers"], r["mode"]) for r in report["runs"]} == {
-        (v, m) for v in (1, 2) for m in ("direct", "socketio", "sse")
-    }
-    for run in report["runs"]:
+    for run in [*report["runs"], *report["serve_runs"]]:
         assert run["complete"], run
-        assert run["deliveries"] == 2 * run["viewers"] * 10
+        assert run["deliveries"] == run["answers"] * run["viewers"] * 4
         assert {"p50", "p99", "max"} <= set(run["latency_ms"]) and run["ttfc_ms"]["count"]
-        assert run["chunks_per_s"] > 0
+        assert run["burst"] == (run["ramp_s"] == 0.0) and run["chunks_per_s"] > 0
         if run["mode"] != "direct":
-            assert run["chunks_written"] == 20
+            assert run["chunks_written"] == run["answers"] * 4
             assert 0 < run["entries_delivered"] <= run["deliveries"]  # coalesced or not
-            assert run["cpu_us_per_chunk"]["gateway_per_delivery"] is not None
-            assert run["cpu_us_per_chunk"]["worker_per_written"] is not None
+            cpu = run["cpu_us_per_chunk"]
+            assert None not in (cpu["gateway_per_delivery"], cpu["worker_per_written"])
+            assert cpu["tokenrelay_per_delivery"] is not None
             assert run["redis_connections"]["gateway_max"] >= 2
             assert run["hops_ms"]["model_to_redis"]["count"] == run["deliveries"]
     # The default layout: `serve` and its children, each child's CPU found and counted.
-    assert {r["mode"] for r in report["serve_runs"]} == {"direct", "socketio", "sse"}
     for run in report["serve_runs"]:
-        assert run["complete"] and run["layout"] == "serve", run
-        assert run["deliveries"] == 2 * 2 * 10 and run["worker_processes"] >= 1
+        assert run["layout"] == "serve" and run["worker_processes"] >= 1
         if run["mode"] != "direct":
             assert {"serve", "gateway", "worker", "valkey"} <= set(run["cpu_s"])
-            assert run["cpu_us_per_chunk"]["worker_per_written"] is not None
-            assert run["cpu_us_per_chunk"]["tokenrelay_per_delivery"] is not None
+    bursts = {(r["answers"], r["rate"]) for r in report["runs"] if r["burst"]}
+    assert bursts == {(100, 20.0), (100, 0.0)}
     memory = report["memory"]
     # Paced at 100 tokens/s, each token is its own entry unless a write took over 10 ms.
     assert memory["tokens"] == 500 and 400 < memory["entries_per_answer"] <= 502
     assert memory["total_bytes"] > 0 and memory["gone_after_s"] is not None
-    statuses = {t["name"]: t["status"] for t in report["targets"]}
-    assert statuses["Redis memory per finished 500-token answer, gone after retention"] == "PASS"
+    judged = {(t["layout"], t["name"]): t for t in report["targets"]}
+    for layout in ("split", "serve"):
+        for target in TARGETS:
+            verdict = judged[(layout, target.name)]
+            assert verdict["status"] in ("PASS", "FAIL"), verdict
+            assert f"[{verdict['status']}] {layout:<6} {target.name}: " in result.stdout
+    memory_row = "Redis memory per finished 500-token answer, gone after retention"
+    assert judged[("split", memory_row)]["status"] == "PASS"
+    printed = "CPU per chunk, from each process's own accounting, for every run"
+    assert judged[("split", printed)]["status"] == judged[("serve", printed)]["status"] == "PASS"
     assert report["machine"]["cores"] and report["software"]["valkey"]
-    assert "[PASS]" in result.stdout and "gw us" in result.stdout
+    assert "gw us" in result.stdout
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(300)
+def test_cluster_layout_reports_each_node_beside_one_node(tmp_path: Path) -> None:
+    result = _quick(tmp_path, "--answers", "4", "--rates", "0", "--tokens", "5",
+                    "--modes", "sse", "--serve-cells", "", "--memory-answers", "0",
+                    "--cluster", "--cluster-cells", "4x1@0", "--no-plot")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = orjson.loads((tmp_path / "smoke.json").read_bytes())
+    (one,) = report["runs"]
+    (run,) = report["cluster_runs"]
+    assert run["layout"] == "cluster" and run["complete"] and run["chunks_written"] == 20
+    nodes = run["cpu_us_per_chunk"]["valkey_nodes_per_written"]
+    assert set(nodes) == {f"valkey:{k}{i}" for k in "mr" for i in (1, 2, 3)}
+    assert run["cpu_s"]["valkey"] == pytest.approx(sum(run["cpu_s"][n] for n in nodes), abs=0.002)
+    assert one["layout"] == "split"
+    assert one["cpu_us_per_chunk"]["valkey_nodes_per_written"] is None
+    # Readers and pools on three masters, not one node.
+    assert run["redis_connections"]["gateway_max"] > one["redis_connections"]["gateway_max"]
+    assert "cluster (3 masters" in result.stdout
+    assert "m1 " in result.stdout and "r3 " in result.stdout
