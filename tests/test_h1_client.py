@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.rawhttp import Handler, Peer, RawServer, chunk, head, self_signed, server_tls
+from tests.support.rawhttp import (
+    Handler,
+    Peer,
+    RawServer,
+    chunk,
+    hanging_listener,
+    head,
+    self_signed,
+    server_tls,
+)
 from tokenrelay.errors import ConfigError
 from tokenrelay.providers.h1 import HTTPFailure, HTTPTimeout
 from tokenrelay.providers.h1pool import H1Client, Response
@@ -299,6 +308,14 @@ async def test_connection_refused_is_a_failure(make_client: MakeClient) -> None:
     with pytest.raises(HTTPFailure) as info:
         await make_client().post(url, b"{}")
     assert not isinstance(info.value, HTTPTimeout)
+
+
+async def test_a_connect_that_hangs_times_out(make_client: MakeClient) -> None:
+    with hanging_listener() as port:
+        started = time.monotonic()
+        with pytest.raises(HTTPTimeout, match="connect"):
+            await make_client(connect_timeout_s=0.3).post(f"http://127.0.0.1:{port}", b"{}")
+        assert 0.25 < time.monotonic() - started < 3
 
 
 @pytest.mark.parametrize("status", [307, 308])

@@ -9,8 +9,17 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from tests.support.rawhttp import Peer, RawServer, chunk, head, self_signed, server_tls
+from tests.support.rawhttp import (
+    Peer,
+    RawServer,
+    chunk,
+    hanging_listener,
+    head,
+    self_signed,
+    server_tls,
+)
 from tokenrelay.errors import ProviderError
+from tokenrelay.providers import openai
 from tokenrelay.providers.base import Finish, Item, Prompt
 from tokenrelay.providers.openai import OpenAIProvider
 from tokenrelay.settings import Settings
@@ -80,6 +89,13 @@ async def test_a_server_that_never_answers_times_out() -> None:
         provider = _provider(server.url, first_token_timeout_s=0.3, stall_timeout_s=0.3)
         with pytest.raises(ProviderError) as info:
             await _answer(provider)
+    assert (info.value.kind, info.value.retryable) == ("timeout", True)
+
+
+async def test_a_connect_that_hangs_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openai, "_CONNECT_TIMEOUT_S", 0.3)  # 10 s in earnest
+    with hanging_listener() as port, pytest.raises(ProviderError) as info:
+        await _answer(_provider(f"http://127.0.0.1:{port}"))
     assert (info.value.kind, info.value.retryable) == ("timeout", True)
 
 
