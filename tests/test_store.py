@@ -11,11 +11,12 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from tokenrelay.errors import CallerFull, Fenced, NotFound, Overloaded, StoreError
+from tests.support.failover import lose_last_entries
+from tokenrelay.errors import CallerFull, Fenced, NotFound, Overloaded, Rewound, StoreError
 from tokenrelay.keys import WORKER_GROUP, Keys, is_question_id
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
-from tokenrelay.store import XRANGE_PAGE, Store, answer_text, exclusive
+from tokenrelay.store import XRANGE_PAGE, Put, Store, answer_text, exclusive, next_entry_id
 from tokenrelay.wire import Entry, EntryType, QuestionRequest, RecordField, Status
 
 StoreFactory = Callable[..., Store]
@@ -385,6 +386,100 @@ async def test_append_batch_reads_cancel_flags_only_when_asked(store: Store) -> 
         on_cancelled[2].entry_id,
     ]
     assert await store.append_batch([]) == []
+
+
+def numbered(question_id: str, epoch: int, after: str, texts: list[str], now: int) -> list[Put]:
+    """An answer's writes as its worker numbers them: each names the one before."""
+    puts = []
+    for text in texts:
+        entry_id = next_entry_id(after, now)
+        puts.append(Put(question_id, Entry(EntryType.CHUNK, text), epoch, entry_id, after))
+        after = entry_id
+    return puts
+
+
+def test_next_entry_id_is_now_or_just_after_the_last() -> None:
+    assert next_entry_id("", 1700) == "1700-0"
+    assert next_entry_id("1700-0", 1701) == "1701-0"
+    assert next_entry_id("1700-4", 1700) == "1700-5"
+    assert next_entry_id("1800-2", 1700) == "1800-3"  # a clock behind the stream's
+
+
+async def test_a_numbered_write_sent_again_is_applied_once(store: Store) -> None:
+    """What a retry after a lost reply sends: the same writes again. Each is applied once
+    and answered with its own id, the terminal entry too."""
+    asked = await store.ask("t", "q")
+    epoch, after = await store.begin_answer(asked.id)
+    assert after == ""
+    puts = numbered(asked.id, epoch, after, ["a ", "b ", "c ", "d "], 1_000)
+    first = await store.write_batch(puts)
+    again = await store.write_batch(puts)  # the whole pipeline sent again
+    part = await store.write_batch(puts[2:])  # or only what got no reply
+    ids = ["1000-0", "1000-1", "1000-2", "1000-3"]
+    assert [a.entry_id for a in first] == [a.entry_id for a in again] == ids
+    assert [a.entry_id for a in part] == ids[2:]
+    entries = await store.read_all(asked.id)
+    assert [(e.entry_id, e.text) for e in entries] == list(
+        zip(ids, ["a ", "b ", "c ", "d "], strict=True)
+    )
+    assert (await store.record(asked.id)).last_entry_id == ids[-1]
+    end_id = next_entry_id(ids[-1], 2_000)
+    for _ in range(2):
+        written = await store.finish(
+            asked.id, Entry(EntryType.END), {}, None, epoch=epoch, entry_id=end_id, after=ids[-1]
+        )
+        assert written == end_id
+    assert [e.type for e in await store.read_all(asked.id)].count(EntryType.END) == 1
+    # A new delivery's writes start after what the stream holds.
+    assert (await store.begin_answer(asked.id))[1] == end_id
+
+
+async def test_a_stream_that_lost_acknowledged_writes_says_where_it_ends(
+    store: Store, redis: Redis
+) -> None:
+    """A failed-over replica without the master's last writes: the next write is refused
+    and told where the stream ends; the lost ones written again (same ids) make it whole."""
+    asked = await store.ask("t", "q")
+    epoch, after = await store.begin_answer(asked.id)
+    texts = [f"{n} " for n in range(6)]
+    puts = numbered(asked.id, epoch, after, texts, 1_000)
+    await store.write_batch(puts[:4])
+    stream, record = store.keys.answer(asked.id), store.keys.question(asked.id)
+    assert await lose_last_entries(redis, stream, record, 2) == [p.entry_id for p in puts[2:4]]
+
+    behind = await store.write_batch(puts[4:])
+    assert [(a.entry_id, a.behind) for a in behind] == [(None, puts[1].entry_id)] * 2
+    with pytest.raises(Rewound) as rewound:
+        await store.finish(
+            asked.id,
+            Entry(EntryType.END),
+            {},
+            None,
+            epoch=epoch,
+            entry_id=next_entry_id(puts[3].entry_id, 2_000),
+            after=puts[3].entry_id,
+        )
+    assert rewound.value.last_entry_id == puts[1].entry_id
+    assert len(await store.read_all(asked.id)) == 2, "nothing written while behind"
+
+    again = await store.write_batch(puts[2:])
+    assert [a.entry_id for a in again] == [p.entry_id for p in puts[2:]]
+    entries = await store.read_all(asked.id)
+    assert [e.entry_id for e in entries] == [p.entry_id for p in puts]
+    assert "".join(e.text for e in entries) == "".join(texts)
+
+
+async def test_a_write_below_the_streams_last_id_is_refused(store: Store, redis: Redis) -> None:
+    """Entries gone but their ids still the stream's last (XDEL alone): a write with one of
+    those ids cannot be placed where it belongs, and says so rather than landing later."""
+    asked = await store.ask("t", "q")
+    epoch, after = await store.begin_answer(asked.id)
+    puts = numbered(asked.id, epoch, after, ["a", "b", "c"], 1_000)
+    await store.write_batch(puts)
+    await redis.xdel(store.keys.answer(asked.id), puts[2].entry_id)
+    await redis.hset(store.keys.question(asked.id), "last_entry_id", puts[1].entry_id)
+    (refused,) = await store.write_batch(puts[2:])
+    assert refused.entry_id is None and refused.refused
 
 
 @pytest.mark.parametrize(

@@ -1,22 +1,33 @@
 """ChunkWriter against a real Valkey: appends share pipelines, cancel flags read on demand,
-a Redis failure reaches every waiting append."""
+a Redis failure reaches every waiting append; a write sent again is applied once, and
+entries a failover lost are written again."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
-from tokenrelay.errors import Fenced
+from tests.conftest import running_gateway
+from tests.support.failover import lose_last_entries
+from tests.support.sse import Event, events
+from tokenrelay.errors import Fenced, StoreError
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import Store
 from tokenrelay.wire import Entry, EntryType
 from tokenrelay.worker import ChunkWriter
+from tokenrelay.worker import writer as writer_module
 from tokenrelay.worker.writer import MAX_BATCH
 
 
@@ -158,7 +169,7 @@ async def test_an_outbox_coalesces_chunks_queued_behind_a_write(
     """The answer does not wait for its writes: chunks that queue up while a write is on its
     way go out as one entry, in order, with nothing lost."""
     asked = await store.ask("t", "q")
-    box = writer.outbox(asked.id, await store.begin(asked.id))
+    box = writer.outbox(asked.id, *(await store.begin_answer(asked.id)))
     box.put(Entry(EntryType.START))
     for i in range(200):
         box.put(Entry(EntryType.CHUNK, f"{i} "))
@@ -177,10 +188,12 @@ async def test_an_outbox_coalesces_chunks_queued_behind_a_write(
 
 async def test_an_outbox_of_an_old_epoch_is_fenced(store: Store, writer: ChunkWriter) -> None:
     asked = await store.ask("t", "q")
-    old = writer.outbox(asked.id, await store.begin(asked.id))
+    old = writer.outbox(asked.id, *(await store.begin_answer(asked.id)))
     old.put(Entry(EntryType.CHUNK, "mine "))
     await old.drain()
-    new = writer.outbox(asked.id, await store.begin(asked.id))  # another delivery took over
+    new = writer.outbox(
+        asked.id, *(await store.begin_answer(asked.id))
+    )  # another delivery took over
     old.put(Entry(EntryType.CHUNK, "too late"))
     with pytest.raises(Fenced):
         await old.drain()
@@ -189,3 +202,177 @@ async def test_an_outbox_of_an_old_epoch_is_fenced(store: Store, writer: ChunkWr
     new.put(Entry(EntryType.CHUNK, "theirs"))
     await new.drain()
     assert [e.text for e in await store.read_all(asked.id)] == ["mine ", "theirs"]
+
+
+async def test_an_outbox_writes_again_what_a_failover_lost(
+    store: Store, writer: ChunkWriter, redis: Redis
+) -> None:
+    """The master acknowledged entries its replica never got, and the replica took over:
+    the outbox's next write learns where the stream ends, and the lost entries are written
+    again with their own ids, so a viewer that saw them keeps its place and one that did
+    not gets them; the text is whole, each piece once."""
+    asked = await store.ask("t", "q")
+    box = writer.outbox(asked.id, *(await store.begin_answer(asked.id)))
+    for i in range(10):
+        box.put(Entry(EntryType.CHUNK, f"{i} "))
+        await box.drain()  # one entry each
+    seen = await store.read_all(asked.id)  # what a viewer had from the old master
+    stream, record = store.keys.answer(asked.id), store.keys.question(asked.id)
+    dropped = await lose_last_entries(redis, stream, record, 3)
+    assert dropped == [e.entry_id for e in seen[-3:]]
+    for i in range(10, 15):
+        box.put(Entry(EntryType.CHUNK, f"{i} "))
+        await box.drain()
+    entries = await store.read_all(asked.id)
+    assert "".join(e.text for e in entries) == "".join(f"{i} " for i in range(15))
+    assert [e.entry_id for e in entries[:10]] == [e.entry_id for e in seen]
+    after_seen = await store.read_all(asked.id, seen[-1].entry_id)
+    assert "".join(e.text for e in after_seen) == "".join(f"{i} " for i in range(10, 15))
+    assert not box.lost
+
+
+async def test_an_outbox_that_no_longer_holds_what_was_lost_gives_up(
+    store: Store, writer: ChunkWriter, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer_module, "TAIL_ENTRIES", 2)
+    asked = await store.ask("t", "q")
+    box = writer.outbox(asked.id, *(await store.begin_answer(asked.id)))
+    for i in range(6):
+        box.put(Entry(EntryType.CHUNK, f"{i} "))
+        await box.drain()
+    await lose_last_entries(redis, store.keys.answer(asked.id), store.keys.question(asked.id), 3)
+    box.put(Entry(EntryType.CHUNK, "6 "))
+    with pytest.raises(StoreError, match="lost"):
+        await box.drain()
+    assert box.lost
+    assert len(await store.read_all(asked.id)) == 3, "nothing written past the gap"
+
+
+async def test_an_answer_that_lost_entries_in_a_failover_ends_whole_for_every_viewer(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """The whole path: a worker streams an answer to two SSE viewers; mid-answer the stream
+    loses its last entries as a failed-over replica would. Every viewer, and one that reads
+    it afterwards, gets the model's text exactly once, no entry twice, then `end`."""
+    text = " ".join(f"w{n}" for n in range(40))
+    settings = make_settings(scripted_text=text, scripted_rate=20.0)
+    keys = make_store(settings, redis).keys
+    async with (
+        running_gateway(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as client,
+    ):
+        qid = (await client.post("/api/questions", json={"question": "failover"})).json()["id"]
+        path = f"/api/questions/{qid}/events"
+        viewers = [asyncio.create_task(_all_events(client, path)) for _ in range(2)]
+        async with asyncio.timeout(30):
+            while await redis.xlen(keys.answer(qid)) < 12:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)  # the viewers have had them
+        dropped = await lose_last_entries(redis, keys.answer(qid), keys.question(qid), 3)
+        async with asyncio.timeout(30):
+            seen = await asyncio.gather(*viewers)
+        seen.append(await _all_events(client, path))
+    ids = [e.entry_id for e in await make_store(settings, redis).read_all(qid)]
+    assert set(dropped) <= set(ids), "the lost entries were not written again with their ids"
+    for viewer in seen:
+        assert viewer[-1].event == "end"
+        got = [e.id for e in viewer]
+        assert len(got) == len(set(got)), "an entry was delivered twice"
+        assert "".join(e.data["text"] for e in viewer if e.event == "chunk") == text
+
+
+async def test_a_write_whose_reply_was_lost_is_not_doubled(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """Redis ran a pipeline of appends but the connection broke before the reply came back
+    (a proxy drops it); the client sends the pipeline again, as the cluster client does
+    after a failover (here a single-node client told to retry). The answer holds each
+    entry once."""
+    async with _ReplyDropper(make_settings().redis_url or "") as proxy:
+        client = Redis.from_url(
+            proxy.url,
+            decode_responses=True,
+            retry=Retry(NoBackoff(), 3),
+            retry_on_error=[RedisConnectionError],
+        )
+        store = make_store(make_settings(), client)
+        writer = ChunkWriter(store)
+        writer.start()
+        try:
+            asked = await store.ask("t", "q")
+            box = writer.outbox(asked.id, *(await store.begin_answer(asked.id)))
+            for i in range(8):
+                if i == 4:
+                    proxy.drop_next_reply()
+                box.put(Entry(EntryType.CHUNK, f"{i} "))
+                await box.drain()
+        finally:
+            await writer.stop()
+            await client.aclose()
+    assert proxy.dropped == 1
+    entries = await make_store(make_settings(), redis).read_all(asked.id)
+    assert [e.text for e in entries] == [f"{i} " for i in range(8)]
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+async def _all_events(client: httpx.AsyncClient, path: str) -> list[Event]:
+    return [e async for e in events(client, path)]
+
+
+class _ReplyDropper:
+    """A TCP proxy to Redis that can let a request through and then cut the connection
+    instead of passing on its reply: the command ran, the client never hears of it."""
+
+    def __init__(self, redis_url: str) -> None:
+        self._port = urlsplit(redis_url).port
+        self._server: asyncio.Server | None = None
+        self._armed = False
+        self._open: set[asyncio.WriteTransport] = set()
+        self.dropped = 0
+        self.url = ""
+
+    def drop_next_reply(self) -> None:
+        self._armed = True
+
+    async def __aenter__(self) -> _ReplyDropper:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            for transport in self._open:
+                transport.abort()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        self._open |= {writer.transport, up_writer.transport}
+        cut = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                if self._armed and b"EVAL" in data.upper():
+                    self._armed = False
+                    cut.set()
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                if cut.is_set():
+                    self.dropped += 1
+                    writer.transport.abort()
+                    up_writer.transport.abort()
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        with contextlib.suppress(OSError):
+            await asyncio.gather(upstream(), downstream())
+        self._open -= {writer.transport, up_writer.transport}
+        writer.close()
+        up_writer.close()

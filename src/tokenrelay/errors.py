@@ -23,6 +23,16 @@ class StoreError(TokenRelayError, RuntimeError):
     """Redis did not do what the data model needs (connection lost, NOGROUP, ...)."""
 
 
+class Rewound(StoreError):
+    """An answer stream ends before entries its worker wrote and Redis acknowledged: a
+    failover promoted a replica that had not received them yet. `last_entry_id` is where
+    the stream ends now ("" when it holds none of this writer's chain)."""
+
+    def __init__(self, message: str, last_entry_id: str) -> None:
+        super().__init__(message)
+        self.last_entry_id = last_entry_id
+
+
 class Overloaded(TokenRelayError, RuntimeError):
     """Too much is queued (in all, or by this caller): the ask is refused, not forgotten.
     `retry_after_s` says when trying again makes sense."""

@@ -5,11 +5,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from tokenrelay.keys import Keys
-from tokenrelay.store.answers import XRANGE_PAGE, Answers, answer_text, exclusive
+from tokenrelay.store.answers import (
+    XRANGE_PAGE,
+    Answers,
+    Applied,
+    Put,
+    answer_text,
+    exclusive,
+    next_entry_id,
+)
 from tokenrelay.store.base import Limits, now_ms
 from tokenrelay.store.group import Depth, Request, RequestGroup
 from tokenrelay.store.idempotency import Idempotency
@@ -17,13 +27,16 @@ from tokenrelay.store.questions import Questions
 
 __all__ = [
     "XRANGE_PAGE",
+    "Applied",
     "Depth",
     "Limits",
+    "Put",
     "Request",
     "RequestGroup",
     "Store",
     "answer_text",
     "exclusive",
+    "next_entry_id",
     "now_ms",
 ]
 
@@ -41,8 +54,11 @@ class Store(Questions, Answers, Idempotency):
     async def ack(self, request_entry_id: str) -> None:
         await self.group.ack(request_entry_id)
 
-    async def ping(self) -> bool:
+    async def ping(self, timeout_s: float | None = None) -> bool:
+        """Whether Redis answers (within `timeout_s`: a cluster client keeps trying for up
+        to 20 s while a failover lasts, which a health check must not wait for)."""
         try:
-            return bool(await self.redis.ping())
-        except RedisError:
+            async with asyncio.timeout(timeout_s):
+                return bool(await self.redis.ping())
+        except (RedisError, TimeoutError):
             return False

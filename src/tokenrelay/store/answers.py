@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from tokenrelay.errors import Fenced
+from tokenrelay.errors import Fenced, Rewound
 from tokenrelay.store.base import StoreBase, now_ms
 from tokenrelay.store.group import RequestGroup
 from tokenrelay.wire import (
@@ -35,28 +37,140 @@ def answer_text(entries: list[Entry]) -> str:
     return "".join(parts)
 
 
-# KEYS: answer stream, record. ARGV: epoch, maxlen, then the entry's field/value pairs.
-# Returns 0 when fenced, else {entry id, the record's cancel flag}.
-_APPEND = """
-if (redis.call('HGET', KEYS[2], 'epoch') or '0') ~= ARGV[1] then return 0 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
-return {id, redis.call('HGET', KEYS[2], 'cancel') or ''}
+def next_entry_id(prev: str, now: int) -> str:
+    """The id a worker gives an answer's next entry: `now` (ms), or just after `prev` while
+    the clock has not passed it. The worker chooses its ids so that a write sent again (a
+    lost reply, a failover) is the same write: Redis can tell it was applied, and a viewer
+    that saw the entry knows it by its id."""
+    if not prev:
+        return f"{now}-0"
+    ms, _, seq = prev.partition("-")
+    return f"{now}-0" if now > int(ms) else f"{ms}-{int(seq) + 1}"
+
+
+# Whether stream id a sorts after b.
+_AFTER = """
+local function after(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, bm = tonumber(am), tonumber(bm)
+  return am > bm or (am == bm and tonumber(as) > tonumber(bs))
+end
 """
 
-# KEYS: answer stream, record. ARGV: epoch, maxlen, retention_s, n, then n record field/value
-# pairs, then the terminal entry's field/value pairs. Returns 0 when fenced, else the id.
-_FINISH = """
-if (redis.call('HGET', KEYS[2], 'epoch') or '0') ~= ARGV[1] then return 0 end
-local n = tonumber(ARGV[4])
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 5 + 2 * n))
-redis.call('HSET', KEYS[2], 'last_entry_id', id, unpack(ARGV, 5, 4 + 2 * n))
+# A numbered write carries the id its worker chose and the id of the worker's previous
+# entry ("after"); the record's last_entry_id is the last one applied. Equal: the write
+# follows on and is applied. The new id not past it: a write sent again, applied already.
+# Else the stream ends before the writer's previous entry: a failover lost acknowledged
+# writes, and the script says where the stream ends instead of writing.
+#
+# KEYS: answer stream, record. ARGV: epoch, maxlen, id ("" lets Redis choose; no checks),
+# after, then the entry's field/value pairs. Returns 0 when fenced, {id, cancel flag} when
+# written (now or before), {"", cancel flag, last id} when behind, and {"", cancel flag,
+# last id, "refused"} when the stream already holds a later id this writer does not know.
+_APPEND = (
+    _AFTER
+    + """
+local rec = redis.call('HMGET', KEYS[2], 'epoch', 'cancel', 'last_entry_id')
+if (rec[1] or '0') ~= ARGV[1] then return 0 end
+local cancel = rec[2] or ''
+local id = ARGV[3]
+if id == '' then
+  return {redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 5)), cancel}
+end
+local last = rec[3] or ''
+if last ~= ARGV[4] then
+  if last ~= '' and not after(id, last) then return {id, cancel} end
+  return {'', cancel, last}
+end
+local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, unpack(ARGV, 5))
+if type(added) ~= 'string' then return {'', cancel, last, 'refused'} end
+redis.call('HSET', KEYS[2], 'last_entry_id', id)
+return {id, cancel}
+"""
+)
+
+# KEYS: answer stream, record. ARGV: epoch, maxlen, retention_s, id, after ("*": write after
+# whatever the stream holds), n, then n record field/value pairs, then the terminal entry's
+# field/value pairs. Returns 0 when fenced, {id} when written (now or before), {"", last id}
+# when behind (see _APPEND).
+_FINISH = (
+    _AFTER
+    + """
+local rec = redis.call('HMGET', KEYS[2], 'epoch', 'last_entry_id')
+if (rec[1] or '0') ~= ARGV[1] then return 0 end
+local id, last = ARGV[4], rec[2] or ''
+if id ~= '' then
+  if last ~= '' and not after(id, last) then return {id} end
+  if ARGV[5] ~= '*' and last ~= ARGV[5] then return {'', last} end
+end
+local n = tonumber(ARGV[6])
+local from = 7 + 2 * n
+local added = false
+if id ~= '' then
+  added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, unpack(ARGV, from))
+end
+if type(added) ~= 'string' then
+  added = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, from))
+end
+redis.call('HSET', KEYS[2], 'last_entry_id', added, unpack(ARGV, 7, 6 + 2 * n))
 redis.call('HDEL', KEYS[2], 'cancel')
 if tonumber(ARGV[3]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
-return id
+return {added}
 """
+)
+
+# KEYS: record, answer stream. A new epoch, and the id the new writer's chain starts after:
+# the record's last_entry_id, or the stream's last entry when no numbered write set it.
+_BEGIN = """
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+local last = redis.call('HGET', KEYS[1], 'last_entry_id')
+if not last then
+  local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  last = top[1] and top[1][1] or ''
+  if last ~= '' then redis.call('HSET', KEYS[1], 'last_entry_id', last) end
+end
+return {epoch, last}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Put:
+    """One write to an answer stream. A numbered write (`entry_id` set, chosen by the
+    worker) names the id of its writer's previous entry (`after`): sent twice, it is
+    applied once; sent to a stream that lost entries, it is refused and says so."""
+
+    question_id: str
+    entry: Entry
+    epoch: int = 0
+    entry_id: str = ""  # "": Redis chooses (no retry protection)
+    after: str = ""
+    check_cancel: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What became of a Put. `entry_id` None: not written, because another delivery holds
+    the answer (fenced), or the stream ends at `behind`, before the write's `after` (a
+    failover lost acknowledged writes), or (`refused`) it holds a later id the writer does
+    not know."""
+
+    entry_id: str | None
+    cancel: bool = False
+    behind: str | None = None
+    refused: bool = False
+
+
+def _applied(put: Put, result: Any) -> Applied:
+    if not result:
+        return Applied(None)
+    cancel = put.check_cancel and result[1] == "1"
+    if result[0]:
+        return Applied(str(result[0]), cancel)
+    return Applied(None, cancel, str(result[2]), len(result) > 3)
 
 
 # (question id, entry, read the cancel flag?[, epoch])
@@ -70,6 +184,7 @@ class Answers(StoreBase):
         super().__init__(*args, **kwargs)
         self._append = self.redis.register_script(_APPEND)
         self._finish = self.redis.register_script(_FINISH)
+        self._begin = self.redis.register_script(_BEGIN)
 
     # -- reading ----------------------------------------------------------
 
@@ -104,45 +219,63 @@ class Answers(StoreBase):
 
     async def begin(self, question_id: str) -> int:
         """This delivery's epoch: every earlier writer of the answer is fenced off."""
-        return int(await self.redis.hincrby(self.keys.question(question_id), RecordField.EPOCH))
+        epoch, _ = await self.begin_answer(question_id)
+        return epoch
+
+    async def begin_answer(self, question_id: str) -> tuple[int, str]:
+        """This delivery's epoch, and the entry id its numbered writes start after."""
+        keys = [self.keys.question(question_id), self.keys.answer(question_id)]
+        epoch, last = await self._begin(keys=keys)
+        return int(epoch), str(last)
 
     async def start(
-        self, request: QuestionRequest, entry: Entry, fields: dict[str, str], epoch: int = 0
+        self,
+        request: QuestionRequest,
+        entry: Entry,
+        fields: dict[str, str],
+        epoch: int = 0,
+        *,
+        entry_id: str = "",
+        after: str = "",
     ) -> str:
-        """Write the `start` entry and mark the record streaming."""
-        ((entry_id, _),) = await self.append_batch([(request.id, entry, False, epoch)])
-        if entry_id is None:
-            raise Fenced(f"question {request.id}: another worker has taken over its answer")
-        mapping = {**fields, RecordField.FIRST_ENTRY_ID: entry_id}
+        """Write the `start` entry (numbered when `entry_id` is given) and mark the record
+        streaming."""
+        (done,) = await self.write_batch([Put(request.id, entry, epoch, entry_id, after, False)])
+        written = _written(request.id, done)
+        mapping = {**fields, RecordField.FIRST_ENTRY_ID: written}
         await self.redis.hset(self.keys.question(request.id), mapping=mapping)  # type: ignore[arg-type]
-        return entry_id
+        return written
 
     async def append(self, question_id: str, entry: Entry, epoch: int = 0) -> str:
-        ((entry_id, _),) = await self.append_batch([(question_id, entry, False, epoch)])
-        if entry_id is None:
-            raise Fenced(f"question {question_id}: another worker has taken over its answer")
-        return entry_id
+        (done,) = await self.write_batch([Put(question_id, entry, epoch, check_cancel=False)])
+        return _written(question_id, done)
 
     async def append_batch(self, batch: Sequence[Write]) -> list[tuple[str | None, bool]]:
-        """Append (question id, entry, read the cancel flag? [, epoch]) in one pipeline; for
-        each, (its entry id, or None when the epoch is no longer current; whether a cancel was
-        asked for — False where not read). No epoch means 0: an answer no delivery has begun
-        (written by a tool or a test)."""
+        """Append (question id, entry, read the cancel flag? [, epoch]) in one pipeline, ids
+        chosen by Redis; for each, (its entry id, or None when the epoch is no longer
+        current; whether a cancel was asked for — False where not read). No epoch means 0:
+        an answer no delivery has begun (written by a tool or a test)."""
+        puts = [
+            Put(qid, entry, epoch[0] if epoch else 0, "", "", check)
+            for qid, entry, check, *epoch in batch
+        ]
+        return [(a.entry_id, a.cancel) for a in await self.write_batch(puts)]
+
+    async def write_batch(self, puts: Sequence[Put]) -> list[Applied]:
+        """Every write in one pipeline, each one script call (epoch, order, cancel flag)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            for question_id, entry, _, *epoch in batch:
-                args: list[str | int] = [epoch[0] if epoch else 0, self.limits.answer_maxlen]
-                for name, value in entry.fields().items():
-                    args += [name, value]
-                keys = [self.keys.answer(question_id), self.keys.question(question_id)]
+            for put in puts:
+                args: list[str | int] = [
+                    put.epoch,
+                    self.limits.answer_maxlen,
+                    put.entry_id,
+                    put.after,
+                    *itertools.chain.from_iterable(put.entry.fields().items()),
+                ]
+                keys = [self.keys.answer(put.question_id), self.keys.question(put.question_id)]
                 await self._append(keys=keys, args=args, client=pipe)
             results = await pipe.execute()
-        out: list[tuple[str | None, bool]] = []
-        for (_, _, check_cancel, *_), result in zip(batch, results, strict=True):
-            if not result:
-                out.append((None, False))
-            else:
-                out.append((str(result[0]), check_cancel and result[1] == "1"))
-        return out
+        return [_applied(put, result) for put, result in zip(puts, results, strict=True)]
 
     async def finish(
         self,
@@ -152,10 +285,14 @@ class Answers(StoreBase):
         request_entry_id: str | None,
         caller: str = "",
         epoch: int = 0,
+        *,
+        entry_id: str = "",
+        after: str = "",
     ) -> str:
         """Write the terminal entry, close the record, set retention (in one script, fenced
-        by `epoch`), then ack the request and free the question's place in its caller's
-        cap."""
+        by `epoch`; numbered as `start` is, `after` "*" to follow whatever the stream holds),
+        then ack the request and free the question's place in its caller's cap. Raises
+        Rewound, writing nothing, when the stream ends before `after`."""
         record = {
             **{k: str(v) for k, v in fields.items()},
             RecordField.STATUS: STATUS_OF_TERMINAL[entry.type].value,
@@ -165,18 +302,31 @@ class Answers(StoreBase):
             epoch,
             self.limits.answer_maxlen,
             self.limits.retention_s,
+            entry_id,
+            after,
             len(record),
+            *itertools.chain.from_iterable(record.items()),
+            *itertools.chain.from_iterable(entry.fields().items()),
         ]
-        for name, value in record.items():
-            args += [name, value]
-        for name, value in entry.fields().items():
-            args += [name, value]
         keys = [self.keys.answer(question_id), self.keys.question(question_id)]
-        entry_id = await self._finish(keys=keys, args=args)
-        if not entry_id:
+        result = await self._finish(keys=keys, args=args)
+        if not result:
             raise Fenced(f"question {question_id}: another worker has taken over its answer")
+        if not result[0]:
+            raise Rewound(
+                f"question {question_id}: its stream ends at {result[1]!r}, before {after!r}",
+                str(result[1]),
+            )
         if request_entry_id is not None:
             await self.group.ack(request_entry_id)
         if caller:
             await self.redis.zrem(self.keys.caller_asks(caller), question_id)
-        return str(entry_id)
+        return str(result[0])
+
+
+def _written(question_id: str, done: Applied) -> str:
+    if done.entry_id is not None:
+        return done.entry_id
+    if done.behind is None:
+        raise Fenced(f"question {question_id}: another worker has taken over its answer")
+    raise Rewound(f"question {question_id}: its stream ends at {done.behind!r}", done.behind)

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from tokenrelay import logs, metrics
-from tokenrelay.errors import Fenced, ProviderError, StoreError
+from tokenrelay.errors import Fenced, ProviderError, Rewound, StoreError
 from tokenrelay.providers.base import Finish, Prompt, Provider, Reasoning, ToolCall, Waiting
 from tokenrelay.providers.guard import Timeouts, close_stream, guarded
-from tokenrelay.store import Store, answer_text, now_ms
+from tokenrelay.store import Store, answer_text, next_entry_id, now_ms
 from tokenrelay.wire import (
     STATUS_OF_TERMINAL,
     Entry,
@@ -21,7 +21,7 @@ from tokenrelay.wire import (
     QuestionRequest,
     Status,
 )
-from tokenrelay.worker.writer import ChunkWriter, Outbox
+from tokenrelay.worker.writer import LOST, ChunkWriter, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 class _Cancelled(Exception):
     """The asker cancelled between two chunks."""
 
+
+# A terminal write finds the stream behind, has the outbox write the lost entries again,
+# and tries again: a few times (each needs another failover).
+_FINISH_TRIES = 4
 
 RESTART_REASON = (
     "the model cannot continue a cut-off answer (it takes only the topic and the question), "
@@ -91,6 +95,7 @@ class Answer:
         self.request_entry_id = request_entry_id
         self.record: QuestionRecord | None = None
         self.epoch = 0  # this delivery's: set by `begin`, checked by every write
+        self._after = ""  # the stream's last entry when this delivery began
         self.chunks = 0
         self.first_ms = 0
         self._resume = _Resume("")
@@ -110,7 +115,7 @@ class Answer:
             return Status.STREAMING
 
     async def _run(self, gen: Generator, *, resumed: bool) -> Status:
-        done = await self._prepare(gen.provider, resumed=resumed)
+        done = await self._prepare(gen, resumed=resumed)
         if done is not None:
             return done
         try:
@@ -145,13 +150,13 @@ class Answer:
             return
         assert self.record is not None
         self.chunks = self.record.chunks
-        self.epoch = await self.store.begin(self.request.id)
+        self.epoch, self._after = await self.store.begin_answer(self.request.id)
         await self._end(Entry(EntryType.ERROR, message, {"kind": "undeliverable"}), message)
 
     async def fail_lost(self, record: QuestionRecord) -> None:
         """A queued question whose request vanished ends failed instead of waiting forever."""
         self.record = record
-        self.epoch = await self.store.begin(self.request.id)
+        self.epoch, self._after = await self.store.begin_answer(self.request.id)
         message = (
             "this question's request was lost before any worker took it (Redis restarted "
             "without it?); ask again"
@@ -172,15 +177,17 @@ class Answer:
             return None
         return self.record
 
-    async def _prepare(self, provider: Provider, *, resumed: bool) -> Status | None:
+    async def _prepare(self, gen: Generator, *, resumed: bool) -> Status | None:
         """Load the record and write the start entry; a status when nothing is left to do."""
+        provider = gen.provider
         record = await self._load()
         if record is None:
             return Status.FAILED
         if record.status not in (Status.QUEUED, Status.STREAMING):
             await self._ack()  # finished before a crash could ack it
             return record.status
-        self.epoch = await self.store.begin(self.request.id)
+        self.epoch, self._after = await self.store.begin_answer(self.request.id)
+        self._box = gen.writer.outbox(self.request.id, self.epoch, self._after)
         if record.cancel_requested:
             return await self._end(Entry(EntryType.CANCELLED))
         prior = await self.store.read_all(self.request.id) if resumed else []
@@ -212,12 +219,17 @@ class Answer:
             "model": provider.model,
             "provider": provider.name,
         }
-        await self.store.start(request, start, fields, self.epoch)
+        assert self._box is not None
+        put = self._box.number(start)
+        await self.store.start(
+            request, start, fields, self.epoch, entry_id=put.entry_id, after=put.after
+        )
 
     async def _stream(self, gen: Generator) -> Finish:
         """Read the model and queue what it says; the model is read again without waiting
         for the previous write (the outbox coalesces chunks while a write is on its way)."""
-        box = self._box = gen.writer.outbox(self.request.id, self.epoch)
+        box = self._box
+        assert box is not None
         request = self.request
         assert self.record is not None
         prompt = Prompt(
@@ -290,30 +302,62 @@ class Answer:
     ) -> Status:
         """Write the one terminal entry, close the record, acknowledge the request."""
         assert self.record is not None
+        for _ in range(_FINISH_TRIES):
+            entry, error = await self._flush(entry, error)
+            created = self.record.created_ms
+            ended = now_ms()
+            ttft_ms = self.first_ms - created if self.first_ms else -1
+            stats = {"chunks": self.chunks, "ttft_ms": ttft_ms, "duration_ms": ended - created}
+            fields: dict[str, object] = {
+                **stats,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                **(usage or {}),
+            }
+            if error:
+                fields["error"] = error
+            terminal = Entry(entry.type, entry.text, {**entry.meta, **stats})
+            entry_id, after = self._terminal_ids()
+            try:
+                await self.store.finish(
+                    self.request.id,
+                    terminal,
+                    fields,
+                    self.request_entry_id,
+                    self.record.caller,
+                    self.epoch,
+                    entry_id=entry_id,
+                    after=after,
+                )
+            except Rewound as e:
+                if self._box is None:
+                    raise
+                self._box.rewind(e.last_entry_id)
+                continue
+            metrics.answer_ended(entry, ttft_ms)
+            logs.answer_ended(self.request.id, entry, fields)
+            return STATUS_OF_TERMINAL[entry.type]
+        raise StoreError(f"question {self.request.id}: its stream kept losing entries")
+
+    async def _flush(self, entry: Entry, error: str) -> tuple[Entry, str]:
+        """Everything queued goes first. A failed write (but a fence) does not stop the
+        terminal entry: it says what went wrong; a loss that cannot be repaired turns it
+        into an error."""
         if self._box is not None:
-            # Everything queued goes first. A failed write (but a fence) does not stop the
-            # terminal entry: it says what went wrong.
             with contextlib.suppress(StoreError, RedisError, OSError):
                 await self._box.drain()
-        created = self.record.created_ms
-        ended = now_ms()
-        ttft_ms = self.first_ms - created if self.first_ms else -1
-        stats = {"chunks": self.chunks, "ttft_ms": ttft_ms, "duration_ms": ended - created}
-        fields: dict[str, object] = {
-            **stats,
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            **(usage or {}),
-        }
-        if error:
-            fields["error"] = error
-        metrics.answer_ended(entry, ttft_ms)
-        logs.answer_ended(self.request.id, entry, fields)
-        terminal = Entry(entry.type, entry.text, {**entry.meta, **stats})
-        await self.store.finish(
-            self.request.id, terminal, fields, self.request_entry_id, self.record.caller, self.epoch
-        )
-        return STATUS_OF_TERMINAL[entry.type]
+            if self._box.lost:
+                message = LOST[0].upper() + LOST[1:] + "."
+                return Entry(EntryType.ERROR, message, {"kind": "lost"}), message
+        return entry, error
+
+    def _terminal_ids(self) -> tuple[str, str]:
+        """The terminal entry's id and the one it follows ("*": whatever the stream holds,
+        when what was lost could not be written again)."""
+        box = self._box
+        if box is None:
+            return next_entry_id(self._after, now_ms()), self._after
+        return next_entry_id(box.last_id, now_ms()), "*" if box.lost else box.last_id
 
     async def _ack(self) -> None:
         if self.request_entry_id is not None:

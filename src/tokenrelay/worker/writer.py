@@ -11,22 +11,32 @@ latency, and makes a generation wait for Redis before it reads the model again. 
   Redis error — before its next entry and, at the end, from `drain()`.
 
 Every write is one script call that checks the answer's epoch and returns its cancel
-flag, so cancellation costs no extra round trip.
+flag, so cancellation costs no extra round trip; an outbox's writes are numbered (see
+`Outbox`), so a failover neither doubles nor silently drops an entry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from dataclasses import dataclass
 
 from tokenrelay.errors import Fenced, StoreError
-from tokenrelay.store import Store
+from tokenrelay.store import Applied, Put, Store
 from tokenrelay.wire import Entry, EntryType
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 2_000
+# An answer's last numbered writes, kept to be written again if a failover loses them (a
+# replica is behind by what the master wrote in its last moments, not by thousands).
+TAIL_ENTRIES = 4_096
+LOST = (
+    "part of this answer was lost when Redis failed over, and this worker no longer holds it "
+    "to write it again"
+)
 # Entries whose queued texts join into one (a tool call's pieces carry more than text).
 _COALESCED = frozenset({EntryType.CHUNK, EntryType.REASONING})
 
@@ -51,15 +61,27 @@ def _fenced(question_id: str) -> Fenced:
 
 
 class Outbox:
-    """One answer's entries on their way to its stream, in order."""
+    """One answer's entries on their way to its stream, in order.
 
-    def __init__(self, writer: ChunkWriter, question_id: str, epoch: int) -> None:
+    Each entry gets its id here (as `next_entry_id` makes it) and names the one before it,
+    so a write sent twice is applied once, and a stream that lost acknowledged entries in a
+    failover says so: the outbox then writes them again, with their own ids, from the last
+    TAIL_ENTRIES it keeps (a viewer that saw one keeps its place; one that did not gets
+    it), or gives up (`lost`) and the answer ends with an `error` entry."""
+
+    def __init__(self, writer: ChunkWriter, question_id: str, epoch: int, after: str = "") -> None:
         self.question_id = question_id
         self.epoch = epoch
+        self.last_id = after  # the id of the answer's newest entry, written or on its way
+        ms, _, seq = after.partition("-")
+        self._ms, self._seq = (int(ms), int(seq)) if after else (-1, 0)  # last_id's parts
         self.cancel_requested = False
+        self.lost = False  # the stream lost entries this outbox no longer holds
         self.written = 0  # entries written so far
         self._writer = writer
         self._entries: list[Entry] = []  # not sent yet
+        self._again: list[Put] = []  # lost in a failover: to be written again, first
+        self._tail: deque[Put] = deque(maxlen=TAIL_ENTRIES)  # the last numbered writes
         self._failure: BaseException | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -76,6 +98,19 @@ class Outbox:
         self._idle.clear()
         self._writer._ready(self)
 
+    def number(self, entry: Entry) -> Put:
+        """`entry` as the answer's next numbered write (kept for a re-send): its id is
+        `next_entry_id(self.last_id, now)`, without parsing the last one again."""
+        now = time.time_ns() // 1_000_000
+        if now > self._ms:
+            self._ms, self._seq = now, 0
+        else:
+            self._seq += 1
+        put = Put(self.question_id, entry, self.epoch, f"{self._ms}-{self._seq}", self.last_id)
+        self.last_id = put.entry_id
+        self._tail.append(put)
+        return put
+
     def check(self) -> None:
         if self._failure is not None:
             raise self._failure
@@ -85,26 +120,61 @@ class Outbox:
         await self._idle.wait()
         self.check()
 
-    def _take(self) -> list[Entry]:
-        taken, self._entries = self._entries, []
+    def rewind(self, last_id: str) -> None:
+        """The stream ends at `last_id`: write again what this outbox wrote after it."""
+        if self._failure is not None:
+            return
+        tail = list(self._tail)
+        at = next((i for i, put in enumerate(tail) if put.after == last_id), None)
+        if at is None:
+            self.lost = True
+            self._failed(StoreError(f"question {self.question_id}: {LOST}"))
+            return
+        log.warning(
+            "question %s: its stream ends at %s, %d entries before this worker's last "
+            "(a failover lost them); writing them again",
+            self.question_id,
+            last_id or "its start",
+            len(tail) - at,
+        )
+        self._again = tail[at:]
+        self._idle.clear()
+        self._writer._ready(self)
+
+    def _take(self) -> list[Put]:
+        taken, self._again = self._again, []
+        taken += [self.number(entry) for entry in self._entries]
+        self._entries = []
         return taken
 
-    def _sent(self, results: list[tuple[str | None, bool]]) -> None:
-        for entry_id, cancel in results:
-            if entry_id is None:
+    def _sent(self, results: list[Applied]) -> None:
+        behind: str | None = None
+        for done in results:
+            if done.entry_id is not None:
+                self.written += 1
+                self.cancel_requested = self.cancel_requested or done.cancel
+            elif done.refused:
+                self.lost = True
+                self._failure = self._failure or StoreError(f"question {self.question_id}: {LOST}")
+            elif done.behind is not None:
+                behind = done.behind if behind is None else behind
+            else:
                 self._failure = self._failure or _fenced(self.question_id)
-                continue
-            self.written += 1
-            self.cancel_requested = self.cancel_requested or cancel
+        if behind is not None:
+            self.rewind(behind)
         self._settle()
 
     def _failed(self, error: BaseException) -> None:
         self._failure = self._failure or error
         self._entries.clear()
+        self._again.clear()
         self._settle()
 
     def _settle(self) -> None:
-        if not self._entries:
+        if self._failure is not None:
+            self._entries.clear()
+            self._again.clear()
+        if not self._entries and not self._again:
             self._idle.set()
         else:
             self._writer._ready(self)
@@ -137,8 +207,10 @@ class ChunkWriter:
             box._failed(StoreError("the worker is stopping"))
         self._boxes.clear()
 
-    def outbox(self, question_id: str, epoch: int) -> Outbox:
-        return Outbox(self, question_id, epoch)
+    def outbox(self, question_id: str, epoch: int, after: str = "") -> Outbox:
+        """An outbox for one delivery of an answer whose stream ends at `after` (see
+        `Store.begin_answer`)."""
+        return Outbox(self, question_id, epoch, after)
 
     async def append(
         self, question_id: str, entry: Entry, *, check_cancel: bool = True, epoch: int = 0
@@ -166,19 +238,19 @@ class ChunkWriter:
         """One pipeline: queued appends first, then what the ready outboxes hold."""
         appends, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         room = MAX_BATCH - len(appends)
-        boxes: list[tuple[Outbox, list[Entry]]] = []
-        writes: list[tuple[str, Entry, bool, int]] = [
-            (p.question_id, p.entry, p.check_cancel, p.epoch) for p in appends
+        boxes: list[tuple[Outbox, int]] = []
+        writes = [
+            Put(p.question_id, p.entry, p.epoch, check_cancel=p.check_cancel) for p in appends
         ]
         while self._boxes and room > 0:
             box = next(iter(self._boxes))
             del self._boxes[box]
             taken = box._take()
-            boxes.append((box, taken))
-            writes += [(box.question_id, entry, True, box.epoch) for entry in taken]
+            boxes.append((box, len(taken)))
+            writes += taken
             room -= len(taken)
         try:
-            results = await self._store.append_batch(writes)
+            results = await self._store.write_batch(writes)
         except Exception as e:  # handed to each writer of the batch, which ends its answer
             for p in appends:
                 if not p.done.done():
@@ -188,14 +260,14 @@ class ChunkWriter:
             return
         self.batches += 1
         self.written += len(writes)
-        for p, (entry_id, cancel) in zip(appends, results, strict=False):
+        for p, done in zip(appends, results, strict=False):
             if p.done.done():
                 continue
-            if entry_id is None:
+            if done.entry_id is None:
                 p.done.set_exception(_fenced(p.question_id))
             else:
-                p.done.set_result(Appended(entry_id, cancel))
+                p.done.set_result(Appended(done.entry_id, done.cancel))
         at = len(appends)
         for box, sent in boxes:
-            box._sent(results[at : at + len(sent)])
-            at += len(sent)
+            box._sent(results[at : at + sent])
+            at += sent
