@@ -302,6 +302,24 @@ async def test_a_gzip_body_is_decoded(make_client: MakeClient) -> None:
     assert "gzip" in s.requests[0].headers["accept-encoding"]
 
 
+async def test_an_unknown_encoding_is_a_failure_and_closes(make_client: MakeClient) -> None:
+    ended: list[int] = []
+
+    async def handle(peer: Peer) -> None:
+        while await peer.request() is not None:
+            await peer.respond(b"??", headers={"content-encoding": "br"})
+        ended.append(peer.number)
+
+    async with RawServer(handle) as server:
+        with pytest.raises(HTTPFailure, match="'br'"):
+            await make_client().post(server.url, b"{}")
+        for _ in range(50):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+    assert ended == [1]
+
+
 async def test_connection_refused_is_a_failure(make_client: MakeClient) -> None:
     async with RawServer(_answering(b"")) as server:
         url = server.url

@@ -200,11 +200,10 @@ class H1Client:
         conn.timeout_s = self._read_timeout_s
         try:
             conn.send(request)
-            headers = await conn.head()
-        except BaseException:
+            return Response(self, conn, url, await conn.head())
+        except BaseException:  # an encoding it cannot read included
             conn.close()
             raise
-        return Response(self, conn, url, headers)
 
     def _take_idle(self, origin: Origin) -> Connection | None:
         idle = self._idle.get(origin)
