@@ -20,8 +20,7 @@ import httptools
 
 from tokenrelay.errors import TokenRelayError
 
-_HIGH_WATER = 1 << 20  # bytes buffered before the socket stops reading
-_LOW_WATER = 1 << 18
+_HIGH_WATER = 1 << 20  # bytes buffered before the socket stops reading (until all are read)
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -102,7 +101,7 @@ class Connection(asyncio.Protocol):
         self._got_bytes = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as e:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:  # 101 too
             self._fail(HTTPFailure(f"the server's reply is not valid HTTP/1.1 ({e})"))
             return
         waiter = self._waiter
