@@ -301,20 +301,26 @@ async def test_master_killed_mid_answer(
         "TOKENRELAY_SCRIPTED_RATE": "10",
         "TOKENRELAY_RECLAIM_IDLE_MS": "3000",
     }
-    async with Processes(tmp_path, valkey_cluster.url, prefix, env) as procs:
+    keys = Keys(prefix, 16, cluster=True)
+    default = valkey_cluster.url  # every process's REDIS_URL: where its client sends PING
+    async with Processes(tmp_path, default, prefix, env) as procs:
         gateways = [await procs.gateway(f"gateway{n}") for n in range(3)]
         for n in range(2):
             await procs.worker(f"worker{n}")
         async with httpx.AsyncClient(timeout=120) as client:
-            qids = [
-                (
-                    await client.post(
-                        f"{gateways[n % 3].url}/api/questions", json={"question": f"k{n}"}
-                    )
-                ).json()["id"]
-                for n in range(6)
-            ]
-            watched = qids[0]
+            # The watched answer lives on the node REDIS_URL names (more asks until one
+            # does): killing it also takes the node /healthz pings away.
+            qids: list[str] = []
+            while len(qids) < 6 or (
+                len(qids) < 40 and default not in await _masters(valkey_cluster, keys, qids)
+            ):
+                r = await client.post(
+                    f"{gateways[len(qids) % 3].url}/api/questions", json={"question": "k"}
+                )
+                qids.append(r.json()["id"])
+            masters = await _masters(valkey_cluster, keys, qids)
+            watched = next(q for q, url in zip(qids, masters, strict=True) if url == default)
+            others = [q for q in qids if q != watched][:5]
             viewers = [
                 asyncio.create_task(
                     _whole_events(client, f"{g.url}/api/questions/{watched}/events")
@@ -324,13 +330,18 @@ async def test_master_killed_mid_answer(
                 asyncio.create_task(
                     _whole_events(client, f"{gateways[(n + 1) % 3].url}/api/questions/{qid}/events")
                 )
-                for n, qid in enumerate(qids[1:])
+                for n, qid in enumerate(others)
             ]
             await asyncio.sleep(1.0)  # about 10 of 22 chunks in
-            victim = _master_of(valkey_cluster, Keys(prefix, 16, cluster=True).answer(watched))
+            victim = _master_of(valkey_cluster, keys.answer(watched))
             victim.kill()
+            health = await _health_during(client, gateways[0].url, 5.0)
             async with asyncio.timeout(90):
                 results = await asyncio.gather(*viewers)
+    # /healthz answers within its 1 s ping timeout all through the failover (503 while the
+    # node it pings is down), instead of waiting out the cluster client's retries.
+    print("healthz during the failover:", _shown(health))
+    assert max(s for _, s in health) < 1.8, health
     # Every viewer: the model's text exactly once, then `end`. A write whose reply was lost
     # with the master is applied once; one the master acknowledged but never passed on is
     # written again (numbered appends, docs/scaling.md).
@@ -341,6 +352,34 @@ async def test_master_killed_mid_answer(
         assert len(ids) == len(set(ids)), "an entry was delivered twice"
         assert _text(seen) == WORDS, "the answer did not end whole"
     await asyncio.to_thread(valkey_cluster.wait_ok)
+
+
+async def test_healthz_answers_while_a_master_does_not(
+    make_settings: Callable[..., Settings], valkey_cluster: ValkeyCluster
+) -> None:
+    """A master that stops answering without closing its connections (SIGSTOP: a host gone,
+    a partition) while it is the node the gateway's client pings: /healthz still answers
+    within its 1 s ping timeout (503), and 200 again once the replica has taken over; the
+    node, continued, rejoins as a replica."""
+    node = valkey_cluster.primaries()[0]
+    settings = make_settings(redis_url=f"redis://127.0.0.1:{node.port}", redis_cluster=True)
+    async with (
+        running_gateway(settings) as url,
+        httpx.AsyncClient(base_url=url, timeout=60) as client,
+    ):
+        assert (await client.get("/healthz")).status_code == 200
+        node.popen.send_signal(signal.SIGSTOP)
+        try:
+            health = await _health_during(client, url, 4.0)
+        finally:
+            node.popen.send_signal(signal.SIGCONT)
+        print("healthz while a master is stopped:", _shown(health))
+        async with asyncio.timeout(30):
+            while (await client.get("/healthz")).status_code != 200:
+                await asyncio.sleep(0.2)
+    await asyncio.to_thread(valkey_cluster.wait_ok)
+    assert max(seconds for _, seconds in health) < 1.8, _shown(health)
+    assert 503 in {status for status, _ in health}, _shown(health)
 
 
 async def test_serve_in_cluster_mode(
@@ -406,6 +445,38 @@ def _slot(key: str) -> int:
     from redis.crc import key_slot
 
     return key_slot(key.encode())
+
+
+async def _masters(cluster: ValkeyCluster, keys: Keys, qids: list[str]) -> list[str]:
+    """The URL of the master serving each question's answer."""
+
+    def find() -> list[str]:
+        from redis import RedisCluster as SyncCluster
+
+        with SyncCluster.from_url(cluster.url) as client:
+            nodes = [client.get_node_from_key(keys.answer(q)) for q in qids]
+        return [f"redis://127.0.0.1:{node.port}" if node else "" for node in nodes]
+
+    return await asyncio.to_thread(find)
+
+
+async def _health_during(
+    client: httpx.AsyncClient, url: str, seconds: float
+) -> list[tuple[int, float]]:
+    """/healthz every 0.2 s for `seconds`: (status, seconds it took) each time."""
+    loop = asyncio.get_running_loop()
+    out: list[tuple[int, float]] = []
+    end = loop.time() + seconds
+    while loop.time() < end:
+        started = loop.time()
+        status = (await client.get(f"{url}/healthz")).status_code
+        out.append((status, loop.time() - started))
+        await asyncio.sleep(0.2)
+    return out
+
+
+def _shown(health: list[tuple[int, float]]) -> str:
+    return " ".join(f"{status}/{seconds:.2f}s" for status, seconds in health)
 
 
 def _busy_worker(cluster: ValkeyCluster, prefix: str) -> int:

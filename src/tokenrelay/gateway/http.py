@@ -224,7 +224,9 @@ async def events(
 @router.get("/healthz", tags=["operations"])
 async def healthz(request: Request) -> Any:
     svc = services(request)
-    ok = await svc.store.ping()
+    # Bounded: during a failover the cluster client retries for up to 20 s, and a health
+    # check that long is no answer at all.
+    ok = await svc.store.ping(timeout_s=1.0)
     queued = request.app.state.sockets.queued()
     # Under `serve`: every supervised process (valkey, gateway, workers) with pid, state,
     # restarts and the reason of its last exit.
