@@ -12,12 +12,9 @@ origin); the proxy variables as httpx read them (`urllib.request.getproxies()`).
 from __future__ import annotations
 
 import asyncio
-import base64
 import ssl
 import urllib.parse
-import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from tokenrelay.errors import ConfigError
@@ -30,16 +27,11 @@ from tokenrelay.providers.h1 import (
     Origin,
     StaleConnection,
 )
+from tokenrelay.providers.h1proxy import Proxies, Proxy
 
 _HAPPY_EYEBALLS_S = 0.25  # what AnyIO's connect used
 _MAX_REDIRECTS = 20  # httpx's
 _REDIRECT_BODY_BYTES = 64 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Proxy:
-    origin: Origin
-    authorization: bytes  # the Proxy-Authorization header line, or b""
 
 
 class Response:
@@ -126,9 +118,7 @@ class H1Client:
         self._keepalive_s = keepalive_s
         self._ssl = ssl_context or ssl.create_default_context()
         self._ssl.set_alpn_protocols(["http/1.1"])
-        self._proxies = _proxies(proxies or {})
-        self._no_proxy = {"no": proxies["no"]} if proxies and proxies.get("no") else {}
-        self._routes: dict[Origin, Proxy | None] = {}
+        self._proxies = Proxies(proxies or {})
         self._idle: dict[Origin, list[Connection]] = {}
 
     async def post(self, url: str, body: bytes) -> Response:
@@ -181,7 +171,7 @@ class H1Client:
     async def _exchange(
         self, conn: Connection, method: str, url: str, body: bytes | None, authorized: bool
     ) -> Response:
-        proxy = self._route(conn.origin)
+        proxy = self._proxies.route(conn.origin)
         parts = urllib.parse.urlsplit(url)
         # An http:// request through a proxy names the whole URL; a tunnel's does not.
         forwarded = proxy is not None and conn.origin.scheme == "http"
@@ -216,7 +206,7 @@ class H1Client:
         return None
 
     async def _connect(self, origin: Origin) -> Connection:
-        proxy = self._route(origin)
+        proxy = self._proxies.route(origin)
         first = origin if proxy is None else proxy.origin
         try:
             async with asyncio.timeout(self._connect_timeout_s):
@@ -269,16 +259,6 @@ class H1Client:
             conn.close()
             raise
 
-    def _route(self, origin: Origin) -> Proxy | None:
-        """The proxy to reach an origin through, if any (NO_PROXY as urllib reads it)."""
-        if origin not in self._routes:
-            proxy = self._proxies.get(origin.scheme) or self._proxies.get("all")
-            bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-            if proxy is not None and self._no_proxy and bypass(origin.host, self._no_proxy):
-                proxy = None
-            self._routes[origin] = proxy
-        return self._routes[origin]
-
 
 def _origin(url: str) -> Origin:
     try:
@@ -320,28 +300,3 @@ def _header_lines(headers: Mapping[str, str]) -> bytes:
             raise ConfigError(f"the {name} header holds a character a header cannot carry")
         out += f"{name}: {value}\r\n".encode("ascii")
     return out
-
-
-def _proxies(given: Mapping[str, str]) -> dict[str, Proxy]:
-    """The proxy for each scheme ("http", "https", "all") in `urllib.request.getproxies()`'s
-    mapping, checked now rather than at the first request."""
-    proxies: dict[str, Proxy] = {}
-    for scheme in ("http", "https", "all"):
-        url = given.get(scheme)
-        if not url:
-            continue
-        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
-            raise ConfigError(
-                f"the {scheme} proxy is {parts.scheme}://…; tokenrelay's model client goes "
-                "through http:// and https:// proxies only"
-            )
-        authorization = b""
-        if parts.username is not None:
-            user = urllib.parse.unquote(parts.username)
-            secret = urllib.parse.unquote(parts.password or "")
-            token = base64.b64encode(f"{user}:{secret}".encode())
-            authorization = b"proxy-authorization: Basic " + token + b"\r\n"
-        port = parts.port or DEFAULT_PORTS[parts.scheme]
-        proxies[scheme] = Proxy(Origin(parts.scheme, parts.hostname, port), authorization)
-    return proxies
