@@ -22,11 +22,13 @@ from tests.conftest import running_gateway
 from tests.support.failover import lose_last_entries
 from tests.support.sse import Event, events
 from tokenrelay.errors import Fenced, StoreError
+from tokenrelay.providers.base import Finish, Prompt
+from tokenrelay.providers.guard import Timeouts
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
-from tokenrelay.store import Store
-from tokenrelay.wire import Entry, EntryType
-from tokenrelay.worker import ChunkWriter
+from tokenrelay.store import Store, answer_text
+from tokenrelay.wire import Entry, EntryType, QuestionRequest, Status
+from tokenrelay.worker import Answer, ChunkWriter, Generator
 from tokenrelay.worker import writer as writer_module
 from tokenrelay.worker.writer import MAX_BATCH
 
@@ -314,11 +316,62 @@ async def test_a_write_whose_reply_was_lost_is_not_doubled(
     assert [e.text for e in entries] == [f"{i} " for i in range(8)]
 
 
+@pytest.mark.parametrize("tail", [64, 2])
+async def test_an_answer_whose_end_finds_the_stream_behind(
+    store: Store, writer: ChunkWriter, redis: Redis, monkeypatch: pytest.MonkeyPatch, tail: int
+) -> None:
+    """The loss shows only at the terminal write (the model had said everything): the
+    `end` is refused, the lost entries are written again, then `end` — or, when the worker
+    no longer holds them, the answer ends with an `error` entry that says so."""
+    monkeypatch.setattr(writer_module, "TAIL_ENTRIES", tail)
+    asked = await store.ask("t", "q")
+    request = QuestionRequest(asked.id, "t", "q")
+    model = _GatedModel([f"{n} " for n in range(8)])
+    gen = Generator(store, writer, model, Timeouts(5, 5))
+    answering = asyncio.create_task(Answer(store, request, None).run(gen))
+    await asyncio.wait_for(model.said_all.wait(), 10)
+    await asyncio.sleep(0.1)  # the last chunk written
+    await lose_last_entries(redis, store.keys.answer(asked.id), store.keys.question(asked.id), 3)
+    model.finish.set()
+    status = await asyncio.wait_for(answering, 10)
+    entries = await store.read_all(asked.id)
+    if tail > 3:
+        assert status is Status.DONE and entries[-1].type is EntryType.END
+        assert answer_text(entries) == "".join(f"{n} " for n in range(8))
+    else:
+        assert status is Status.FAILED and entries[-1].type is EntryType.ERROR
+        assert entries[-1].meta["kind"] == "lost" and "failed over" in entries[-1].text
+    assert [e.type for e in entries].count(entries[-1].type) == 1
+
+
 # -- helpers ---------------------------------------------------------------------------
 
 
 async def _all_events(client: httpx.AsyncClient, path: str) -> list[Event]:
     return [e async for e in events(client, path)]
+
+
+class _GatedModel:
+    """Says its pieces at once, then waits for `finish` before it ends."""
+
+    continues = True
+    name = model = "gated"
+
+    def __init__(self, pieces: list[str]) -> None:
+        self._pieces = pieces
+        self.said_all = asyncio.Event()
+        self.finish = asyncio.Event()
+
+    async def stream(self, prompt: Prompt) -> AsyncIterator[str | Finish]:
+        for piece in self._pieces:
+            yield piece
+            await asyncio.sleep(0.01)
+        self.said_all.set()
+        await self.finish.wait()
+        yield Finish("stop", 1, len(self._pieces))
+
+    async def aclose(self) -> None:
+        return None
 
 
 class _ReplyDropper:
