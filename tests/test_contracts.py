@@ -12,6 +12,10 @@ file passes on it:
   packet built by hand and handed to `sio.eio.send`; backpressure reads
   `sio.eio.sockets[eio_sid].queue.qsize()` after `sio.manager.eio_sid_from_sid(sid, "/")`;
   gateway/packets.py subclasses `socketio.packet.Packet` (the `serializer=` argument).
+- sse-starlette (gateway/sse.py): the gateway's own SSE response ends its streams when the
+  server stops through sse-starlette's shutdown watcher,
+  `EventSourceResponse._listen_for_exit_signal()` (`AppStatus.should_exit`, which its patch
+  of uvicorn's `Server.handle_exit` sets on SIGTERM).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from socketio import packet as sio_packet
+from sse_starlette.sse import AppStatus
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
@@ -50,6 +55,7 @@ from tokenrelay.connection import (
 from tokenrelay.gateway.access import Access
 from tokenrelay.gateway.packets import UNREADABLE, TolerantPacket
 from tokenrelay.gateway.sockets import SOCKET_QUEUE_MAX, SocketGateway
+from tokenrelay.gateway.sse import server_stopping
 from tokenrelay.keys import Keys
 from tokenrelay.relay import _Reader, _ReadSet
 from tokenrelay.services import Services
@@ -616,3 +622,28 @@ async def test_a_node_client_reaches_the_node_serving_a_key(
         finally:
             await reader.aclose()
             await client.delete(key)
+
+
+# -- sse-starlette: the shutdown watcher the gateway's SSE streams wait on ----------------
+
+
+def test_a_sigterm_to_uvicorn_sets_sse_starlettes_exit_flag() -> None:
+    """Importing sse-starlette patches uvicorn's `Server.handle_exit` (what uvicorn installs
+    for SIGINT/SIGTERM) to set `AppStatus.should_exit`."""
+    assert uvicorn.Server.handle_exit is AppStatus.handle_exit
+    assert AppStatus.enable_automatic_graceful_drain
+
+
+async def test_the_exit_watcher_returns_once_the_server_exits() -> None:
+    """`server_stopping()` (EventSourceResponse._listen_for_exit_signal) waits until the exit
+    flag is set, then returns within its 0.5 s poll."""
+    waiting = asyncio.create_task(server_stopping())
+    try:
+        await asyncio.sleep(0.7)
+        assert not waiting.done()
+        AppStatus.should_exit = True
+        async with asyncio.timeout(5):
+            await waiting
+    finally:
+        AppStatus.should_exit = False
+        waiting.cancel()

@@ -105,7 +105,7 @@ def test_subscription_overflows_on_bytes() -> None:
     sub.push([Entry(EntryType.CHUNK, "x" * (BUFFER_BYTES // 2), entry_id="1-0")])
     assert not sub.overflowed
     taken = sub.take()
-    assert taken.entry_id == "1-0"
+    assert ids_of(taken) == ["1-0"] and not sub.buffer
     # What was taken no longer counts: another half fits, then a third half does not.
     sub.push([Entry(EntryType.CHUNK, "y" * (BUFFER_BYTES // 2), entry_id="2-0")])
     assert not sub.overflowed
@@ -179,6 +179,53 @@ async def test_overflow_under_a_steady_producer(
             results = await asyncio.gather(*viewers)
     for got in results:
         assert ids_of(got) == ids
+
+
+async def test_entries_ready_together_come_in_one_batch(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """What arrives while a viewer is busy (writing its last batch) is handed over at once, in
+    order: the viewer writes it in one go."""
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        qid = "batched"
+        batches = relay.batches(qid)
+        try:
+
+            async def first() -> list[Entry]:
+                return await anext(batches)
+
+            waiting = h.spawn(first())  # live, on an empty stream
+            await wait_for(lambda: relay.viewers == 1)
+            start = await store.append(qid, Entry(EntryType.START))
+            async with asyncio.timeout(TIMEOUT_S):
+                got = [await waiting]
+            chunks = [await store.append(qid, Entry(EntryType.CHUNK, f"{i}")) for i in range(5)]
+            await wait_for(lambda: relay.lags() == [5])  # all five read, none taken yet
+            async with asyncio.timeout(TIMEOUT_S):
+                got.append(await anext(batches))
+                end = await store.append(qid, Entry(EntryType.END))
+                got.append(await anext(batches))
+            with pytest.raises(StopAsyncIteration):
+                await anext(batches)  # the terminal entry was the last
+        finally:
+            await batches.aclose()
+    assert [ids_of(batch) for batch in got] == [[start], chunks, [end]]
+
+
+async def test_history_comes_in_pages_cut_at_the_terminal_entry(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        qid = "paged"
+        ids = await produce(store, qid, 30)
+        await store.append(qid, Entry(EntryType.CHUNK, "after the end, never relayed"))
+        async with asyncio.timeout(TIMEOUT_S):
+            got = [batch async for batch in relay.batches(qid)]
+    assert [e.entry_id for batch in got for e in batch] == ids
+    assert len(got) > 1 and all(got)  # bounded pages, none empty
+    assert got[-1][-1].type is EntryType.END
 
 
 # -- the hand-over from history to live entries --------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
@@ -141,10 +141,12 @@ class Subscription:
             self._bytes += size
         self.ready.set()
 
-    def take(self) -> Entry:
-        entry = self.buffer.popleft()
-        self._bytes -= len(entry.text) + ENTRY_OVERHEAD_BYTES
-        return entry
+    def take(self) -> list[Entry]:
+        """Every entry waiting, at once: the viewer writes them in one go."""
+        entries = list(self.buffer)
+        self.buffer.clear()
+        self._bytes = 0
+        return entries
 
 
 class _Reader:
@@ -414,7 +416,16 @@ class Relay:
             self._reader_for(sub.key).read.remove(sub.key)  # dropped at its next re-arm
 
     async def follow(self, question_id: str, after: str = "0-0") -> AsyncIterator[Entry]:
-        """Every entry after `after`, in order, once each, until a terminal entry.
+        """Every entry after `after`, in order, once each, until a terminal entry."""
+        async for batch in self.batches(question_id, after):
+            for entry in batch:
+                yield entry
+
+    async def batches(
+        self, question_id: str, after: str = "0-0"
+    ) -> AsyncGenerator[list[Entry], None]:
+        """`follow`'s entries, each time as many as are ready (never an empty list): what the
+        viewer can write at once. The last batch ends with the terminal entry.
 
         History first (XRANGE), then live entries from the shared read; any live
         entry not after the last one delivered is dropped, so there is no gap at
@@ -425,59 +436,73 @@ class Relay:
         size = _PageSize()
         while True:
             # Catch up from the stream until its current end, a page of bounded size at a time.
-            async for entry in self._history(question_id, last, size):
-                last = entry.entry_id
-                metrics.relayed(entry)
-                yield entry
-                if entry.terminal:
+            async for batch in self._history(question_id, last, size):
+                last = batch[-1].entry_id
+                yield batch
+                if batch[-1].terminal:
                     return
             sub, cursor = self._subscribe(key, last)
             try:
                 # Entries up to the shared read's cursor will not come live: read them here.
-                async for entry in self._history(question_id, last, size, until=cursor):
-                    last = entry.entry_id
-                    metrics.relayed(entry)
-                    yield entry
-                    if entry.terminal:
+                async for batch in self._history(question_id, last, size, until=cursor):
+                    last = batch[-1].entry_id
+                    yield batch
+                    if batch[-1].terminal:
                         return
-                async for entry in self._live(sub, last):  # until the viewer overflows
-                    last = entry.entry_id
-                    metrics.relayed(entry)
-                    yield entry
-                    if entry.terminal:
+                async for batch in self._live(sub, last):  # until the viewer overflows
+                    last = batch[-1].entry_id
+                    yield batch
+                    if batch[-1].terminal:
                         return
             finally:
                 self._unsubscribe(sub)
 
     async def _history(
         self, question_id: str, after: str, size: _PageSize, until: str | None = None
-    ) -> AsyncIterator[Entry]:
-        """The stored entries after `after` (up to `until` when given), in bounded pages."""
+    ) -> AsyncIterator[list[Entry]]:
+        """The stored entries after `after` (up to `until` when given), in bounded pages, each
+        cut after a terminal entry."""
         last = after
         while until is None or entry_id_after(until, last):
             count = size.count
             page = await self.store.read(question_id, last, count)
             size.seen(page)
-            for entry in page:
-                if until is not None and entry_id_after(entry.entry_id, until):
+            beyond = until is not None and bool(page) and entry_id_after(page[-1].entry_id, until)
+            if beyond:
+                page = [e for e in page if not entry_id_after(e.entry_id, until or "")]
+            batch = _counted(page)
+            if batch:
+                last = batch[-1].entry_id
+                yield batch
+                if batch[-1].terminal:
                     return
-                last = entry.entry_id
-                yield entry
-            if len(page) < count:
+            if beyond or len(page) < count:
                 return
 
     @staticmethod
-    async def _live(sub: Subscription, after: str) -> AsyncIterator[Entry]:
-        """Live entries after `after` as the shared read hands them over; ends when the
-        viewer's buffer overflowed (it catches up from Redis then)."""
+    async def _live(sub: Subscription, after: str) -> AsyncIterator[list[Entry]]:
+        """Live entries after `after`, everything the shared read has handed over each time;
+        ends when the viewer's buffer overflowed (it catches up from Redis then)."""
         last = after
         while True:
             await sub.ready.wait()
             sub.ready.clear()
             if sub.overflowed:
                 return
-            while sub.buffer:
-                entry = sub.take()
+            batch: list[Entry] = []
+            for entry in sub.take():
                 if entry_id_after(entry.entry_id, last):
                     last = entry.entry_id
-                    yield entry
+                    batch.append(entry)
+            batch = _counted(batch)
+            if batch:
+                yield batch
+
+
+def _counted(entries: list[Entry]) -> list[Entry]:
+    """`entries` up to the first terminal one, each counted as relayed."""
+    for n, entry in enumerate(entries):
+        metrics.relayed(entry)
+        if entry.terminal:
+            return entries[: n + 1]
+    return entries

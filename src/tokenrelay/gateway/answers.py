@@ -85,11 +85,20 @@ def at_end(record: QuestionRecord, cursor: str) -> bool:
 async def follow(svc: Services, record: QuestionRecord, cursor: str) -> AsyncIterator[Entry]:
     """The answer's entries after `cursor`, live, to its terminal entry; nothing at all when
     the cursor already is that entry (else the viewer would wait for ever)."""
+    async for batch in follow_batches(svc, record, cursor):
+        for entry in batch:
+            yield entry
+
+
+async def follow_batches(
+    svc: Services, record: QuestionRecord, cursor: str
+) -> AsyncIterator[list[Entry]]:
+    """`follow`'s entries, as many at a time as are ready: a viewer writes each batch at once."""
     if at_end(record, cursor):
         return
     assert svc.relay is not None
-    async for entry in svc.relay.follow(record.id, cursor):
-        yield entry
+    async for batch in svc.relay.batches(record.id, cursor):
+        yield batch
 
 
 async def whole(svc: Services, question_id: str) -> WholeAnswer:

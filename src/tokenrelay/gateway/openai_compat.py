@@ -18,7 +18,6 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from tokenrelay.errors import (
     AnswerTimeout,
@@ -28,7 +27,7 @@ from tokenrelay.errors import (
     NotFound,
     Overloaded,
 )
-from tokenrelay.gateway import answers
+from tokenrelay.gateway import answers, sse
 from tokenrelay.gateway.access import Caller, RateLimited, Unauthorized, bearer
 from tokenrelay.gateway.conversation import SAMPLING, TOOLS, messages_input, sampling_options
 from tokenrelay.gateway.http import SSE_PING_S, access, services
@@ -39,7 +38,8 @@ from tokenrelay.gateway.inputs import (
     question_id,
     require_json,
 )
-from tokenrelay.wire import Context, Entry, EntryType, QuestionRecord, dumps, parse_cursor
+from tokenrelay.gateway.sse import EventStream
+from tokenrelay.wire import Context, Entry, EntryType, QuestionRecord, parse_cursor
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 ID_HEADER = "X-TokenRelay-Id"
@@ -204,40 +204,55 @@ def _failure(entry: Entry) -> OpenAIError:
 def _stream(request: Request, record: QuestionRecord, cursor: str, *, usage: bool) -> Response:
     head = {**_head(record, record.model), "object": "chat.completion.chunk"}
 
-    def chunk(entry: Entry, delta: dict[str, Any], finish: str | None = None) -> ServerSentEvent:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        data = {**head, "choices": [choice], "tokenrelay_entry_id": entry.entry_id}
-        return ServerSentEvent(data=dumps(data), id=entry.entry_id)
+    async def events() -> AsyncIterator[bytes]:
+        # Every entry ready goes out in one write (one send, one socket write per batch).
+        async for batch in answers.follow_batches(services(request), record, cursor):
+            out: list[bytes] = []
+            for entry in batch:
+                if not _chunk_events(entry, head, usage, out):
+                    yield b"".join(out)
+                    return
+            yield b"".join(out)
 
-    async def events() -> AsyncIterator[ServerSentEvent]:
-        async for entry in answers.follow(services(request), record, cursor):
-            if entry.type is EntryType.START:
-                head["model"] = str(entry.meta.get("model") or head["model"])
-                yield chunk(entry, {"role": "assistant", "content": ""})
-            elif entry.type is EntryType.CHUNK:
-                yield chunk(entry, {"content": entry.text})
-            elif entry.type is EntryType.REASONING:
-                yield chunk(entry, {"reasoning_content": entry.text})
-            elif entry.type is EntryType.TOOL_CALL:
-                yield chunk(entry, {"tool_calls": [_tool_call_delta(entry)]})
-            elif entry.type is EntryType.RESTART:
-                # Text already sent cannot be taken back in this protocol: end, say how to go on.
-                message = (
-                    "a worker restarted this answer with a different text; re-attach with "
-                    f"{AFTER_HEADER}: {entry.entry_id} to read the new one"
-                )
-                yield _error_event(OpenAIError(502, message, "restart"), entry)
-                return
-            elif entry.type is EntryType.END:
-                yield chunk(entry, {}, str(entry.meta.get("finish_reason") or "stop"))
-                if usage:
-                    figures = {**head, "choices": [], "usage": _usage(entry)}
-                    yield ServerSentEvent(data=dumps(figures), id=entry.entry_id)
-                yield ServerSentEvent(data="[DONE]")
-            elif entry.terminal:
-                yield _error_event(_failure(entry), entry)
+    return EventStream(events(), ping_s=SSE_PING_S, headers={ID_HEADER: record.id})
 
-    return EventSourceResponse(events(), ping=SSE_PING_S, headers={ID_HEADER: record.id})
+
+def _chunk(
+    head: dict[str, Any], entry: Entry, delta: dict[str, Any], finish: str | None = None
+) -> bytes:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    data = {**head, "choices": [choice], "tokenrelay_entry_id": entry.entry_id}
+    return sse.event(orjson.dumps(data), event_id=entry.entry_id)
+
+
+def _chunk_events(entry: Entry, head: dict[str, Any], usage: bool, out: list[bytes]) -> bool:
+    """Append the entry's events in OpenAI's shape to `out`; False when the stream ends."""
+    if entry.type is EntryType.START:
+        head["model"] = str(entry.meta.get("model") or head["model"])
+        out.append(_chunk(head, entry, {"role": "assistant", "content": ""}))
+    elif entry.type is EntryType.CHUNK:
+        out.append(_chunk(head, entry, {"content": entry.text}))
+    elif entry.type is EntryType.REASONING:
+        out.append(_chunk(head, entry, {"reasoning_content": entry.text}))
+    elif entry.type is EntryType.TOOL_CALL:
+        out.append(_chunk(head, entry, {"tool_calls": [_tool_call_delta(entry)]}))
+    elif entry.type is EntryType.RESTART:
+        # Text already sent cannot be taken back in this protocol: end, say how to go on.
+        message = (
+            "a worker restarted this answer with a different text; re-attach with "
+            f"{AFTER_HEADER}: {entry.entry_id} to read the new one"
+        )
+        out.append(_error_event(OpenAIError(502, message, "restart"), entry))
+        return False
+    elif entry.type is EntryType.END:
+        out.append(_chunk(head, entry, {}, str(entry.meta.get("finish_reason") or "stop")))
+        if usage:
+            figures = {**head, "choices": [], "usage": _usage(entry)}
+            out.append(sse.event(orjson.dumps(figures), event_id=entry.entry_id))
+        out.append(sse.event(b"[DONE]"))
+    elif entry.terminal:
+        out.append(_error_event(_failure(entry), entry))
+    return True
 
 
 def _tool_call_delta(entry: Entry) -> dict[str, Any]:
@@ -267,9 +282,9 @@ def _tool_calls(entries: list[Entry]) -> list[dict[str, Any]]:
     return [calls[i] for i in sorted(calls)]
 
 
-def _error_event(error: OpenAIError, entry: Entry) -> ServerSentEvent:
+def _error_event(error: OpenAIError, entry: Entry) -> bytes:
     body = {"message": error.message, "type": "model_error", "param": None, "code": error.code}
-    return ServerSentEvent(data=dumps({"error": body}), id=entry.entry_id)
+    return sse.event(orjson.dumps({"error": body}), event_id=entry.entry_id)
 
 
 def _usage(end: Entry) -> dict[str, int]:

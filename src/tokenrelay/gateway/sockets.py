@@ -25,7 +25,7 @@ from tokenrelay.gateway.conversation import follow_up
 from tokenrelay.gateway.inputs import ask_input, idempotency_key, question_id, watch_input
 from tokenrelay.gateway.packets import UNREADABLE
 from tokenrelay.services import Services
-from tokenrelay.wire import EntryType, QuestionRecord, dumps
+from tokenrelay.wire import Entry, EntryType, QuestionRecord, dumps
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +78,31 @@ class SocketGateway:
         return queue if isinstance(queue, asyncio.Queue) else None
 
     async def _emit(self, sid: str, event: str, data: Any) -> None:
-        """Emit once the socket has room: a slow client is caught up from Redis, not queued.
+        await self._emit_all(sid, [(event, data)])
 
-        The packet is what `sio.emit(event, data, to=sid)` sends, a Socket.IO EVENT for the
+    async def _emit_all(self, sid: str, events: list[tuple[str, Any]]) -> None:
+        """Emit each (event, data) in order, each once the socket has room: a slow client is
+        caught up from Redis, not queued for.
+
+        A packet is what `sio.emit(event, data, to=sid)` sends, a Socket.IO EVENT for the
         default namespace ("2" + JSON array), encoded once with orjson and handed straight
         to engine.io: py-spy of the gateway at 100 answers x 20 tokens/s put a quarter of
         its CPU under sio.emit (Packet.data_is_binary walking every payload, the room
-        lookup, the stdlib json encoder) for what is one string per chunk.
+        lookup, the stdlib json encoder) for what is one string per chunk. The entries a
+        viewer has ready are queued together, so engine.io's writer wakes once for them
+        (over a websocket each packet is still its own frame: Engine.IO's framing).
         """
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
         if eio_sid is None:
             return  # disconnected: its watches are being cancelled
-        delay_s = 0.005
-        while (queue := self._engine_queue(eio_sid)) is not None and (
-            queue.qsize() >= SOCKET_QUEUE_MAX
-        ):
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 0.1)
-        await self.sio.eio.send(eio_sid, "2" + dumps([event, data]))
+        queue = self._engine_queue(eio_sid)
+        for event, data in events:
+            delay_s = 0.005
+            while queue is not None and queue.qsize() >= SOCKET_QUEUE_MAX:
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 0.1)
+                queue = self._engine_queue(eio_sid)
+            await self.sio.eio.send(eio_sid, "2" + dumps([event, data]))
 
     def _caller(self, sid: str) -> Caller:
         caller = self._callers.get(sid)
@@ -203,17 +210,8 @@ class SocketGateway:
         """Plain-string `chunk` events: START marker, the text, END marker (the seed's page)."""
         relay = self._services().relay
         assert relay is not None
-        async for entry in relay.follow(qid):
-            if entry.type is EntryType.START:
-                await self._emit(sid, "chunk", f"START:{qid};<br/>")
-            elif entry.type is EntryType.CHUNK:
-                await self._emit(sid, "chunk", entry.text)
-            elif entry.terminal:
-                if entry.type is EntryType.ERROR:
-                    await self._emit(
-                        sid, "error", {"message": entry.text, "event": "askQuestion", "id": qid}
-                    )
-                await self._emit(sid, "chunk", f"<br/>;END:{qid}")
+        async for batch in relay.batches(qid):
+            await self._emit_all(sid, [e for entry in batch for e in _seed_events(qid, entry)])
 
     # -- ask / watch / cancel -------------------------------------------------
 
@@ -260,8 +258,8 @@ class SocketGateway:
         return {"ok": True, "id": qid, "status": record.status.value}
 
     async def _relay_answer(self, sid: str, record: QuestionRecord, after: str) -> None:
-        async for entry in answers.follow(self._services(), record, after):
-            await self._emit(sid, "answer", entry.event(record.id))
+        async for batch in answers.follow_batches(self._services(), record, after):
+            await self._emit_all(sid, [("answer", entry.event(record.id)) for entry in batch])
 
     async def _unwatch(self, sid: str, data: Any) -> dict[str, Any]:
         qid = question_id(data.get("id") if isinstance(data, dict) else data)
@@ -279,3 +277,18 @@ class SocketGateway:
         await answers.attach(svc, self._access, self._caller(sid), qid)
         record = await svc.store.request_cancel(qid)
         return {"ok": True, "id": qid, "status": record.status.value}
+
+
+def _seed_events(qid: str, entry: Entry) -> list[tuple[str, Any]]:
+    """The seed page's events for an entry: plain-string `chunk`s, the START marker, the text,
+    the END marker (after an `error` event when the answer failed)."""
+    if entry.type is EntryType.START:
+        return [("chunk", f"START:{qid};<br/>")]
+    if entry.type is EntryType.CHUNK:
+        return [("chunk", entry.text)]
+    if not entry.terminal:
+        return []
+    end = ("chunk", f"<br/>;END:{qid}")
+    if entry.type is EntryType.ERROR:
+        return [("error", {"message": entry.text, "event": "askQuestion", "id": qid}), end]
+    return [end]

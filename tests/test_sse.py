@@ -1,0 +1,193 @@
+"""The gateway's SSE response over real HTTP (uvicorn, a raw socket): each piece the stream
+yields is one HTTP chunk, the events are sse-starlette's bytes, pings, HEAD, a client that
+leaves, a server that stops."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+import uvicorn
+from sse_starlette import ServerSentEvent
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Route
+
+from tests.support.net import free_port
+from tests.support.sse import Parser
+from tokenrelay.gateway import sse
+from tokenrelay.gateway.sse import EventStream
+
+TIMEOUT_S = 10
+
+
+class Feed:
+    """What the test's stream yields, fed by the test; `closed` once the stream is done with."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | Exception | None] = asyncio.Queue()
+        self.closed = asyncio.Event()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            while (chunk := await self.queue.get()) is not None:
+                if isinstance(chunk, Exception):
+                    raise chunk
+                yield chunk
+        finally:
+            self.closed.set()
+
+
+@asynccontextmanager
+async def serving(feed: Feed, *, ping_s: float = 15.0) -> AsyncIterator[tuple[str, int]]:
+    async with server_of(feed, ping_s=ping_s) as (_, port):
+        yield "127.0.0.1", port
+
+
+@asynccontextmanager
+async def server_of(
+    feed: Feed, *, ping_s: float = 15.0
+) -> AsyncIterator[tuple[uvicorn.Server, int]]:
+    async def endpoint(request: Request) -> EventStream:
+        return EventStream(feed.chunks(), ping_s=ping_s, headers={"X-Test": "1"})
+
+    app = Starlette(routes=[Route("/events", endpoint, methods=["GET", "HEAD"])])
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "the server did not start"
+        await asyncio.sleep(0.02)
+    try:
+        yield server, port
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, TIMEOUT_S)
+
+
+async def open_stream(
+    host: str, port: int, method: str = "GET"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict[str, str]]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"{method} /events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    status, *lines = head.strip().split("\r\n")
+    assert status == "HTTP/1.1 200 OK"
+    headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines)}
+    return reader, writer, headers
+
+
+async def next_chunk(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 chunk, as one ASGI send writes it."""
+    size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+    data = await reader.readexactly(size + 2)
+    return data[:-2]
+
+
+def test_events_are_the_bytes_sse_starlette_wrote() -> None:
+    for data, kind, event_id in [
+        ('{"a":"b\\nc"}', "chunk", "1700000000000-3"),
+        ("[DONE]", None, None),
+        ('{"x":1}', None, "5-0"),
+        ("two\nlines\r\nthree\rfour", "error", "7-1"),
+    ]:
+        theirs = ServerSentEvent(data=data, event=kind, id=event_id).encode()
+        assert sse.event(data.encode(), kind=kind, event_id=event_id) == theirs
+    assert sse.comment("ping - now") == ServerSentEvent(comment="ping - now").encode()
+
+
+async def test_each_piece_is_one_chunk_with_the_stream_headers() -> None:
+    feed = Feed()
+    async with serving(feed) as (host, port):
+        reader, writer, headers = await open_stream(host, port)
+        try:
+            assert headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert headers["cache-control"] == "no-store"
+            assert headers["x-accel-buffering"] == "no"
+            assert headers["x-test"] == "1"
+            assert headers["transfer-encoding"] == "chunked"
+            batch = b"".join(
+                sse.event(b'{"n":%d}' % n, kind="chunk", event_id=f"1-{n}") for n in range(3)
+            )
+            await feed.queue.put(batch)
+            async with asyncio.timeout(TIMEOUT_S):
+                chunk = await next_chunk(reader)
+            assert chunk == batch  # three events, one write
+            assert [e.id for e in Parser().feed(chunk)] == ["1-0", "1-1", "1-2"]
+            await feed.queue.put(None)
+            async with asyncio.timeout(TIMEOUT_S):
+                assert await next_chunk(reader) == b""  # the last chunk: the response ended
+                await feed.closed.wait()
+        finally:
+            writer.close()
+
+
+async def test_pings_while_nothing_comes() -> None:
+    feed = Feed()
+    async with serving(feed, ping_s=0.05) as (host, port):
+        reader, writer, _ = await open_stream(host, port)
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                first, second = await next_chunk(reader), await next_chunk(reader)
+            for ping in (first, second):
+                assert ping.startswith(b": ping - ") and ping.endswith(b"\r\n\r\n")
+            assert Parser().feed(first + second) == []  # comments: no events
+        finally:
+            writer.close()
+            await feed.queue.put(None)
+
+
+async def test_head_answers_headers_without_a_stream() -> None:
+    feed = Feed()
+    async with serving(feed) as (host, port):
+        async with httpx.AsyncClient() as client:
+            r = await client.head(f"http://{host}:{port}/events", timeout=TIMEOUT_S)
+        assert r.status_code == 200 and r.content == b""
+        assert r.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert not feed.closed.is_set()  # the stream was never started
+
+
+async def test_a_client_that_leaves_ends_the_stream() -> None:
+    feed = Feed()
+    async with serving(feed) as (host, port):
+        reader, writer, _ = await open_stream(host, port)
+        await feed.queue.put(sse.event(b"{}", event_id="1-0"))
+        async with asyncio.timeout(TIMEOUT_S):
+            await next_chunk(reader)
+        writer.close()
+        async with asyncio.timeout(TIMEOUT_S):
+            await feed.closed.wait()  # the generator was closed (its finally ran)
+
+
+async def test_an_error_in_the_stream_cuts_the_response() -> None:
+    feed = Feed()
+    async with serving(feed) as (host, port):
+        reader, writer, _ = await open_stream(host, port)
+        try:
+            await feed.queue.put(sse.event(b"{}", event_id="1-0"))
+            await feed.queue.put(RuntimeError("the stream broke"))
+            async with asyncio.timeout(TIMEOUT_S):
+                assert await next_chunk(reader) == sse.event(b"{}", event_id="1-0")
+                # No last chunk: the client sees a cut response, as from sse-starlette.
+                with pytest.raises(asyncio.IncompleteReadError):
+                    await next_chunk(reader)
+        finally:
+            writer.close()
+
+
+async def test_a_server_that_stops_ends_its_open_streams() -> None:
+    """A stop does not wait for streams that never end (no grace period is set here: uvicorn
+    would wait for ever): sse-starlette's shutdown watcher ends them, as it ended its own."""
+    feed = Feed()
+    async with server_of(feed) as (server, port):
+        _, writer, _ = await open_stream("127.0.0.1", port)
+        try:
+            server.should_exit = True
+            async with asyncio.timeout(TIMEOUT_S):
+                await feed.closed.wait()
+        finally:
+            writer.close()
