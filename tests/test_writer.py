@@ -344,6 +344,37 @@ async def test_an_answer_whose_end_finds_the_stream_behind(
     assert [e.type for e in entries].count(entries[-1].type) == 1
 
 
+async def test_a_batch_that_never_reached_redis_is_written_before_the_end(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """A pipeline of appends is lost on the way to Redis (the connection cut before it got
+    there) and the client does not retry: the answer stops with an error, and its terminal
+    write, finding the stream behind, has the lost entries written first: the text the
+    model gave up to there, each piece once, then one `error`."""
+    pieces = [f"{n} " for n in range(12)]
+    async with _ReplyDropper(make_settings().redis_url or "") as proxy:
+        client = Redis.from_url(proxy.url, decode_responses=True)  # no retries
+        store = make_store(make_settings(), client)
+        writer = ChunkWriter(store)
+        writer.start()
+        try:
+            asked = await store.ask("t", "q")
+            request = QuestionRequest(asked.id, "t", "q")
+            model = _GatedModel(pieces, before={4: proxy.drop_next_request})
+            model.finish.set()
+            gen = Generator(store, writer, model, Timeouts(5, 5))
+            status = await asyncio.wait_for(Answer(store, request, None).run(gen), 30)
+        finally:
+            await writer.stop()
+            await client.aclose()
+    assert proxy.dropped == 1
+    entries = await make_store(make_settings(), redis).read_all(asked.id)
+    assert status is Status.FAILED and entries[-1].type is EntryType.ERROR
+    assert [e.type for e in entries].count(EntryType.ERROR) == 1
+    text = answer_text(entries)
+    assert text in {"".join(pieces[:n]) for n in range(5, 13)}, text
+
+
 # -- helpers ---------------------------------------------------------------------------
 
 
@@ -357,13 +388,18 @@ class _GatedModel:
     continues = True
     name = model = "gated"
 
-    def __init__(self, pieces: list[str]) -> None:
+    def __init__(
+        self, pieces: list[str], before: dict[int, Callable[[], None]] | None = None
+    ) -> None:
         self._pieces = pieces
+        self._before = before or {}
         self.said_all = asyncio.Event()
         self.finish = asyncio.Event()
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[str | Finish]:
-        for piece in self._pieces:
+        for n, piece in enumerate(self._pieces):
+            if n in self._before:
+                self._before[n]()
             yield piece
             await asyncio.sleep(0.01)
         self.said_all.set()
@@ -376,18 +412,23 @@ class _GatedModel:
 
 class _ReplyDropper:
     """A TCP proxy to Redis that can let a request through and then cut the connection
-    instead of passing on its reply: the command ran, the client never hears of it."""
+    instead of passing on its reply (the command ran, the client never hears of it), or
+    cut it instead of passing on the request (the command never ran)."""
 
     def __init__(self, redis_url: str) -> None:
         self._port = urlsplit(redis_url).port
         self._server: asyncio.Server | None = None
         self._armed = False
+        self._armed_request = False
         self._open: set[asyncio.WriteTransport] = set()
         self.dropped = 0
         self.url = ""
 
     def drop_next_reply(self) -> None:
         self._armed = True
+
+    def drop_next_request(self) -> None:
+        self._armed_request = True
 
     async def __aenter__(self) -> _ReplyDropper:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -408,6 +449,12 @@ class _ReplyDropper:
 
         async def upstream() -> None:
             while data := await reader.read(65536):
+                if self._armed_request and b"EVAL" in data.upper():
+                    self._armed_request = False
+                    self.dropped += 1
+                    writer.transport.abort()
+                    up_writer.transport.abort()
+                    return
                 if self._armed and b"EVAL" in data.upper():
                     self._armed = False
                     cut.set()

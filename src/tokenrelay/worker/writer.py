@@ -121,8 +121,10 @@ class Outbox:
         self.check()
 
     def rewind(self, last_id: str) -> None:
-        """The stream ends at `last_id`: write again what this outbox wrote after it."""
-        if self._failure is not None:
+        """The stream ends at `last_id`: write again what this outbox wrote after it (also
+        after a failed write: its entries are numbered, and the terminal entry must follow
+        them)."""
+        if self.lost or isinstance(self._failure, Fenced):
             return
         tail = list(self._tail)
         at = next((i for i, put in enumerate(tail) if put.after == last_id), None)
@@ -138,6 +140,7 @@ class Outbox:
             len(tail) - at,
         )
         self._again = tail[at:]
+        self._failure = None  # what failed is being written again
         self._idle.clear()
         self._writer._ready(self)
 
