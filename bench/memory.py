@@ -7,12 +7,16 @@ import secrets
 import time
 from typing import Any
 
+import aiohttp
+
 from bench.spec import question_for
 from bench.stack import Stack
 
 # Paced, so that each token is its own entry (the largest stream): a worker coalesces
 # chunks into one entry only while a write is still on its way.
 RATE = 100.0
+# An answer that has not ended by then never will: the benchmark stops, saying so.
+ASK_TIMEOUT_S = 120.0
 
 
 async def measure_memory(
@@ -27,10 +31,15 @@ async def measure_memory(
     async def ask() -> str:
         body = {"question": question_for(secrets.token_hex(8), tokens, rate), "stream": False}
         assert stack.http is not None
-        async with stack.http.post(
-            f"{stack.gateway_url}/api/questions", json=body, timeout=None
-        ) as resp:
-            reply: Any = await resp.json()
+        try:
+            async with stack.http.post(
+                f"{stack.gateway_url}/api/questions",
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT_S),
+            ) as resp:
+                reply: Any = await resp.json()
+        except TimeoutError as e:
+            raise RuntimeError(f"memory check: no whole answer within {ASK_TIMEOUT_S:g} s") from e
         if reply.get("status") != "done":
             raise RuntimeError(f"memory check: the answer did not finish: {reply}")
         return str(reply["id"])

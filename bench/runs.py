@@ -32,9 +32,11 @@ OWN_ROLES = ("gateway", "worker", "valkey", "serve")
 
 
 def run_timeout_s(cell: Cell, ramp_s: float) -> float:
-    """Generous: an answer's own length, plus time to drain what a slow system queues."""
+    """Generous: an answer's own length, plus time to drain what a slow system queues,
+    plus 20 ms per answer to ask and attach (1,000 asks took 13-20 s to their first chunks
+    on the shared 2-core machine)."""
     own_s = cell.tokens / cell.rate if cell.rate else 0.0
-    return min(240.0, ramp_s + own_s + 20.0 + cell.deliveries / 5000)
+    return min(240.0, ramp_s + own_s + 20.0 + cell.deliveries / 5000 + cell.answers / 50)
 
 
 def client_processes(cell: Cell, most: int) -> int:

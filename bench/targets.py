@@ -80,8 +80,9 @@ def _p(figures: dict[str, Any], key: str) -> float:
     return float(figures.get(key, float("inf")))
 
 
-# A measure: (the transport's run, the same cell's direct run) -> (within target, shown as)
-Measure = Callable[[Run, Run | None], tuple[bool, str]]
+# A measure: (the transport's run, the same cell's direct run) -> (within target, shown as);
+# None when the run's results have no such figure (saved by an older benchmark).
+Measure = Callable[[Run, Run | None], tuple[bool | None, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +109,10 @@ def _one_answer(run: Run, direct: Run | None) -> tuple[bool, str]:
 
 
 def _cpu(key: str, most_us: float) -> Measure:
-    def measure(run: Run, direct: Run | None) -> tuple[bool, str]:
-        value = run["cpu_us_per_chunk"].get(key)
+    def measure(run: Run, direct: Run | None) -> tuple[bool | None, str]:
+        if key not in run["cpu_us_per_chunk"]:
+            return None, f"no {key} in these results"
+        value = run["cpu_us_per_chunk"][key]
         if value is None:
             return False, "not measured"
         return value <= most_us, f"{value:.0f} us"
@@ -220,13 +223,16 @@ def judge(target: Target, runs: list[Run], layout: str) -> Verdict:
             missing.append(mode if run is None else "direct")
             continue
         ok, text = target.measure(run, direct)
+        if ok is None:
+            missing.append(f"{mode} ({text})")
+            continue
         if not run["complete"]:
             ok, text = False, f"{text}, NOT every chunk delivered"
         parts.append(f"{mode} {text}")
         oks.append(ok)
     note = ""
     if missing:
-        note = f"not run here: cell {target.need.spec} over {', '.join(sorted(set(missing)))}"
+        note = f"not run here: cell {target.need.spec}, {', '.join(sorted(set(missing)))}"
     if oks and not all(oks):
         status = "FAIL"
     elif oks and not missing:
