@@ -83,6 +83,9 @@ async def test_ask_writes_record_history_and_request(store: Store) -> None:
     assert [fields for _, fields in raw] == [
         QuestionRequest(record.id, "Redis", "What is XADD?", "m1").fields()
     ]
+    # Written with the request, in the same script: its id and the unfinished record's TTL.
+    assert record.request_id == raw[0][0]
+    assert await store.redis.ttl(store.keys.question(record.id)) > store.limits.retention_s
     assert await store.owner(record.id) == ""
     assert RecordField.OWNER not in await store.redis.hgetall(store.keys.question(record.id))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from redis.exceptions import OutOfMemoryError, ResponseError
@@ -27,10 +28,20 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
-# XADD the request (ARGV[2..]: field, value, ...) unless the stream holds ARGV[1] entries.
+# Queue a question in one step: unless its shard holds ARGV[1] requests, XADD the request
+# and write the record with the request's id (a worker that takes the request always finds
+# the record; a refused ask leaves nothing). The request shard and the record share a slot
+# (in cluster mode a question's keys carry its shard's tag).
+# KEYS: request shard, record. ARGV: max in the shard, the record's TTL (0: none), the
+# request id's prefix ("shard/" or ""), n, then n record field/value pairs, then the
+# request's field/value pairs. Returns the request's entry id, or false when full.
 _ENQUEUE = """
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
-return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+local n = tonumber(ARGV[4])
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 5 + 2 * n))
+redis.call('HSET', KEYS[2], 'request_id', ARGV[3] .. id, unpack(ARGV, 5, 4 + 2 * n))
+if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+return id
 """
 
 
@@ -74,24 +85,21 @@ class Questions(StoreBase):
         if context.history:  # kept for replay: what the model was given before the question
             turns = [{"role": t.role, "content": t.content} for t in context.history]
             record[RecordField.CONVERSATION] = dumps(turns)
+        request = QuestionRequest(
+            question_id, topic, question, model, context.history, context.options
+        )
         try:
-            # The record first: a worker that takes the request always finds it.
-            await self._write_record(question_id, created, record)
-            request = QuestionRequest(
-                question_id, topic, question, model, context.history, context.options
-            )
-            request_id = await self._enqueue(request)
+            record[RecordField.REQUEST_ID] = await self._enqueue(request, created, record)
         except ResponseError as e:
             await self._withdraw(question_id, caller)
             # redis-py raises OutOfMemoryError for an OOM reply; inside a pipeline the message
-            # names the command first ("Command # 1 (HSET ...) of pipeline caused error: OOM").
+            # names the command first ("Command # 1 (EVALSHA ...) of pipeline caused error: OOM").
             if isinstance(e, OutOfMemoryError) or "OOM" in str(e):
                 raise StoreError("Redis is out of memory (maxmemory); try again later") from e
             raise
         except Overloaded:
             await self._withdraw(question_id, caller)
             raise
-        record[RecordField.REQUEST_ID] = request_id
         return QuestionRecord.from_hash(question_id, record)
 
     async def _reserve_for(self, caller: str, question_id: str, created: int) -> None:
@@ -113,40 +121,42 @@ class Questions(StoreBase):
                 FULL_RETRY_AFTER_S,
             )
 
-    async def _write_record(self, question_id: str, created: int, record: dict[str, str]) -> None:
-        record_key = self.keys.question(question_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(record_key, mapping=record)  # type: ignore[arg-type]
-            if self.limits.retention_s > 0:
-                # Every record expires, whatever its status; an unfinished one a day after the
-                # retention at the earliest (a long queue or answer must not lose it), the
-                # finished one `retention_s` after its end (Store.finish).
-                pipe.expire(record_key, self.limits.retention_s + UNFINISHED_GRACE_S)
-            pipe.zadd(self.keys.history, {question_id: created})
-            pipe.zremrangebyrank(self.keys.history, 0, -(self.limits.history_max + 1))
-            await pipe.execute()
+    async def _enqueue(self, request: QuestionRequest, created: int, record: dict[str, str]) -> str:
+        """Queue the request and write its record (one script, see _ENQUEUE) unless its shard
+        is full, and index the question in the history, in one round trip; the request's id.
 
-    async def _enqueue(self, request: QuestionRequest) -> str:
-        """Append the request to its shard unless that is full (checked and added atomically;
-        the stream is never trimmed: a request leaves it when its answer ends). Each of the
-        n shards holds at most 1/n of TOKENRELAY_MAX_QUEUED (rounded up): the check stays
-        one script on one key, and ids spread questions evenly over the shards."""
+        The request stream is never trimmed: a request leaves it when its answer ends. Each
+        of the n shards holds at most 1/n of TOKENRELAY_MAX_QUEUED (rounded up): the check
+        stays one script on one slot, and ids spread questions evenly over the shards."""
         shards = self.keys.shards
         shard = self.keys.shard_of(request.id)
-        args: list[int | str] = [-(-self.limits.max_queued // shards)]
-        for name, value in request.fields().items():
-            args += [name, value]
-        stream = self.keys.request_shard(shard)
-        entry_id = await self._enqueue_script(keys=[stream], args=args)
+        # Every record expires, whatever its status; an unfinished one a day after the
+        # retention at the earliest (a long queue or answer must not lose it), the finished
+        # one `retention_s` after its end (Store.finish).
+        ttl = self.limits.retention_s + UNFINISHED_GRACE_S if self.limits.retention_s > 0 else 0
+        args: list[int | str] = [
+            -(-self.limits.max_queued // shards),
+            ttl,
+            make_request_id(shard, "", shards),
+            len(record),
+            *itertools.chain.from_iterable(record.items()),
+            *itertools.chain.from_iterable(request.fields().items()),
+        ]
+        keys = [self.keys.request_shard(shard), self.keys.question(request.id)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._enqueue_script(keys=keys, args=args, client=pipe)
+            # After the record (one connection keeps the order on one node): a history read
+            # that finds an id without its record takes it for expired and drops it.
+            pipe.zadd(self.keys.history, {request.id: created})
+            pipe.zremrangebyrank(self.keys.history, 0, -(self.limits.history_max + 1))
+            entry_id, *_ = await pipe.execute()
         if not entry_id:
             raise Overloaded(
                 f"tokenrelay is full: {self.limits.max_queued} questions are queued or being "
                 f"answered; try again in {FULL_RETRY_AFTER_S:g} s",
                 FULL_RETRY_AFTER_S,
             )
-        request_id = make_request_id(shard, str(entry_id), shards)
-        await self.redis.hset(self.keys.question(request.id), RecordField.REQUEST_ID, request_id)
-        return request_id
+        return make_request_id(shard, str(entry_id), shards)
 
     async def _withdraw(self, question_id: str, caller: str) -> None:
         """Undo a refused ask: no record, no history entry, no place held."""
