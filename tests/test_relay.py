@@ -11,10 +11,11 @@ from typing import Any, TypeVar
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 
 from tests.support.sockets import wait_for
 from tokenrelay.connection import dedicated_client, pooled_client
-from tokenrelay.relay import BUFFER_BYTES, Relay, Subscription
+from tokenrelay.relay import BUFFER_BYTES, Relay, Subscription, _ReadSet
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import Store
@@ -226,6 +227,29 @@ async def test_history_comes_in_pages_cut_at_the_terminal_entry(
     assert [e.entry_id for batch in got for e in batch] == ids
     assert len(got) > 1 and all(got)  # bounded pages, none empty
     assert got[-1][-1].type is EntryType.END
+
+
+def test_the_packed_read_is_what_redis_py_would_send() -> None:
+    """The hand-packed XREAD, after keys join, move on, leave and come back: byte for byte
+    redis-py's own packing of the same command (keys and cursors in the same order)."""
+    read = _ReadSet()
+    for i in range(5):
+        read.set(f"tokenrelay:answer:{{q{i}}}", f"17000000000{i}-0")
+    read.set("tokenrelay:answer:{q1}", "17000000009-3")  # a cursor moves on
+    read.remove("tokenrelay:answer:{q2}")  # a key leaves
+    read.set("tokenrelay:answer:{q2}", "0-0")  # and comes back, last
+    read.remove("tokenrelay:answer:{q4}")
+    keys = list(read.cursors)
+    assert keys == [f"tokenrelay:answer:{{q{i}}}" for i in (0, 1, 3, 2)]
+    args: list[str | int] = ["XREAD", "COUNT", 512, "BLOCK", 5000, "STREAMS"]
+    args += [*keys, *read.cursors.values()]
+    expected = b"".join(Connection().pack_command(*args))
+    assert read.command(512, 5000) == expected
+    one = _ReadSet()
+    one.set("k", "0-0")
+    assert one.command(1, 0) == b"".join(
+        Connection().pack_command("XREAD", "COUNT", 1, "BLOCK", 0, "STREAMS", "k", "0-0")
+    )
 
 
 # -- the hand-over from history to live entries --------------------------------------------

@@ -28,13 +28,18 @@ SEP = b"\r\n"
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
+def _one_line(text: str) -> bytes:
+    raw = text.encode()
+    return _LINE_BREAK.sub(b"", raw) if b"\n" in raw or b"\r" in raw else raw
+
+
 def event(data: bytes, *, kind: str | None = None, event_id: str | None = None) -> bytes:
     """One event: `id:`, `event:`, then a `data:` line per line of `data`."""
     head = b""
     if event_id is not None:
-        head += b"id: " + _LINE_BREAK.sub(b"", event_id.encode()) + SEP
+        head += b"id: " + _one_line(event_id) + SEP
     if kind is not None:
-        head += b"event: " + _LINE_BREAK.sub(b"", kind.encode()) + SEP
+        head += b"event: " + _one_line(kind) + SEP
     if b"\n" in data or b"\r" in data:  # JSON from orjson never has one
         return head + b"".join(b"data: " + line + SEP for line in _LINE_BREAK.split(data)) + SEP
     return head + b"data: " + data + SEP + SEP
