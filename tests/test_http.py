@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.conftest import running_gateway
-from tests.support.sse import events
+from tests.support.sse import Parser, events
 from tokenrelay.providers.scripted import split_tokens
 from tokenrelay.settings import Settings
 
@@ -186,3 +186,30 @@ async def test_cors_lets_allowed_origins_use_the_front_door_headers(
         assert r.headers["access-control-expose-headers"] == "X-TokenRelay-Id"
         r = await client.get("/healthz", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in r.headers
+
+
+async def test_a_viewer_gets_the_entries_it_has_ready_in_one_write(gateway: str) -> None:
+    """A finished answer replayed over SSE: its stored entries come a page at a time, each
+    page in one HTTP chunk (one send, one socket write), every entry still its own event."""
+    async with httpx.AsyncClient(base_url=gateway) as client:
+        r = await client.post("/api/questions", json={"question": "Pages?", "stream": False})
+        assert r.status_code == 200
+        qid, chunks_stat = r.json()["id"], r.json()["question"]["chunks"]
+    host, _, port = gateway.removeprefix("http://").partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        path = f"/api/questions/{qid}/events"
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert b"transfer-encoding: chunked" in head.lower()
+        pieces: list[bytes] = []
+        async with asyncio.timeout(10):
+            while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+                pieces.append((await reader.readexactly(size + 2))[:-2])
+    finally:
+        writer.close()
+    seen = Parser().feed(b"".join(pieces))
+    assert seen[0].event == "start" and seen[-1].event == "end"
+    assert len(seen) >= 5 and chunks_stat >= len(seen) - 2
+    assert len(Parser().feed(pieces[0])) > 1, "the first page in one write"
+    assert len(pieces) < len(seen), "entries ready together share a write"
