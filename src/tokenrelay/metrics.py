@@ -148,10 +148,6 @@ def answer_ended(entry: Entry, ttft_ms: int) -> None:
         MODEL_ERRORS.labels(str(entry.meta.get("kind") or "internal")).inc()
 
 
-def relayed(entry: Entry) -> None:
-    RELAYED.labels(entry.type.value).inc()
-
-
 class GapTimer:
     """Times the gaps between one answer's chunks."""
 
