@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
+from tests.support.failover import lose_last_entries
 from tests.support.sockets import wait_for
 from tokenrelay.connection import dedicated_client, pooled_client
 from tokenrelay.relay import BUFFER_BYTES, Relay, Subscription, _ReadSet
@@ -304,6 +305,39 @@ async def test_attaches_racing_a_producer_have_no_gap_and_no_duplicate(
     for cursor, got in results:
         expected = ids if cursor == "0-0" else ids[ids.index(cursor) + 1 :]
         assert ids_of(got) == expected, f"attached after {cursor}"
+
+
+async def test_a_viewer_attaching_while_a_failover_s_lost_entries_are_rewritten_gets_them(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """The shared read saw entries that a promoted replica never got; a viewer attaching then
+    reads the stream short of the shared read's cursor. The worker writes them again with
+    their own ids before anything after them (#14): the viewer gets them, once, in order.
+    (Failed before: it went live after the cursor and never saw them.)"""
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        qid = "failover"
+        stream, record = store.keys.answer(qid), store.keys.question(qid)
+        written = [await store.append(qid, Entry(EntryType.START))]
+        written += [await store.append(qid, Entry(EntryType.CHUNK, f"{i} ")) for i in range(6)]
+        resident = h.spawn(collect(relay, qid))  # the shared read is at the last entry
+        await wait_for(lambda: relay.watched == 1)
+        raw: Any = await redis.xrange(stream)
+        fields = dict(raw)
+        dropped = await lose_last_entries(redis, stream, record, 2)
+        assert dropped == written[-2:]
+        late = h.spawn(collect(relay, qid))
+        await wait_for(lambda: relay.viewers == 2)
+        await asyncio.sleep(0.2)  # its history read has ended short of the cursor
+        for entry_id in dropped:  # the worker writes them again, with their ids
+            await redis.xadd(stream, fields[entry_id], id=entry_id)
+        more = await store.append(qid, Entry(EntryType.CHUNK, "after "))
+        end = await store.append(qid, Entry(EntryType.END))
+        async with asyncio.timeout(TIMEOUT_S):
+            got = await late
+            everything = await resident
+    assert ids_of(everything) == [*written, more, end]
+    assert ids_of(got) == [*written, more, end]
 
 
 async def test_replay_of_a_finished_answer(

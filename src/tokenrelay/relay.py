@@ -461,13 +461,29 @@ class Relay:
                     yield batch
                     if batch[-1].terminal:
                         return
-                async for batch in self._live(sub, last):  # until the viewer overflows
-                    last = batch[-1].entry_id
-                    yield batch
-                    if batch[-1].terminal:
-                        return
+                async for live in self._live(sub, last):  # until the viewer overflows
+                    for batch in await self._short_of(question_id, last, cursor, size, live):
+                        last = batch[-1].entry_id
+                        yield batch
+                        if batch[-1].terminal:
+                            return
             finally:
                 self._unsubscribe(sub)
+
+    async def _short_of(
+        self, question_id: str, last: str, cursor: str, size: _PageSize, live: list[Entry]
+    ) -> list[list[Entry]]:
+        """The batches to give for `live`: when the stream ended short of the shared read's
+        `cursor` at the hand-over (a failover lost entries the shared read had seen, and
+        their worker writes them again with their ids), the entries up to the cursor first:
+        they are written again before anything after them."""
+        if not entry_id_after(cursor, last):
+            return [live]
+        batches = [batch async for batch in self._history(question_id, last, size, until=cursor)]
+        if batches:
+            last = batches[-1][-1].entry_id
+        rest = [e for e in live if entry_id_after(e.entry_id, last)]
+        return [*batches, rest] if rest else batches
 
     async def _history(
         self, question_id: str, after: str, size: _PageSize, until: str | None = None
