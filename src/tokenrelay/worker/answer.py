@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -102,6 +105,9 @@ class Answer:
         self._partial = ""  # what a stopped worker wrote: the model is asked to continue it
         self._pieces = 0  # text pieces the model gave this delivery
         self._box: Outbox | None = None  # the answer's entries on their way to its stream
+        # The start entry's write, on its way while the model is asked: awaited before the
+        # first entry of the answer is queued and before its end.
+        self._starting: asyncio.Task[str] | None = None
         self._ahead = -1
         self._gap = metrics.GapTimer()
 
@@ -113,6 +119,18 @@ class Answer:
             # terminal entry, no ack: they are the new writer's to make.
             log.warning("question %s: another worker took over; this one stops", self.request.id)
             return Status.STREAMING
+        finally:
+            starting, self._starting = self._starting, None
+            if starting is not None and not starting.done():
+                starting.cancel()  # stopped before the model said anything
+            elif starting is not None and not starting.cancelled():
+                starting.exception()  # what it raised went nowhere: the answer was stopping
+
+    async def _started(self) -> None:
+        """Wait for the start entry's write (raising what it ran into)."""
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            await starting
 
     async def _run(self, gen: Generator, *, resumed: bool) -> Status:
         done = await self._prepare(gen, resumed=resumed)
@@ -192,7 +210,11 @@ class Answer:
             return await self._end(Entry(EntryType.CANCELLED))
         prior = await self.store.read_all(self.request.id) if resumed else []
         if not any(e.type is EntryType.START for e in prior):
-            await self._write_start(provider, record)
+            # Written while the model is asked (its first piece waits for it): the start
+            # entry's round trips are not part of the time to first chunk.
+            self._starting = asyncio.create_task(
+                self._write_start(provider, record), name=f"start-{self.request.id}"
+            )
         written = answer_text(prior)
         if getattr(provider, "continues", True):
             self._partial = written
@@ -201,7 +223,8 @@ class Answer:
         self.chunks = sum(1 for e in prior if e.type is EntryType.CHUNK)
         return None
 
-    async def _write_start(self, provider: Provider, record: QuestionRecord) -> None:
+    def _write_start(self, provider: Provider, record: QuestionRecord) -> Coroutine[Any, Any, str]:
+        """The start entry's write; numbered now, before any entry after it."""
         request = self.request
         start = Entry(
             EntryType.START,
@@ -221,7 +244,7 @@ class Answer:
         }
         assert self._box is not None
         put = self._box.number(start)
-        await self.store.start(
+        return self.store.start(
             request, start, fields, self.epoch, entry_id=put.entry_id, after=put.after
         )
 
@@ -245,6 +268,7 @@ class Answer:
         finish = Finish()
         try:
             async for item in items:
+                await self._started()
                 if box.cancel_requested:
                     raise _Cancelled
                 if isinstance(item, Finish):
@@ -302,6 +326,7 @@ class Answer:
     ) -> Status:
         """Write the one terminal entry, close the record, acknowledge the request."""
         assert self.record is not None
+        await self._started()
         for _ in range(_FINISH_TRIES):
             entry, error = await self._flush(entry, error)
             created = self.record.created_ms
