@@ -1,9 +1,12 @@
-"""Retention, bounded concurrency and heartbeats: nothing grows, nothing is answered twice."""
+"""Retention, bounded concurrency and heartbeats: nothing grows, nothing is answered twice;
+a stop never hangs on one part."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 
 import httpx
 import pytest
@@ -12,6 +15,7 @@ from redis.asyncio import Redis
 from tests.conftest import running_gateway
 from tests.support.sse import events
 from tokenrelay.keys import Keys
+from tokenrelay.services import close_on_exit
 from tokenrelay.settings import Settings
 
 WORDS = " ".join(f"h{n}" for n in range(30))
@@ -118,3 +122,23 @@ async def test_blocking_reads_longer_than_the_socket_timeout(
         r = await client.post("/api/questions", json={"question": "still awake?", "stream": False})
     assert r.json()["status"] == "done"
     assert not [rec for rec in caplog.records if rec.levelname in ("WARNING", "ERROR")]
+
+
+async def test_a_close_that_hangs_does_not_hang_the_stop(caplog: pytest.LogCaptureFixture) -> None:
+    """Each resource's close has a deadline (services.close_on_exit): one that never returns
+    is logged and left, and the others are still closed."""
+    closed: list[str] = []
+
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    async def closes() -> None:
+        closed.append("other")
+
+    started = time.monotonic()
+    async with AsyncExitStack() as stack:
+        close_on_exit(stack, "the other part", closes)
+        close_on_exit(stack, "the stuck part", hangs, timeout_s=0.2)
+    assert time.monotonic() - started < 5
+    assert closed == ["other"]
+    assert "closing the stuck part took over 0.2 s" in caplog.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -29,6 +29,29 @@ from tokenrelay.store import Limits, Store
 from tokenrelay.worker import Worker
 
 log = logging.getLogger(__name__)
+
+# How long closing one resource may take before the stop goes on without it (a worker's
+# stop: its grace period plus this), so that a stop never hangs on one part.
+CLOSE_TIMEOUT_S = 10.0
+
+
+def close_on_exit(
+    stack: AsyncExitStack,
+    what: str,
+    close: Callable[[], Awaitable[object]],
+    timeout_s: float = CLOSE_TIMEOUT_S,
+) -> None:
+    """Have `stack` await `close()` on exit, for at most `timeout_s`: past it the stop logs
+    what it left behind and goes on with the rest."""
+
+    async def bounded() -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await close()
+        except TimeoutError:
+            log.error("closing %s took over %g s; stopping without waiting for it", what, timeout_s)
+
+    stack.push_async_callback(bounded)
 
 
 @dataclass
@@ -127,7 +150,7 @@ async def open_services(
         redis = redis_client(
             settings, url, size=settings.redis_pool_size, name=f"tokenrelay-{role}"
         )
-        stack.push_async_callback(redis.aclose, close_connection_pool=True)
+        close_on_exit(stack, "the Redis pool", lambda: redis.aclose(close_connection_pool=True))
         await warm(redis, settings.redis_pool_size)
         store = make_store(settings, redis)
         await store.ensure_group()
@@ -138,20 +161,21 @@ async def open_services(
                 reader = dedicated_client(
                     url, name="tokenrelay-gateway-read", block_ms=settings.block_ms
                 )
-                stack.push_async_callback(reader.aclose)
+                close_on_exit(stack, "the relay's reading connection", reader.aclose)
             relay = Relay(
                 store, reader, block_ms=settings.block_ms, buffer_limit=settings.viewer_buffer
             )
             relay.start()
-            stack.push_async_callback(relay.stop)
+            close_on_exit(stack, "the relay", relay.stop)
             services.relay = relay
         if provider is not None:
-            stack.push_async_callback(provider.aclose)
+            close_on_exit(stack, "the model client", provider.aclose)
             for _ in range(workers):
                 worker = make_worker(
                     settings, store, provider, url, name=worker_name, on_wedged=on_wedged
                 )
                 await worker.start()
-                stack.push_async_callback(worker.stop)
+                grace_s = settings.grace_period_s + CLOSE_TIMEOUT_S
+                close_on_exit(stack, f"worker {worker.name}", worker.stop, grace_s)
                 services.workers.append(worker)
         yield services
