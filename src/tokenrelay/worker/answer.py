@@ -268,7 +268,8 @@ class Answer:
         finish = Finish()
         try:
             async for item in items:
-                await self._started()
+                if self._starting is not None:  # once per answer, not a coroutine per chunk
+                    await self._started()
                 if box.cancel_requested:
                     raise _Cancelled
                 if isinstance(item, Finish):
