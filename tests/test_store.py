@@ -17,6 +17,7 @@ from tokenrelay.keys import WORKER_GROUP, Keys, is_question_id
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import XRANGE_PAGE, Put, Store, answer_text, exclusive, next_entry_id
+from tokenrelay.store.answers import WRITES_PER_CALL
 from tokenrelay.wire import Entry, EntryType, QuestionRequest, RecordField, Status
 
 StoreFactory = Callable[..., Store]
@@ -435,6 +436,38 @@ async def test_a_numbered_write_sent_again_is_applied_once(store: Store) -> None
     assert [e.type for e in await store.read_all(asked.id)].count(EntryType.END) == 1
     # A new delivery's writes start after what the stream holds.
     assert (await store.begin_answer(asked.id))[1] == end_id
+
+
+async def test_a_batch_of_many_answers_writes_each_in_order(store: Store, redis: Redis) -> None:
+    """A worker's batch mixes answers and runs past one script call's share: every write
+    lands in its own stream, in order, each answered in its place, the fenced one too; on
+    its own connection (a lane) or the pool's, and after Redis lost its scripts."""
+    asked = [await store.ask("t", f"q{n}") for n in range(3)]
+    starts = [await store.begin_answer(a.id) for a in asked]
+    per = WRITES_PER_CALL  # 3 answers x per writes: three calls or more
+    chains = [
+        numbered(a.id, epoch, after, [f"{a.id[:4]}{n} " for n in range(per)], 1_000)
+        for a, (epoch, after) in zip(asked, starts, strict=True)
+    ]
+    mixed = [put for row in zip(*chains, strict=True) for put in row]
+    stale = Put(asked[0].id, Entry(EntryType.CHUNK, "old"), starts[0][0] - 1)
+    lane = store.lane()
+    assert lane is not None
+    try:
+        half = len(mixed) // 2
+        first = await store.write_batch([*mixed[:half], stale], lane)
+        await redis.script_flush()
+        second = await store.write_batch(mixed[half:])
+    finally:
+        await lane.aclose()
+    assert first[-1].entry_id is None and first[-1].behind is None  # fenced
+    applied = first[:-1] + second
+    assert [a.entry_id for a in applied] == [p.entry_id for p in mixed]
+    for a, chain in zip(asked, chains, strict=True):
+        entries = await store.read_all(a.id)
+        assert [(e.entry_id, e.text) for e in entries] == [
+            (p.entry_id, p.entry.text) for p in chain
+        ]
 
 
 async def test_a_stream_that_lost_acknowledged_writes_says_where_it_ends(

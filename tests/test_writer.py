@@ -95,9 +95,9 @@ async def test_batches_are_bounded(store: Store, writer: ChunkWriter) -> None:
 
 
 async def test_cancel_flag_is_reported_only_when_asked(store: Store, writer: ChunkWriter) -> None:
-    """Each write is one script call that checks the answer's epoch and reads its cancel flag
-    in the same round trip (so reading it costs no extra command); the flag is reported only
-    to writes that asked for it."""
+    """A batch's writes share a script call that checks each one's epoch and reads its
+    answer's cancel flag in the same round trip (so reading it costs no extra command); the
+    flag is reported only to writes that asked for it."""
     asked = await store.ask("t", "q")
     await store.request_cancel(asked.id)
 
@@ -110,7 +110,8 @@ async def test_cancel_flag_is_reported_only_when_asked(store: Store, writer: Chu
     )
     after = await round_trips(store.redis)
     scripts = (after["evalsha"] + after["eval"]) - (before["evalsha"] + before["eval"])
-    assert scripts == 50, "one script call per write"
+    # 50 writes queued at once: one batch, one call (a second if the writer woke between).
+    assert 1 <= scripts <= 2, f"{scripts} script calls for one batch of 50 writes"
     assert not any(a.cancel_requested for a in unchecked)
 
     checked = await asyncio.gather(

@@ -12,6 +12,8 @@ job), made to fit what the store expects of a client:
 - scripts in pipelines (single node): redis-py's pipeline asks SCRIPT EXISTS before every
   pipeline that holds a script, a round trip per chunk batch; ours loads each script once
   per process and, when Redis lost them (a restart), loads them again and runs once more;
+- packed writes (single node): the worker's chunk writes are packed by hand and sent on a
+  `Lane`, a connection of their own: no pool to take it from, no per-argument packing;
 - scripts in pipelines (cluster): its pipelines have no script cache handling (an EVALSHA that
   meets a node without the script fails), so a script queued in a pipeline is sent as
   EVAL, which the server caches by digest.
@@ -29,10 +31,17 @@ from typing import Any, cast
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import ClusterDownError, NoScriptError, RedisError, SlotNotCoveredError
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -101,6 +110,89 @@ class _Client(Redis):
         return _ScriptPipeline(
             self.connection_pool, self.response_callbacks, transaction, shard_hint
         )
+
+
+def bulk(value: str) -> bytes:
+    """`value` as a RESP bulk string, for commands packed by hand."""
+    data = value.encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+async def exchange(conn: AbstractConnection, payload: bytes, replies: int) -> list[Any]:
+    """Send `payload` (commands packed by hand) on `conn` and read its `replies`, in order;
+    an error reply comes back as its exception, in its place. A connection that fails part
+    way is closed: a half-read reply must not be taken for the next command's."""
+    try:
+        await conn.send_packed_command(payload, check_health=False)
+        out: list[Any] = []
+        for _ in range(replies):
+            try:
+                out.append(await conn.read_response())
+            except ResponseError as e:  # the reply was read whole: the connection is in step
+                out.append(e)
+        return out
+    except BaseException:
+        await conn.disconnect()
+        raise
+
+
+async def call_packed(
+    client: Redis, payload: bytes, replies: int, lane: Lane | None = None
+) -> list[Any]:
+    """`exchange` on `lane`, else on a connection of `client`'s pool; sent again as
+    `client`'s own commands are (its Retry) when the connection fails, so what is sent this
+    way must be safe to run twice (the store's numbered writes are)."""
+
+    async def send() -> list[Any]:
+        if lane is not None:
+            return await lane.exchange(payload, replies)
+        pool = client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            return await exchange(conn, payload, replies)
+        finally:
+            await pool.release(conn)
+
+    retry = client.get_retry()
+    if retry is None:
+        return await send()
+    return await retry.call_with_retry(send, _closed_already)
+
+
+async def _closed_already(error: Exception) -> None:
+    """`exchange` closed the failed connection: the next try opens a new one."""
+
+
+LANE_TIMEOUT_S = 5.0  # as redis-py's default socket timeout
+
+
+class Lane:
+    """A connection of its own for one sender of packed commands (a worker's chunk writer),
+    with its client's settings: taking a pool connection and giving it back cost the writer
+    more than packing its batch (redis-py's pool records and dispatches events on both),
+    and a pool connection's socket timeout wraps every send in a task of its own. Here one
+    deadline covers a whole exchange. Opened on first use and again after a failure; one
+    exchange at a time. Named as its client, with `suffix`."""
+
+    def __init__(self, client: Redis, suffix: str) -> None:
+        pool = client.connection_pool
+        name = f"{pool.connection_kwargs.get('client_name') or 'tokenrelay'}{suffix}"
+        kwargs = {**pool.connection_kwargs, "client_name": name, "socket_timeout": None}
+        self._conn: AbstractConnection = pool.connection_class(**kwargs)
+        self._lock = asyncio.Lock()
+
+    async def exchange(self, payload: bytes, replies: int) -> list[Any]:
+        async with self._lock:
+            try:
+                async with asyncio.timeout(LANE_TIMEOUT_S):
+                    return await exchange(self._conn, payload, replies)
+            except TimeoutError:
+                raise RedisTimeoutError(
+                    f"Redis did not answer a write within {LANE_TIMEOUT_S:.0f} s"
+                ) from None
+
+    async def aclose(self) -> None:
+        await self._conn.disconnect()
 
 
 def dedicated_client(url: str, *, name: str, block_ms: int) -> Redis:

@@ -27,7 +27,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import RedisError, ResponseError, SlotNotCoveredError
 
 from tokenrelay import metrics
-from tokenrelay.connection import as_cluster, node_client
+from tokenrelay.connection import as_cluster, bulk, node_client
 from tokenrelay.store import XRANGE_PAGE, Store
 from tokenrelay.wire import Entry, EntryType, entry_id_after
 
@@ -67,11 +67,6 @@ class _PageSize:
             self.count = max(1, min(XRANGE_PAGE, int(PAGE_BYTES // per_entry)))
 
 
-def _bulk(text: str) -> bytes:
-    data = text.encode()
-    return b"$%d\r\n%s\r\n" % (len(data), data)
-
-
 class _ReadSet:
     """The answers the shared XREAD covers: each key's cursor, and the command packed.
 
@@ -95,9 +90,9 @@ class _ReadSet:
 
     def set(self, key: str, cursor: str) -> None:
         if key not in self._keys:
-            self._keys[key] = _bulk(key)
+            self._keys[key] = bulk(key)
             self._all_keys = b"".join(self._keys.values())
-        self._marks[key] = _bulk(cursor)
+        self._marks[key] = bulk(cursor)
         self.cursors[key] = cursor
 
     def remove(self, key: str) -> None:
@@ -109,8 +104,8 @@ class _ReadSet:
     def command(self, count: int, block_ms: int) -> bytes:
         head = b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%b$5\r\nBLOCK\r\n%b$7\r\nSTREAMS\r\n" % (
             6 + 2 * len(self._keys),
-            _bulk(str(count)),
-            _bulk(str(block_ms)),
+            bulk(str(count)),
+            bulk(str(block_ms)),
         )
         return b"".join((head, self._all_keys, b"".join(self._marks.values())))
 

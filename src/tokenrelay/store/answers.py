@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
+from tokenrelay.connection import Lane, bulk, call_packed, is_cluster
 from tokenrelay.errors import Fenced, Rewound
 from tokenrelay.store.base import StoreBase, now_ms
 from tokenrelay.store.group import RequestGroup
@@ -59,36 +63,66 @@ end
 """
 
 # A numbered write carries the id its worker chose and the id of the worker's previous
-# entry ("after"); the record's last_entry_id is the last one applied. Equal: the write
+# entry ("prev"); the record's last_entry_id is the last one applied. Equal: the write
 # follows on and is applied. The new id not past it: a write sent again, applied already.
 # Else the stream ends before the writer's previous entry: a failover lost acknowledged
 # writes, and the script says where the stream ends instead of writing.
 #
-# KEYS: answer stream, record. ARGV: epoch, maxlen, id ("" lets Redis choose; no checks),
-# after, then the entry's field/value pairs. Returns 0 when fenced, {id, cancel flag} when
-# written (now or before), {"", cancel flag, last id} when behind, and {"", cancel flag,
-# last id, "refused"} when the stream already holds a later id this writer does not know.
-_APPEND = (
+# One write: the entry's field/value pairs are ARGV[first..upto]; id "" lets Redis choose
+# (no checks). Returns 0 when fenced, {id, cancel flag} when written (now or before),
+# {"", cancel flag, last id} when behind, and {"", cancel flag, last id, "refused"} when
+# the stream already holds a later id this writer does not know.
+_APPEND_ONE = (
     _AFTER
     + """
-local rec = redis.call('HMGET', KEYS[2], 'epoch', 'cancel', 'last_entry_id')
-if (rec[1] or '0') ~= ARGV[1] then return 0 end
-local cancel = rec[2] or ''
-local id = ARGV[3]
-if id == '' then
-  return {redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 5)), cancel}
+local function append(stream, record, epoch, maxlen, id, prev, first, upto)
+  local rec = redis.call('HMGET', record, 'epoch', 'cancel', 'last_entry_id')
+  if (rec[1] or '0') ~= epoch then return 0 end
+  local cancel = rec[2] or ''
+  if id == '' then
+    return {redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, upto)),
+      cancel}
+  end
+  local last = rec[3] or ''
+  if last ~= prev then
+    if last ~= '' and not after(id, last) then return {id, cancel} end
+    return {'', cancel, last}
+  end
+  local added = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, id, unpack(ARGV, first, upto))
+  if type(added) ~= 'string' then return {'', cancel, last, 'refused'} end
+  redis.call('HSET', record, 'last_entry_id', id)
+  return {id, cancel}
 end
-local last = rec[3] or ''
-if last ~= ARGV[4] then
-  if last ~= '' and not after(id, last) then return {id, cancel} end
-  return {'', cancel, last}
-end
-local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, unpack(ARGV, 5))
-if type(added) ~= 'string' then return {'', cancel, last, 'refused'} end
-redis.call('HSET', KEYS[2], 'last_entry_id', id)
-return {id, cancel}
 """
 )
+
+# KEYS: answer stream, record. ARGV: epoch, maxlen, id, after, then the entry's
+# field/value pairs. Returns what `append` does. (A cluster's writes: one slot a call.)
+_APPEND = (
+    _APPEND_ONE + "return append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 5, #ARGV)"
+)
+
+# Many writes in one call (single node): one script run instead of one a write, and a
+# reader blocked on these streams is woken once, after all of them, not after the first.
+# KEYS: each write's answer stream and record. ARGV: maxlen, then for each write: epoch,
+# id, after, n, and its n field/value strings. Returns each write's reply, in order.
+_APPEND_MANY = (
+    _APPEND_ONE
+    + """
+local out, at = {}, 2
+for i = 1, #KEYS, 2 do
+  local upto = at + 3 + tonumber(ARGV[at + 3])
+  out[#out + 1] = append(KEYS[i], KEYS[i + 1], ARGV[at], ARGV[1], ARGV[at + 1], ARGV[at + 2],
+    at + 4, upto)
+  at = upto + 1
+end
+return out
+"""
+)
+_APPEND_MANY_SHA = hashlib.sha1(_APPEND_MANY.encode()).hexdigest()
+# Writes per script call: a call runs alone on the server, so a long batch is cut in parts.
+WRITES_PER_CALL = 100
+_MANY_SHA_BULK = bulk(_APPEND_MANY_SHA)
 
 # KEYS: answer stream, record. ARGV: epoch, maxlen, retention_s, id, after ("*": write after
 # whatever the stream holds), n, then n record field/value pairs, then the terminal entry's
@@ -261,8 +295,66 @@ class Answers(StoreBase):
         ]
         return [(a.entry_id, a.cancel) for a in await self.write_batch(puts)]
 
-    async def write_batch(self, puts: Sequence[Put]) -> list[Applied]:
-        """Every write in one pipeline, each one script call (epoch, order, cancel flag)."""
+    def lane(self) -> Lane | None:
+        """A connection of its own for a sender of many `write_batch` calls (a worker's
+        chunk writer; named as the pool's, plus "-write"), or None where writes go through
+        the client (a cluster)."""
+        return None if is_cluster(self.redis) else Lane(self.redis, "-write")
+
+    async def write_batch(self, puts: Sequence[Put], lane: Lane | None = None) -> list[Applied]:
+        """Every write in one round trip, each checked in Redis (epoch, order, cancel flag):
+        on a single node a script call a WRITES_PER_CALL writes, sent on `lane` (else on a
+        pool connection); in a cluster, a pipeline of one script call a write."""
+        if not puts:
+            return []
+        if is_cluster(self.redis):
+            results = await self._pipelined(puts)
+        else:
+            payload, calls = self._packed(puts)
+            replies = await call_packed(self.redis, payload, calls, lane)
+            if any(isinstance(reply, NoScriptError) for reply in replies):
+                # Redis lost its scripts (a restart, SCRIPT FLUSH): none of these calls ran.
+                await self.redis.script_load(_APPEND_MANY)
+                replies = await call_packed(self.redis, payload, calls, lane)
+            results = []
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+                results += reply
+        return [_applied(put, result) for put, result in zip(puts, results, strict=True)]
+
+    def _packed(self, puts: Sequence[Put]) -> tuple[bytes, int]:
+        """EVALSHA _APPEND_MANY for `puts`, WRITES_PER_CALL a call, packed by hand (redis-py
+        packs a command an argument at a time: a third of the worker's write cost)."""
+        commands: list[bytes] = []
+        maxlen = bulk(str(self.limits.answer_maxlen))
+        for at in range(0, len(puts), WRITES_PER_CALL):
+            part = puts[at : at + WRITES_PER_CALL]
+            keys: list[bytes] = []
+            args: list[bytes] = [maxlen]
+            for put in part:
+                fields = put.entry.fields()
+                keys += (
+                    bulk(self.keys.answer(put.question_id)),
+                    bulk(self.keys.question(put.question_id)),
+                )
+                args += (
+                    bulk(str(put.epoch)),
+                    bulk(put.entry_id),
+                    bulk(put.after),
+                    bulk(str(2 * len(fields))),
+                )
+                for name, value in fields.items():
+                    args += (bulk(name), bulk(value))
+            head = b"*%d\r\n$7\r\nEVALSHA\r\n%b%b" % (
+                3 + len(keys) + len(args),
+                _MANY_SHA_BULK,
+                bulk(str(len(keys))),
+            )
+            commands += (head, *keys, *args)
+        return b"".join(commands), -(-len(puts) // WRITES_PER_CALL)
+
+    async def _pipelined(self, puts: Sequence[Put]) -> list[Any]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for put in puts:
                 args: list[str | int] = [
@@ -274,8 +366,8 @@ class Answers(StoreBase):
                 ]
                 keys = [self.keys.answer(put.question_id), self.keys.question(put.question_id)]
                 await self._append(keys=keys, args=args, client=pipe)
-            results = await pipe.execute()
-        return [_applied(put, result) for put, result in zip(puts, results, strict=True)]
+            results: list[Any] = await pipe.execute()
+        return results
 
     async def finish(
         self,

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from tokenrelay.connection import Lane
 from tokenrelay.errors import Fenced, StoreError
 from tokenrelay.store import Applied, Put, Store
 from tokenrelay.wire import Entry, EntryType
@@ -190,11 +191,13 @@ class ChunkWriter:
         self._boxes: dict[Outbox, None] = {}  # outboxes with entries to send, in order
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._lane: Lane | None = None  # its own connection (single node), opened on use
         self.batches = 0
         self.written = 0
 
     def start(self) -> None:
         if self._task is None:
+            self._lane = self._store.lane()
             self._task = asyncio.create_task(self._run(), name="tokenrelay-chunk-writer")
 
     async def stop(self) -> None:
@@ -209,6 +212,9 @@ class ChunkWriter:
         for box in self._boxes:
             box._failed(StoreError("the worker is stopping"))
         self._boxes.clear()
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            await lane.aclose()
 
     def outbox(self, question_id: str, epoch: int, after: str = "") -> Outbox:
         """An outbox for one delivery of an answer whose stream ends at `after` (see
@@ -253,7 +259,7 @@ class ChunkWriter:
             writes += taken
             room -= len(taken)
         try:
-            results = await self._store.write_batch(writes)
+            results = await self._store.write_batch(writes, self._lane)
         except Exception as e:  # handed to each writer of the batch, which ends its answer
             for p in appends:
                 if not p.done.done():
