@@ -61,7 +61,7 @@ from tokenrelay.gateway.packets import UNREADABLE, TolerantPacket
 from tokenrelay.gateway.sockets import SOCKET_QUEUE_MAX, SocketGateway
 from tokenrelay.gateway.sse import server_stopping
 from tokenrelay.keys import Keys
-from tokenrelay.relay import _Reader, _ReadSet
+from tokenrelay.relay import BELL_COUNT, _bell_command, _Reader, _ReadSet
 from tokenrelay.services import Services
 from tokenrelay.settings import Settings
 from tokenrelay.wire import Entry, EntryType, dumps
@@ -165,6 +165,23 @@ async def test_the_hand_packed_xread_is_what_redis_py_would_send(redis_url: str,
             "XREAD", "COUNT", 1, "BLOCK", 0, "STREAMS", key, "1700000000000-12"
         )
         assert read.command(1, 0) == b"".join(expected)
+
+
+@pytest.mark.parametrize("key", ["plain", "ünïcode-é", "{q:tag}:answer"])
+async def test_the_hand_packed_due_and_doorbell_reads_are_what_redis_py_would_send(
+    redis_url: str, key: str
+) -> None:
+    async with single(redis_url) as client:
+        conn = await _connection(client)
+        read = _ReadSet()
+        for k, cursor in ((key, "3-4"), ("idle", "0-0"), ("other", "5-1")):
+            read.set(k, cursor)
+        expected = conn.pack_command("XREAD", "COUNT", 512, "STREAMS", "other", key, "5-1", "3-4")
+        assert read.command_for(["other", key], 512) == b"".join(expected)
+        expected = conn.pack_command(
+            "XREAD", "COUNT", BELL_COUNT, "BLOCK", 5000, "STREAMS", key, "1700000000000-0"
+        )
+        assert _bell_command(key, "1700000000000-0", 5000) == b"".join(expected)
 
 
 @pytest.mark.parametrize("parser", _parsers())

@@ -16,7 +16,7 @@ from redis.asyncio.connection import Connection
 from tests.support.failover import lose_last_entries
 from tests.support.sockets import wait_for
 from tokenrelay.connection import dedicated_client, pooled_client
-from tokenrelay.relay import BUFFER_BYTES, Relay, Subscription, _ReadSet
+from tokenrelay.relay import BUFFER_BYTES, SWEEP_S, Relay, Subscription, _ReadSet
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import Store
@@ -402,6 +402,58 @@ async def test_many_answers_over_one_reading_connection(
                     assert all(e.text.startswith(f"{qid}/") for e in got if e.text)
         assert relay.watched == 0 and relay.viewers == 0
         assert await reader_connections(redis, name) == 1
+
+
+async def test_a_write_reads_only_the_answers_it_rang_for(
+    make_settings: Callable[..., Settings], redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single node: the relay blocks on the doorbell and then reads the answers a write
+    named, not every answer it relays (a read over all of them cost Valkey O(answers) per
+    entry); the idle ones are read again only by the sweep, every SWEEP_S."""
+    keys_read: list[int] = []
+    command_for = _ReadSet.command_for
+
+    def counting(self: _ReadSet, keys: list[str], count: int) -> bytes:
+        keys_read.append(len(keys))
+        return command_for(self, keys, count)
+
+    monkeypatch.setattr(_ReadSet, "command_for", counting)
+    idle = [f"idle{n}" for n in range(60)]
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        for qid in idle:
+            h.spawn(collect(relay, qid))
+        busy = h.spawn(collect(relay, "busy"))
+        await wait_for(lambda: relay.watched == len(idle) + 1)
+        await asyncio.sleep(0.2)  # the joins' reads are over
+        keys_read.clear()
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(TIMEOUT_S):
+            ids = await produce(store, "busy", 100, every_s=0.002)
+            assert ids_of(await busy) == ids
+        took_s = asyncio.get_running_loop().time() - started
+    sweeps = int(took_s / SWEEP_S) + 1
+    assert sum(keys_read) <= len(ids) + sweeps * (len(idle) + 1), (sum(keys_read), keys_read)
+
+
+async def test_an_entry_written_without_a_ring_still_comes(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """An entry added without ringing the doorbell (an older worker, an XADD by hand) is
+    not lost: the sweep reads every relayed answer at least every SWEEP_S."""
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        viewer = h.spawn(collect(relay, "unrung"))
+        await wait_for(lambda: relay.watched == 1)
+        await asyncio.sleep(0.2)
+        key = store.keys.answer("unrung")
+        ids = [
+            str(await redis.xadd(key, Entry(kind, text).fields()))  # type: ignore[arg-type]
+            for kind, text in [(EntryType.CHUNK, "by hand"), (EntryType.END, "")]
+        ]
+        async with asyncio.timeout(SWEEP_S + TIMEOUT_S / 10):
+            got = await viewer
+    assert ids_of(got) == ids
 
 
 async def test_the_reader_reconnects_after_its_connection_is_killed(

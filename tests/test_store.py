@@ -468,6 +468,10 @@ async def test_a_batch_of_many_answers_writes_each_in_order(store: Store, redis:
         assert [(e.entry_id, e.text) for e in entries] == [
             (p.entry_id, p.entry.text) for p in chain
         ]
+    # Each call rang the doorbell once, naming the answer streams it added to.
+    rings: Any = await redis.xrange(store.keys.written)
+    named = [sorted(fields) for _, fields in rings]
+    assert named and all(n == sorted(store.keys.answer(a.id) for a in asked) for n in named)
 
 
 async def test_a_stream_that_lost_acknowledged_writes_says_where_it_ends(

@@ -143,6 +143,11 @@ class Keys:
         return f"{self.prefix}idem:{{i:{digest}}}"
 
     @property
+    def written(self) -> str:
+        """The doorbell stream (single node): which answer streams each write added to."""
+        return f"{self.prefix}written"
+
+    @property
     def sweep_lock(self) -> str:
         return f"{self.prefix}sweep-lock"
 

@@ -1,8 +1,13 @@
 """The per-process multiplexed reader: one blocking XREAD over every watched answer.
 
 However many viewers a gateway has, it holds one reading connection (in cluster mode,
-one per shard, see below). New answers join the read by waking the blocked XREAD
-(CLIENT UNBLOCK from the pool) so it re-arms with the new key set. Entries fan out in
+one per shard, see below). On a single node the read blocks on the doorbell stream
+(`Keys.written`: every write of answer entries names the streams it added to there), then
+reads just the relayed answers it names: a blocking XREAD over every relayed answer cost
+Valkey O(answers) each time it re-armed, about once per entry. New answers join by waking
+the blocked read (CLIENT UNBLOCK from the pool) and are read at once; every answer relayed
+is read again at least every SWEEP_S, so a ring that was missed (the doorbell trimmed past
+a stalled gateway, an older worker that does not ring) only delays its entries. Entries fan out in
 memory to bounded per-viewer buffers; a viewer that falls behind is not queued for
 without end: it is told it overflowed and catches up from the stream itself (XRANGE).
 
@@ -39,6 +44,9 @@ XREAD_COUNT = 512
 # ~2,000 re-arms a second. At least this long per watched answer between two re-arms
 # (2 ms at 1,000 answers, 0.2 ms at 100) lets entries gather instead.
 REARM_PER_KEY_S = 2e-6
+# Doorbell entries read at once; a full page means more may have been trimmed unseen.
+BELL_COUNT = 1024
+SWEEP_S = 1.0
 # A viewer that stops reading keeps what it was handed alive: its catch-up page and its
 # live buffer. Both are bounded by the text they hold, not only by entries (500 entries of
 # 5 KB held 2.7 MB per stalled SSE reader).
@@ -109,6 +117,24 @@ class _ReadSet:
         )
         return b"".join((head, self._all_keys, b"".join(self._marks.values())))
 
+    def command_for(self, keys: list[str], count: int) -> bytes:
+        """A non-blocking XREAD of `keys` (each in the set) from their cursors."""
+        head = b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%b$7\r\nSTREAMS\r\n" % (
+            4 + 2 * len(keys),
+            bulk(str(count)),
+        )
+        return b"".join((head, *(self._keys[k] for k in keys), *(self._marks[k] for k in keys)))
+
+
+def _bell_command(doorbell: str, cursor: str, block_ms: int) -> bytes:
+    """XREAD COUNT BELL_COUNT BLOCK block_ms STREAMS doorbell cursor."""
+    return b"*8\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%b$5\r\nBLOCK\r\n%b$7\r\nSTREAMS\r\n%b%b" % (
+        bulk(str(BELL_COUNT)),
+        bulk(str(block_ms)),
+        bulk(doorbell),
+        bulk(cursor),
+    )
+
 
 class Subscription:
     """A viewer's bounded buffer of live entries for one answer."""
@@ -146,8 +172,9 @@ class Subscription:
 
 
 class _Reader:
-    """One blocking XREAD, re-armed when keys join, over the watched answers of one shard
-    (single node: of every answer)."""
+    """The blocking read of one shard's watched answers (single node: of every answer): on
+    the doorbell, then of the answers it names (single node); over all of them, re-armed
+    when keys join (cluster)."""
 
     def __init__(self, relay: Relay, tag: str, client: Redis | None) -> None:
         self._relay = relay
@@ -156,6 +183,8 @@ class _Reader:
         self._own_client: Redis | None = None  # cluster: opened here, to the slot's node
         self._node: ClusterNode | None = None
         self.read = _ReadSet()
+        self._doorbell = relay.store.keys.written if client is not None else None
+        self._due: set[str] = set()  # keys to read at the next turn (doorbell mode)
         self.version = 0  # bumps whenever a key joins the read
         self._armed_version = -1
         self.has_keys = asyncio.Event()
@@ -178,6 +207,7 @@ class _Reader:
 
     def add(self, key: str, cursor: str) -> None:
         self.read.set(key, cursor)
+        self._due.add(key)
         self.version += 1
         self.has_keys.set()
         self.wake()
@@ -250,6 +280,9 @@ class _Reader:
                 await asyncio.sleep(0.1)
 
     async def _read_loop(self) -> None:
+        if self._client is not None and self._doorbell is not None:
+            await self._bell_loop(self._client, self._doorbell)
+            return
         backoff_s = 0.05
         loop = asyncio.get_running_loop()
         armed_at = 0.0
@@ -286,6 +319,83 @@ class _Reader:
                 # The viewers write what was just read first: the re-arm's packing and
                 # redis-py's send path otherwise ran before them (~80 us at idle, measured).
                 await asyncio.sleep(0)
+
+    async def _bell_loop(self, reader: Redis, doorbell: str) -> None:
+        """The single node's read: the answers due (joined, named by the doorbell, or all of
+        them every SWEEP_S), then a blocking read of the doorbell, sent together."""
+        backoff_s = 0.05
+        loop = asyncio.get_running_loop()
+        swept_at = 0.0
+        cursor: str | None = None  # the doorbell's, once known
+        while True:
+            if not self.read:
+                self.has_keys.clear()
+                await self.has_keys.wait()
+                continue
+            try:
+                if self._reader_id is None:
+                    self._reader_id = int(await reader.client_id())
+                if cursor is None:  # what rings from now on: the due read covers the rest
+                    top: Any = await reader.xrevrange(doorbell, count=1)
+                    cursor = str(top[0][0]) if top else "0-0"
+                    swept_at = 0.0
+                if loop.time() - swept_at >= SWEEP_S:
+                    swept_at = loop.time()
+                    self._due.update(self.read.cursors)
+                self._armed_version = self.version
+                cursors = self.read.cursors
+                streams = {key: cursors[key] for key in self._due if key in cursors}
+                self._due.clear()
+                self.rearms += 1
+                rung = await self._read_due(
+                    reader, streams, _bell_command(doorbell, cursor, self._relay.block_ms)
+                )
+            except (RedisError, OSError) as e:
+                self._reader_id = None
+                self._due.update(self.read.cursors)
+                log.warning("relay: Redis read failed (%s); retrying in %.2fs", e, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+                continue
+            backoff_s = 0.05
+            cursor = self._rung(rung, cursor)
+
+    async def _read_due(self, reader: Redis, streams: dict[str, str], bell: bytes) -> Any:
+        """Read `streams` (answer key -> cursor) and hand their entries over, then wait for
+        the doorbell (`bell`, sent with them) and return its raw reply."""
+        if reader.connection is None:
+            await reader.initialize()
+        conn = reader.connection
+        assert conn is not None  # a single-connection client has one once initialised
+        keys = list(streams)
+        try:
+            if keys:
+                await conn.send_packed_command(
+                    self.read.command_for(keys, XREAD_COUNT) + bell, check_health=False
+                )
+                reply = await conn.read_response()
+                self._hand_over(reply, streams)
+                for key, raw in reply.items() if isinstance(reply, dict) else reply or ():
+                    if len(raw) >= XREAD_COUNT:  # more to read than one reply holds
+                        self._due.add(key)
+            else:
+                await conn.send_packed_command(bell, check_health=False)
+            return await conn.read_response()  # within the client's socket timeout
+        except BaseException:
+            await conn.disconnect()  # a half-read reply must not be taken for the next one
+            raise
+
+    def _rung(self, reply: Any, cursor: str) -> str:
+        """Mark the relayed answers the doorbell's entries name as due; its new cursor."""
+        pages = reply.values() if isinstance(reply, dict) else (raw for _, raw in reply or ())
+        cursors = self.read.cursors
+        for page in pages:
+            for entry_id, flat in page:
+                cursor = entry_id
+                self._due.update(key for key in flat[::2] if key in cursors)
+            if len(page) >= BELL_COUNT:  # more rang than one read holds: some may be gone
+                self._due.update(cursors)
+        return cursor
 
     def _hand_over(self, reply: Any, streams: dict[str, str]) -> bool:
         """Move the cursors past the entries read and hand them to the viewers; False when
