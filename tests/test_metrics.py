@@ -266,3 +266,25 @@ async def test_uvicorn_worker_processes_as_deployment_documents(
         gateway = await scrape(url)
     assert [a.text for a in answers] == [WORDS] * 4
     assert sample(gateway, "tokenrelay_worker_slots") == 0  # answered by the worker process
+
+
+def test_gap_histogram_reads_as_prometheus_clients_histogram() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from tokenrelay.metrics import _Gaps
+
+    bounds = (0.005, 0.05, 1, 10)
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    histogram = Histogram("gap_seconds", "Gaps.", buckets=bounds, registry=theirs)
+    gaps = _Gaps("gap_seconds", "Gaps.", bounds)
+    ours.register(gaps)
+    for amount_s in (0.001, 0.005, 0.0051, 0.05, 0.3, 1, 10, 10.5, 99):  # bounds included
+        histogram.observe(amount_s)
+        gaps.observe(amount_s)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [line for line in text.splitlines() if "_created" not in line]
+
+    assert lines(ours) == lines(theirs)
+    assert sample(generate_latest(ours).decode(), "gap_seconds_created") > 0
