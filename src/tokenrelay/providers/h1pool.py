@@ -12,6 +12,7 @@ origin); the proxy variables as httpx read them (`urllib.request.getproxies()`).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
@@ -226,8 +227,9 @@ class H1Client:
         options: dict[str, Any] = {}
         if to.scheme == "https":
             options = {"ssl": self._ssl, "server_hostname": to.host}
-        # asyncio's loop races IPv6 and IPv4 as AnyIO did; uvloop's has no such option.
-        if isinstance(loop, asyncio.BaseEventLoop):
+        # asyncio's loop races IPv6 and IPv4 as AnyIO did; uvloop's has no such option. An
+        # IP address has nothing to race, and the race costs ~100 us of CPU per connect.
+        if isinstance(loop, asyncio.BaseEventLoop) and not _is_address(to.host):
             options["happy_eyeballs_delay"] = _HAPPY_EYEBALLS_S
         _, conn = await loop.create_connection(
             lambda: Connection(loop, origin), to.host, to.port, **options
@@ -271,6 +273,14 @@ def _origin(url: str) -> Origin:
     if not host:
         raise HTTPFailure(f"Invalid URL {url!r}: no host")
     return Origin(scheme, host, port or DEFAULT_PORTS[scheme])
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _target(parts: urllib.parse.SplitResult) -> str:

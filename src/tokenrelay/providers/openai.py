@@ -192,7 +192,7 @@ class OpenAIProvider:
             await asyncio.sleep(delay_s)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _read(self, chunk: Any) -> tuple[str, str | None, list[Reasoning | ToolCall]]:
+    def _read(self, chunk: Any) -> tuple[str, str | None, tuple[Reasoning | ToolCall, ...]]:
         """The chunk's text, finish reason, and a reasoning model's thoughts and tool calls;
         compatible servers vary, so check the shape."""
         if not isinstance(chunk, dict):
@@ -205,12 +205,12 @@ class OpenAIProvider:
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             if choices is None and chunk.get("usage") is not None:
-                return "", None, []  # some servers send the usage chunk with "choices": null
+                return "", None, ()  # some servers send the usage chunk with "choices": null
             raise self._fail(
                 "malformed", f"{self._url} sent a stream chunk without 'choices': {chunk!r:.200}"
             )
         text, finish = "", None
-        extras: list[Reasoning | ToolCall] = []
+        extras: tuple[Reasoning | ToolCall, ...] = ()
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
@@ -218,8 +218,10 @@ class OpenAIProvider:
             if isinstance(delta, dict):
                 content = delta.get("content")
                 if isinstance(content, str):
-                    text += content
-                extras += _extras(delta)
+                    text = text + content if text else content
+                # Most deltas hold text alone: three lookups instead of building a list.
+                if "reasoning_content" in delta or "reasoning" in delta or "tool_calls" in delta:
+                    extras += _extras(delta)
             finish = choice.get("finish_reason") or finish
         return text, finish if isinstance(finish, str) else None, extras
 
@@ -318,7 +320,7 @@ def _say(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _extras(delta: dict[str, Any]) -> list[Reasoning | ToolCall]:
+def _extras(delta: dict[str, Any]) -> tuple[Reasoning | ToolCall, ...]:
     """A delta's reasoning text (`reasoning_content`, or `reasoning` as some servers name it)
     and tool call pieces."""
     out: list[Reasoning | ToolCall] = []
@@ -340,4 +342,4 @@ def _extras(delta: dict[str, Any]) -> list[Reasoning | ToolCall]:
                 arguments=str(function.get("arguments") or ""),
             )
         )
-    return out
+    return tuple(out)

@@ -22,7 +22,15 @@ class SSEDecoder:
     def feed(self, data: bytes) -> list[bytes]:
         if b"\r" in data or self._after_cr:
             data = self._normalise(data)
-        *blocks, self._rest = (self._rest + data if self._rest else data).split(b"\n\n")
+        if self._rest:
+            data = self._rest + data
+        elif (
+            data.startswith(b"data: ")
+            and data.endswith(b"\n\n")
+            and data.find(b"\n") == len(data) - 2
+        ):
+            return [data[6:-2]]  # a read of one whole event, its only line ends it: most reads
+        *blocks, self._rest = data.split(b"\n\n")
         out: list[bytes] = []
         for block in blocks:
             if block.startswith(b"data: ") and b"\n" not in block:

@@ -272,7 +272,9 @@ class Answer:
                     await self._started()
                 if box.cancel_requested:
                     raise _Cancelled
-                if isinstance(item, Finish):
+                if type(item) is str:  # most items: checked first
+                    self._text(box, item)
+                elif isinstance(item, Finish):
                     finish = item
                 elif isinstance(item, Reasoning | ToolCall):
                     self._extra(box, item)
@@ -308,11 +310,12 @@ class Answer:
             box.put(Entry(EntryType.TOOL_CALL, item.arguments, meta))
         self.first_ms = self.first_ms or now_ms()
 
-    def _text(self, box: Outbox, item: str) -> None:
-        diverged, text = self._resume.feed(item)
-        if diverged:
-            box.put(Entry(EntryType.RESTART, meta={"reason": RESTART_REASON}))
-            self.chunks = 0
+    def _text(self, box: Outbox, text: str) -> None:
+        if self._resume.pending:
+            diverged, text = self._resume.feed(text)
+            if diverged:
+                box.put(Entry(EntryType.RESTART, meta={"reason": RESTART_REASON}))
+                self.chunks = 0
         if not text:
             return
         box.put(Entry(EntryType.CHUNK, text))
