@@ -142,7 +142,13 @@ async def test_a_single_connection_client_holds_one_connection_it_exposes(
         assert reader.connection is conn
         # The read timeout outlasts the block, so only a dead server trips it.
         assert conn.socket_timeout == pytest.approx(3.0 + BLOCK_MARGIN_S)
-        for name in ("send_packed_command", "read_response", "disconnect", "pack_command"):
+        for name in (
+            "send_packed_command",
+            "_send_packed_command",  # connection.send_packed: the send without its task
+            "read_response",
+            "disconnect",
+            "pack_command",
+        ):
             assert callable(getattr(conn, name)), name
     finally:
         await reader.aclose()
@@ -182,6 +188,23 @@ async def test_the_hand_packed_due_and_doorbell_reads_are_what_redis_py_would_se
             "XREAD", "COUNT", BELL_COUNT, "BLOCK", 5000, "STREAMS", key, "1700000000000-0"
         )
         assert _bell_command(key, "1700000000000-0", 5000) == b"".join(expected)
+        packed = conn.pack_command(
+            "XREAD",
+            "COUNT",
+            8,
+            "BLOCK",
+            100,
+            "STREAMS",
+            "bell",
+            key,
+            "idle",
+            "other",
+            "9-9",
+            "3-4",
+            "0-0",
+            "5-1",
+        )
+        assert read.command(8, 100, ("bell", "9-9")) == b"".join(packed)
 
 
 @pytest.mark.parametrize("parser", _parsers())

@@ -16,7 +16,7 @@ from redis.asyncio.connection import Connection
 from tests.support.failover import lose_last_entries
 from tests.support.sockets import wait_for
 from tokenrelay.connection import dedicated_client, pooled_client
-from tokenrelay.relay import BUFFER_BYTES, SWEEP_S, Relay, Subscription, _ReadSet
+from tokenrelay.relay import BUFFER_BYTES, SMALL_READ, SWEEP_S, Relay, Subscription, _ReadSet
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import Store
@@ -436,15 +436,42 @@ async def test_a_write_reads_only_the_answers_it_rang_for(
     assert sum(keys_read) <= len(ids) + sweeps * (len(idle) + 1), (sum(keys_read), keys_read)
 
 
+async def test_a_few_answers_are_read_with_the_doorbell_in_one_round_trip(
+    make_settings: Callable[..., Settings], redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to SMALL_READ answers, the blocking read covers them and the doorbell together: an
+    entry comes with the read it woke, no second read of the answers it names."""
+    due_reads: list[int] = []
+    command_for = _ReadSet.command_for
+
+    def counting(self: _ReadSet, keys: list[str], count: int) -> bytes:
+        due_reads.append(len(keys))
+        return command_for(self, keys, count)
+
+    monkeypatch.setattr(_ReadSet, "command_for", counting)
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        viewers = [h.spawn(collect(relay, f"few{n}")) for n in range(3)]
+        await wait_for(lambda: relay.watched == 3)
+        async with asyncio.timeout(TIMEOUT_S):
+            produced = await asyncio.gather(*(produce(store, f"few{n}", 20) for n in range(3)))
+            got = await asyncio.gather(*viewers)
+    assert [ids_of(g) for g in got] == produced
+    assert due_reads == []
+
+
 async def test_an_entry_written_without_a_ring_still_comes(
     make_settings: Callable[..., Settings], redis: Redis
 ) -> None:
     """An entry added without ringing the doorbell (an older worker, an XADD by hand) is
-    not lost: the sweep reads every relayed answer at least every SWEEP_S."""
+    not lost: the sweep reads every relayed answer at least every SWEEP_S. (Up to
+    SMALL_READ answers the read blocks on them all: more are relayed here.)"""
     async with running_relay(make_settings()) as h:
         relay, store = h.relay, h.store
+        for n in range(SMALL_READ):
+            h.spawn(collect(relay, f"idle{n}"))
         viewer = h.spawn(collect(relay, "unrung"))
-        await wait_for(lambda: relay.watched == 1)
+        await wait_for(lambda: relay.watched == SMALL_READ + 1)
         await asyncio.sleep(0.2)
         key = store.keys.answer("unrung")
         ids = [

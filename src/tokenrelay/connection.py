@@ -118,12 +118,26 @@ def bulk(value: str) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
+async def send_packed(conn: AbstractConnection, payload: bytes) -> None:
+    """`conn.send_packed_command(payload)` without its per-send task: with a socket timeout
+    set, redis-py wraps each send in `asyncio.wait_for` (a task of its own, ~15 us). Writing
+    to the socket's buffer does not wait unless the buffer is full; the reply's read keeps
+    the timeout."""
+    if not conn.is_connected:
+        await conn.connect()  # type: ignore[no-untyped-call]
+    try:
+        await conn._send_packed_command([payload])
+    except OSError as e:
+        await conn.disconnect(nowait=True)
+        raise RedisConnectionError(f"Error writing to Redis: {e}") from e
+
+
 async def exchange(conn: AbstractConnection, payload: bytes, replies: int) -> list[Any]:
     """Send `payload` (commands packed by hand) on `conn` and read its `replies`, in order;
     an error reply comes back as its exception, in its place. A connection that fails part
     way is closed: a half-read reply must not be taken for the next command's."""
     try:
-        await conn.send_packed_command(payload, check_health=False)
+        await send_packed(conn, payload)
         out: list[Any] = []
         for _ in range(replies):
             try:

@@ -32,7 +32,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import RedisError, ResponseError, SlotNotCoveredError
 
 from tokenrelay import metrics
-from tokenrelay.connection import as_cluster, bulk, node_client
+from tokenrelay.connection import as_cluster, bulk, node_client, send_packed
 from tokenrelay.store import XRANGE_PAGE, Store
 from tokenrelay.wire import Entry, EntryType, entry_id_after
 
@@ -47,6 +47,10 @@ REARM_PER_KEY_S = 2e-6
 # Doorbell entries read at once; a full page means more may have been trimmed unseen.
 BELL_COUNT = 1024
 SWEEP_S = 1.0
+# Up to this many answers relayed, the read blocks on them and the doorbell together:
+# arming it costs Valkey less than the second round trip (the reads of the answers named)
+# would cost both sides, and an entry comes with the read it woke.
+SMALL_READ = 16
 # A viewer that stops reading keeps what it was handed alive: its catch-up page and its
 # live buffer. Both are bounded by the text they hold, not only by entries (500 entries of
 # 5 KB held 2.7 MB per stalled SSE reader).
@@ -109,13 +113,15 @@ class _ReadSet:
         del self._marks[key]
         self._all_keys = b"".join(self._keys.values())
 
-    def command(self, count: int, block_ms: int) -> bytes:
+    def command(self, count: int, block_ms: int, first: tuple[str, str] | None = None) -> bytes:
+        """XREAD BLOCK over every key (after `first`, a key and its cursor, when given)."""
+        key, mark = (bulk(first[0]), bulk(first[1])) if first else (b"", b"")
         head = b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%b$5\r\nBLOCK\r\n%b$7\r\nSTREAMS\r\n" % (
-            6 + 2 * len(self._keys),
+            6 + 2 * (len(self._keys) + (first is not None)),
             bulk(str(count)),
             bulk(str(block_ms)),
         )
-        return b"".join((head, self._all_keys, b"".join(self._marks.values())))
+        return b"".join((head, key, self._all_keys, mark, b"".join(self._marks.values())))
 
     def command_for(self, keys: list[str], count: int) -> bytes:
         """A non-blocking XREAD of `keys` (each in the set) from their cursors."""
@@ -344,12 +350,23 @@ class _Reader:
                     self._due.update(self.read.cursors)
                 self._armed_version = self.version
                 cursors = self.read.cursors
-                streams = {key: cursors[key] for key in self._due if key in cursors}
-                self._due.clear()
                 self.rearms += 1
-                rung = await self._read_due(
-                    reader, streams, _bell_command(doorbell, cursor, self._relay.block_ms)
-                )
+                if len(cursors) <= SMALL_READ:  # block on them all: no second round trip
+                    self._due.clear()
+                    command = self.read.command(
+                        XREAD_COUNT, self._relay.block_ms, (doorbell, cursor)
+                    )
+                    streams = dict(cursors)
+                    reply = await self._xread(reader, command)
+                    pairs = list(reply.items() if isinstance(reply, dict) else reply or ())
+                    self._hand_over([p for p in pairs if p[0] != doorbell], streams)
+                    rung = [p for p in pairs if p[0] == doorbell]
+                else:
+                    streams = {key: cursors[key] for key in self._due if key in cursors}
+                    self._due.clear()
+                    rung = await self._read_due(
+                        reader, streams, _bell_command(doorbell, cursor, self._relay.block_ms)
+                    )
             except (RedisError, OSError) as e:
                 self._reader_id = None
                 self._due.update(self.read.cursors)
@@ -370,16 +387,14 @@ class _Reader:
         keys = list(streams)
         try:
             if keys:
-                await conn.send_packed_command(
-                    self.read.command_for(keys, XREAD_COUNT) + bell, check_health=False
-                )
+                await send_packed(conn, self.read.command_for(keys, XREAD_COUNT) + bell)
                 reply = await conn.read_response()
                 self._hand_over(reply, streams)
                 for key, raw in reply.items() if isinstance(reply, dict) else reply or ():
                     if len(raw) >= XREAD_COUNT:  # more to read than one reply holds
                         self._due.add(key)
             else:
-                await conn.send_packed_command(bell, check_health=False)
+                await send_packed(conn, bell)
             return await conn.read_response()  # within the client's socket timeout
         except BaseException:
             await conn.disconnect()  # a half-read reply must not be taken for the next one
@@ -421,7 +436,7 @@ class _Reader:
         conn = reader.connection
         assert conn is not None  # a single-connection client has one once initialised
         try:
-            await conn.send_packed_command(command, check_health=False)
+            await send_packed(conn, command)
             response = await conn.read_response()  # within the client's socket timeout
         except BaseException:
             await conn.disconnect()  # a half-read reply must not be taken for the next one
