@@ -409,6 +409,34 @@ def test_next_entry_id_is_now_or_just_after_the_last() -> None:
     assert next_entry_id("1800-2", 1700) == "1800-3"  # a clock behind the stream's
 
 
+async def test_open_answer_reads_the_record_and_begins_in_one_call(store: Store) -> None:
+    """What a worker taking a request needs: the record, and a new epoch with where its
+    writes start, only while the answer is still to give; nothing for a gone record."""
+    assert await store.open_answer("gone") is None
+    asked = await store.ask("t", "q")
+    opened = await store.open_answer(asked.id)
+    assert opened is not None
+    record, epoch, after = opened
+    assert (record.id, record.question, record.status, epoch, after) == (
+        asked.id,
+        "q",
+        Status.QUEUED,
+        1,
+        "",
+    )
+    puts = numbered(asked.id, epoch, after, ["a ", "b "], 1_000)
+    await store.write_batch(puts)
+    opened = await store.open_answer(asked.id)  # a second delivery fences the first
+    assert opened is not None and opened[1:] == (2, puts[-1].entry_id)
+    (fenced,) = await store.write_batch(numbered(asked.id, epoch, puts[-1].entry_id, ["c"], 2_000))
+    assert fenced.entry_id is None and fenced.behind is None
+    await store.finish(asked.id, Entry(EntryType.END), {}, None, epoch=2, after="*")
+    opened = await store.open_answer(asked.id)
+    assert opened is not None
+    assert (opened[0].status, opened[1:]) == (Status.DONE, (0, ""))
+    assert (await store.begin_answer(asked.id))[0] == 3, "a finished answer's epoch was kept"
+
+
 async def test_a_numbered_write_sent_again_is_applied_once(store: Store) -> None:
     """What a retry after a lost reply sends: the same writes again. Each is applied once
     and answered with its own id, the terminal entry too."""

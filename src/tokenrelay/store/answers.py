@@ -18,6 +18,7 @@ from tokenrelay.wire import (
     STATUS_OF_TERMINAL,
     Entry,
     EntryType,
+    QuestionRecord,
     QuestionRequest,
     RecordField,
 )
@@ -180,18 +181,38 @@ return {added}
 """.replace("DOORBELL_MAXLEN", str(DOORBELL_MAXLEN))
 )
 
-# KEYS: record, answer stream. A new epoch, and the id the new writer's chain starts after:
-# the record's last_entry_id, or the stream's last entry when no numbered write set it.
-_BEGIN = """
-local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-local last = redis.call('HGET', KEYS[1], 'last_entry_id')
-if not last then
-  local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-  last = top[1] and top[1][1] or ''
-  if last ~= '' then redis.call('HSET', KEYS[1], 'last_entry_id', last) end
+# A new epoch, and the id the new writer's chain starts after: the record's last_entry_id,
+# or the stream's last entry when no numbered write set it.
+_BEGIN_FN = """
+local function begin(record, stream)
+  local epoch = redis.call('HINCRBY', record, 'epoch', 1)
+  local last = redis.call('HGET', record, 'last_entry_id')
+  if not last then
+    local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+    last = top[1] and top[1][1] or ''
+    if last ~= '' then redis.call('HSET', record, 'last_entry_id', last) end
+  end
+  return epoch, last
 end
-return {epoch, last}
 """
+
+# KEYS: record, answer stream. Returns {epoch, last id}.
+_BEGIN = _BEGIN_FN + "local epoch, last = begin(KEYS[1], KEYS[2])\nreturn {epoch, last}\n"
+
+# KEYS: record, answer stream. What a worker taking a request needs, in one round trip: the
+# record ({} when gone) and, while its answer is still to give (queued, streaming), a new
+# epoch and the id its writes start after: {record's field/value list[, epoch, last id]}.
+_OPEN = (
+    _BEGIN_FN
+    + """
+local h = redis.call('HGETALL', KEYS[1])
+if #h == 0 then return {} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= 'queued' and status ~= 'streaming' then return {h} end
+local epoch, last = begin(KEYS[1], KEYS[2])
+return {h, epoch, last}
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +263,7 @@ class Answers(StoreBase):
         self._append = self.redis.register_script(_APPEND)
         self._finish = self.redis.register_script(_FINISH)
         self._begin = self.redis.register_script(_BEGIN)
+        self._open = self.redis.register_script(_OPEN)
 
     # -- reading ----------------------------------------------------------
 
@@ -284,6 +306,22 @@ class Answers(StoreBase):
         keys = [self.keys.question(question_id), self.keys.answer(question_id)]
         epoch, last = await self._begin(keys=keys)
         return int(epoch), str(last)
+
+    async def open_answer(self, question_id: str) -> tuple[QuestionRecord, int, str] | None:
+        """`record` and `begin_answer` in one round trip: the record, and, while its answer
+        is still to give (queued or streaming), this delivery's epoch and the id its writes
+        start after (else 0 and "": nothing begun). None when the record is gone."""
+        keys = [self.keys.question(question_id), self.keys.answer(question_id)]
+        reply: Any = await self._open(keys=keys)
+        if not reply:
+            return None
+        flat = reply[0]
+        record = QuestionRecord.from_hash(
+            question_id, dict(zip(flat[::2], flat[1::2], strict=True))
+        )
+        if len(reply) == 1:
+            return record, 0, ""
+        return record, int(reply[1]), str(reply[2])
 
     async def start(
         self,
