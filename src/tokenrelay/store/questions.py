@@ -5,9 +5,12 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
+from tokenrelay.connection import is_cluster
 from tokenrelay.errors import CallerFull, NotFound, Overloaded, StoreError
+from tokenrelay.store.autopipeline import AutoPipeline
 from tokenrelay.store.base import StoreBase, now_ms
 from tokenrelay.store.group import request_id as make_request_id
 from tokenrelay.store.group import split_request_id
@@ -44,12 +47,43 @@ if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
 return id
 """
 
+# On a single node, all of an ask in one step (one round trip, sent with the other asks of
+# the moment): _RESERVE's check and _ENQUEUE's, then the place, the request, the record,
+# and the history index. A refused ask writes nothing (the caller's expired places aside).
+# KEYS: request shard, record, history, and the caller's set when there is a caller.
+# ARGV: max in the shard, the record's TTL (0: none), the request id's prefix, the
+# created time, the question id, the history's -(max + 1), the caller's cap, its stale
+# time, its set's TTL (ms), n, then n record field/value pairs, then the request's.
+# Returns the request's entry id, 0 when the shard is full, -1 when the caller is.
+_ASK = """
+local caller = KEYS[4]
+if caller then
+  redis.call('ZREMRANGEBYSCORE', caller, '-inf', ARGV[8])
+  if redis.call('ZCARD', caller) >= tonumber(ARGV[7]) then return -1 end
+end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+if caller then
+  redis.call('ZADD', caller, ARGV[4], ARGV[5])
+  redis.call('PEXPIRE', caller, ARGV[9])
+end
+local n = tonumber(ARGV[10])
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 11 + 2 * n))
+redis.call('HSET', KEYS[2], 'request_id', ARGV[3] .. id, unpack(ARGV, 11, 10 + 2 * n))
+if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, ARGV[6])
+return id
+"""
+
 
 class Questions(StoreBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reserve = self.redis.register_script(_RESERVE)
         self._enqueue_script = self.redis.register_script(_ENQUEUE)
+        self._ask_script = self.redis.register_script(_ASK)
+        # Asks and record reads of concurrent callers go together (single node).
+        self._together = None if is_cluster(self.redis) else AutoPipeline(self.redis)
 
     async def ask(
         self,
@@ -68,7 +102,8 @@ class Questions(StoreBase):
         question_id = self.keys.new_question_id()
         created = now_ms()
         caller = caller or owner
-        await self._reserve_for(caller, question_id, created)
+        if self._together is None:
+            await self._reserve_for(caller, question_id, created)
         record = {
             RecordField.TOPIC: topic,
             RecordField.QUESTION: question,
@@ -89,7 +124,12 @@ class Questions(StoreBase):
             question_id, topic, question, model, context.history, context.options
         )
         try:
-            record[RecordField.REQUEST_ID] = await self._enqueue(request, created, record)
+            if self._together is None:
+                record[RecordField.REQUEST_ID] = await self._enqueue(request, created, record)
+            else:
+                record[RecordField.REQUEST_ID] = await self._ask_at_once(
+                    request, created, record, caller
+                )
         except ResponseError as e:
             await self._withdraw(question_id, caller)
             # redis-py raises OutOfMemoryError for an OOM reply; inside a pipeline the message
@@ -98,28 +138,85 @@ class Questions(StoreBase):
                 raise StoreError("Redis is out of memory (maxmemory); try again later") from e
             raise
         except Overloaded:
-            await self._withdraw(question_id, caller)
+            if self._together is None:  # _ask_at_once writes nothing when it refuses
+                await self._withdraw(question_id, caller)
             raise
         return QuestionRecord.from_hash(question_id, record)
+
+    async def _ask_at_once(
+        self, request: QuestionRequest, created: int, record: dict[str, str], caller: str
+    ) -> str:
+        """Single node: the whole ask in one script (_ASK), sent with the other asks of the
+        moment; the request's id. CallerFull, or Overloaded, when there is no room."""
+        assert self._together is not None
+        shards = self.keys.shards
+        shard = self.keys.shard_of(request.id)
+        keys = [self.keys.request_shard(shard), self.keys.question(request.id), self.keys.history]
+        if caller:
+            keys.append(self.keys.caller_asks(caller))
+        args: list[int | str] = [
+            -(-self.limits.max_queued // shards),
+            self._record_ttl_s(),
+            make_request_id(shard, "", shards),
+            created,
+            request.id,
+            -(self.limits.history_max + 1),
+            self.limits.max_queued_per_caller,
+            created - CALLER_STALE_MS,
+            CALLER_STALE_MS,
+            len(record),
+            *itertools.chain.from_iterable(record.items()),
+            *itertools.chain.from_iterable(request.fields().items()),
+        ]
+        script = self._ask_script
+
+        async def queue(pipe: Pipeline) -> None:
+            await script(keys, args, client=pipe)
+
+        try:
+            reply = await self._together.call(queue)
+        except NoScriptError:  # Redis lost its scripts (a restart): loaded again, run alone
+            reply = await script(keys, args)
+        if reply == -1:
+            raise self._caller_full()
+        if not reply:
+            raise self._full()
+        return make_request_id(shard, str(reply), shards)
+
+    def _record_ttl_s(self) -> int:
+        # Every record expires, whatever its status; an unfinished one a day after the
+        # retention at the earliest (a long queue or answer must not lose it), the finished
+        # one `retention_s` after its end (Store.finish).
+        retention_s = self.limits.retention_s
+        return retention_s + UNFINISHED_GRACE_S if retention_s > 0 else 0
+
+    def _caller_full(self) -> CallerFull:
+        return CallerFull(
+            f"you have {self.limits.max_queued_per_caller} questions queued or being "
+            "answered, the most one caller may; wait for one to finish",
+            FULL_RETRY_AFTER_S,
+        )
+
+    def _full(self) -> Overloaded:
+        return Overloaded(
+            f"tokenrelay is full: {self.limits.max_queued} questions are queued or being "
+            f"answered; try again in {FULL_RETRY_AFTER_S:g} s",
+            FULL_RETRY_AFTER_S,
+        )
 
     async def _reserve_for(self, caller: str, question_id: str, created: int) -> None:
         """A place in the caller's share (CallerFull when it has none left)."""
         if not caller:
             return
-        cap = self.limits.max_queued_per_caller
         args: list[int | str] = [
             created,
             created - CALLER_STALE_MS,
-            cap,
+            self.limits.max_queued_per_caller,
             question_id,
             CALLER_STALE_MS,
         ]
         if not await self._reserve(keys=[self.keys.caller_asks(caller)], args=args):
-            raise CallerFull(
-                f"you have {cap} questions queued or being answered, the most one caller may; "
-                "wait for one to finish",
-                FULL_RETRY_AFTER_S,
-            )
+            raise self._caller_full()
 
     async def _enqueue(self, request: QuestionRequest, created: int, record: dict[str, str]) -> str:
         """Queue the request and write its record (one script, see _ENQUEUE) unless its shard
@@ -130,13 +227,9 @@ class Questions(StoreBase):
         stays one script on one slot, and ids spread questions evenly over the shards."""
         shards = self.keys.shards
         shard = self.keys.shard_of(request.id)
-        # Every record expires, whatever its status; an unfinished one a day after the
-        # retention at the earliest (a long queue or answer must not lose it), the finished
-        # one `retention_s` after its end (Store.finish).
-        ttl = self.limits.retention_s + UNFINISHED_GRACE_S if self.limits.retention_s > 0 else 0
         args: list[int | str] = [
             -(-self.limits.max_queued // shards),
-            ttl,
+            self._record_ttl_s(),
             make_request_id(shard, "", shards),
             len(record),
             *itertools.chain.from_iterable(record.items()),
@@ -151,11 +244,7 @@ class Questions(StoreBase):
             pipe.zremrangebyrank(self.keys.history, 0, -(self.limits.history_max + 1))
             entry_id, *_ = await pipe.execute()
         if not entry_id:
-            raise Overloaded(
-                f"tokenrelay is full: {self.limits.max_queued} questions are queued or being "
-                f"answered; try again in {FULL_RETRY_AFTER_S:g} s",
-                FULL_RETRY_AFTER_S,
-            )
+            raise self._full()
         return make_request_id(shard, str(entry_id), shards)
 
     async def _withdraw(self, question_id: str, caller: str) -> None:
@@ -168,7 +257,15 @@ class Questions(StoreBase):
             await pipe.execute()
 
     async def record(self, question_id: str) -> QuestionRecord:
-        h: Any = await self.redis.hgetall(self.keys.question(question_id))
+        key = self.keys.question(question_id)
+        if self._together is None:
+            h: Any = await self.redis.hgetall(key)
+        else:  # read with the other asks and reads of the moment (a burst's watches)
+
+            async def queue(pipe: Pipeline) -> None:
+                pipe.hgetall(key)
+
+            h = await self._together.call(queue)
         if not h:
             raise NotFound(f"no question with id {question_id!r} (never asked, or expired)")
         return QuestionRecord.from_hash(question_id, h)

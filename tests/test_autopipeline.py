@@ -1,0 +1,155 @@
+"""Asks and record reads of concurrent callers sent together (store/autopipeline.py), against a
+real Valkey: one round trip for many callers, each still getting its own reply or error."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
+
+from tokenrelay.connection import pooled_client
+from tokenrelay.errors import CallerFull, NotFound, Overloaded
+from tokenrelay.services import make_store
+from tokenrelay.settings import Settings
+from tokenrelay.store import Store
+from tokenrelay.store.autopipeline import AutoPipeline
+from tokenrelay.wire import QuestionRequest, RecordField, Status
+
+
+@pytest.fixture
+def store_with(make_settings: Callable[..., Settings], redis: Redis) -> Callable[..., Store]:
+    def make(**overrides: Any) -> Store:
+        return make_store(make_settings(**overrides), redis)
+
+    return make
+
+
+async def commands_processed(redis: Redis) -> int:
+    info: Any = await redis.info("stats")
+    return int(info["total_commands_processed"])
+
+
+async def test_callers_of_the_same_moment_share_one_pipeline(redis: Redis) -> None:
+    """100 callers at once: their commands reach Redis in one batch, each caller gets its own
+    reply, and an error reply is only its own caller's. (Each caller sending alone waited for
+    one of the pool's few connections: a burst of asks queued round trip after round trip.)"""
+    together = AutoPipeline(redis)
+    await redis.set("ap:wrong-type", "a string")
+    sizes: list[int] = []
+
+    def get(n: int) -> Callable[[Pipeline], Any]:
+        async def queue(pipe: Pipeline) -> None:
+            pipe.echo(f"reply {n}")
+            sizes.append(len(pipe.command_stack))
+
+        return queue
+
+    async def wrong(pipe: Pipeline) -> None:
+        pipe.hgetall("ap:wrong-type")
+
+    results = await asyncio.gather(
+        *(together.call(get(n)) for n in range(50)),
+        together.call(wrong),
+        *(together.call(get(n)) for n in range(50, 100)),
+        return_exceptions=True,
+    )
+    replies = [*results[:50], *results[51:]]
+    assert replies == [f"reply {n}" for n in range(100)]
+    assert isinstance(results[50], ResponseError) and "WRONGTYPE" in str(results[50])
+    assert max(sizes) == 101, "the 101 commands did not go in one pipeline"
+
+
+async def test_a_caller_that_gives_up_does_not_stop_the_others(redis: Redis) -> None:
+    together = AutoPipeline(redis)
+
+    async def echo(pipe: Pipeline) -> None:
+        pipe.echo("still here")
+
+    waiting = asyncio.ensure_future(together.call(echo))
+    others = [asyncio.ensure_future(together.call(echo)) for _ in range(3)]
+    await asyncio.sleep(0)
+    waiting.cancel()
+    assert await asyncio.gather(*others) == ["still here"] * 3
+    assert waiting.cancelled()
+
+
+async def test_concurrent_asks_respect_the_callers_cap_and_leave_nothing_when_refused(
+    store_with: Callable[..., Store],
+) -> None:
+    """The whole ask is one script: of 20 asks at once by a caller allowed 5, exactly 5 are
+    queued, and the 15 refused leave no record, history entry, request or place."""
+    store = store_with(max_queued_per_caller=5)
+    await store.ensure_group()
+    results = await asyncio.gather(
+        *(store.ask("t", f"q{n}", owner="a") for n in range(20)), return_exceptions=True
+    )
+    asked = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(asked) == 5 and all(isinstance(e, CallerFull) for e in refused)
+    assert str(refused[0]) == (
+        "you have 5 questions queued or being answered, the most one caller may; "
+        "wait for one to finish"
+    )
+    assert await store.redis.zcard(store.keys.history) == 5
+    assert await store.redis.xlen(store.keys.requests) == 5
+    assert await store.redis.zcard(store.keys.caller_asks("a")) == 5
+    for record in asked:
+        stored = await store.record(record.id)
+        assert stored.status is Status.QUEUED and stored.owner == "a"
+        assert stored.request_id == record.request_id != ""
+        rows: Any = await store.redis.xrange(store.keys.requests, record.request_id, "+", 1)
+        assert QuestionRequest.from_fields(rows[0][1]).id == record.id
+
+
+async def test_a_full_backlog_refuses_before_the_callers_place_is_taken(
+    store_with: Callable[..., Store],
+) -> None:
+    store = store_with(max_queued=2, max_queued_per_caller=10)
+    await store.ensure_group()
+    await store.ask("t", "one", owner="a")
+    await store.ask("t", "two", owner="b")
+    with pytest.raises(Overloaded) as refused:
+        await store.ask("t", "three", owner="a")
+    assert not isinstance(refused.value, CallerFull)
+    assert str(refused.value).startswith("tokenrelay is full: 2 questions are queued")
+    assert await store.redis.zcard(store.keys.caller_asks("a")) == 1
+
+
+async def test_records_read_together_and_alone_are_the_same(
+    store_with: Callable[..., Store],
+) -> None:
+    store = store_with()
+    await store.ensure_group()
+    asked = [await store.ask("t", f"q{n}") for n in range(10)]
+    together = await asyncio.gather(*(store.record(r.id) for r in asked))
+    for record, read in zip(asked, together, strict=True):
+        raw: Any = await store.redis.hgetall(store.keys.question(record.id))
+        assert read.id == record.id and read.question == raw[RecordField.QUESTION]
+        assert read.request_id == raw[RecordField.REQUEST_ID]
+    with pytest.raises(NotFound):
+        await store.record("x" * 22)
+
+
+async def test_an_ask_after_redis_lost_its_scripts_still_queues(
+    make_settings: Callable[..., Settings], redis_url: str
+) -> None:
+    """A restarted Redis has no scripts: the ask's EVALSHA fails in the batch (the process's
+    pipelines send no SCRIPT EXISTS) and is sent again alone, which loads the script."""
+    if os.environ.get("TOKENRELAY_TEST_REDIS_URL"):
+        pytest.skip("flushes the server's scripts: only on the test's own embedded Valkey")
+    client = pooled_client(redis_url, size=2, name="tokenrelay-test")
+    try:
+        store = make_store(make_settings(), client)
+        await store.ensure_group()
+        await store.ask("t", "before")
+        await client.script_flush()
+        record = await store.ask("t", "after", owner="a")
+        assert (await store.record(record.id)).request_id == record.request_id
+    finally:
+        await client.aclose(close_connection_pool=True)
