@@ -65,9 +65,13 @@ def describe(exc: Exception) -> tuple[int, str, dict[str, str]]:
     return status, str(exc), {}
 
 
-async def _reply(_: Request, exc: Exception) -> JSONResponse:
+def reply(exc: Exception) -> JSONResponse:
     status, message, headers = describe(exc)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _reply(_: Request, exc: Exception) -> JSONResponse:
+    return reply(exc)
 
 
 def install(api: FastAPI) -> None:

@@ -54,14 +54,14 @@ def access(request: Request) -> Access:
     return rules
 
 
-_bearer = HTTPBearer(
+bearer = HTTPBearer(
     auto_error=False, description="an API key; required when the server sets TOKENRELAY_API_KEYS"
 )
 
 
 async def caller(
     request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> Caller:
     # async: FastAPI runs a plain `def` dependency in its thread pool, a thread hand-off per
     # request for a dictionary lookup (py-spy: threading.Condition wait/notify ~15% of the
@@ -107,9 +107,15 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
 async def ask(body: AskBody, request: Request, who: Who, key: IdempotencyKey = None) -> Any:
     """Ask a question. `stream: true` answers at once with the id; watch it over SSE or
     Socket.IO. `stream: false` waits and returns the whole answer."""
+    return await ask_with(request, who, body.model_dump(), key)
+
+
+async def ask_with(request: Request, who: Caller, fields: dict[str, Any], key: str | None) -> Any:
+    """`ask`'s work, from its body's fields as `AskBody.model_dump()` gives them (also called
+    by gateway/quick_ask.py, which takes the plain asks past FastAPI's machinery)."""
     svc = services(request)
-    asked = ask_input(body.model_dump(), svc.settings)
-    context = await follow_up(svc, access(request), who, body.follows)
+    asked = ask_input(fields, svc.settings)
+    context = await follow_up(svc, access(request), who, fields["follows"])
     record = await answers.ask(svc, access(request), who, asked, idempotency_key(key), context)
     qid = record.id
     if asked.stream:
