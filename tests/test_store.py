@@ -409,6 +409,29 @@ def test_next_entry_id_is_now_or_just_after_the_last() -> None:
     assert next_entry_id("1800-2", 1700) == "1800-3"  # a clock behind the stream's
 
 
+async def test_a_lane_whose_connection_redis_closed_writes_on_a_new_one(
+    store: Store, redis: Redis
+) -> None:
+    """Redis closed the writer's idle connection (a restart, CLIENT KILL): the next batch
+    goes on a new connection instead of ending its answers."""
+    asked = await store.ask("t", "q")
+    epoch, after = await store.begin_answer(asked.id)
+    puts = numbered(asked.id, epoch, after, ["a ", "b "], 1_000)
+    lane = store.lane()
+    assert lane is not None
+    try:
+        await store.write_batch(puts[:1], lane)
+        clients: Any = await redis.client_list()
+        ours = [c["id"] for c in clients if c.get("name", "").endswith("-write")]
+        assert len(ours) == 1
+        assert await redis.client_kill_filter(_id=ours[0]) == 1
+        (done,) = await store.write_batch(puts[1:], lane)
+    finally:
+        await lane.aclose()
+    assert done.entry_id == puts[1].entry_id
+    assert [e.text for e in await store.read_all(asked.id)] == ["a ", "b "]
+
+
 async def test_open_answer_reads_the_record_and_begins_in_one_call(store: Store) -> None:
     """What a worker taking a request needs: the record, and a new epoch with where its
     writes start, only while the answer is still to give; nothing for a gone record."""

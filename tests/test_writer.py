@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -345,13 +346,15 @@ async def test_an_answer_whose_end_finds_the_stream_behind(
     assert [e.type for e in entries].count(entries[-1].type) == 1
 
 
+@pytest.mark.parametrize("drops", [1, 2])
 async def test_a_batch_that_never_reached_redis_is_written_before_the_end(
-    make_settings: Callable[..., Settings], redis: Redis
+    make_settings: Callable[..., Settings], redis: Redis, drops: int
 ) -> None:
-    """A pipeline of appends is lost on the way to Redis (the connection cut before it got
-    there) and the client does not retry: the answer stops with an error, and its terminal
-    write, finding the stream behind, has the lost entries written first: the text the
-    model gave up to there, each piece once, then one `error`."""
+    """A batch of appends is lost on the way to Redis (the connection cut before it got
+    there). The writer sends it once more on a new connection: cut once, the answer ends
+    whole. Cut again, the answer stops with an error, and its terminal write, finding the
+    stream behind, has the lost entries written first: the text the model gave up to there,
+    each piece once, then one `error`."""
     pieces = [f"{n} " for n in range(12)]
     async with _ReplyDropper(make_settings().redis_url or "") as proxy:
         client = Redis.from_url(proxy.url, decode_responses=True)  # no retries
@@ -361,18 +364,23 @@ async def test_a_batch_that_never_reached_redis_is_written_before_the_end(
         try:
             asked = await store.ask("t", "q")
             request = QuestionRequest(asked.id, "t", "q")
-            model = _GatedModel(pieces, before={4: proxy.drop_next_request})
+            drop = functools.partial(proxy.drop_next_request, drops)
+            model = _GatedModel(pieces, before={4: drop})
             model.finish.set()
             gen = Generator(store, writer, model, Timeouts(5, 5))
             status = await asyncio.wait_for(Answer(store, request, None).run(gen), 30)
         finally:
             await writer.stop()
             await client.aclose()
-    assert proxy.dropped == 1
+    assert proxy.dropped == drops
     entries = await make_store(make_settings(), redis).read_all(asked.id)
+    text = answer_text(entries)
+    if drops == 1:
+        assert status is Status.DONE and entries[-1].type is EntryType.END
+        assert text == "".join(pieces)
+        return
     assert status is Status.FAILED and entries[-1].type is EntryType.ERROR
     assert [e.type for e in entries].count(EntryType.ERROR) == 1
-    text = answer_text(entries)
     assert text in {"".join(pieces[:n]) for n in range(5, 13)}, text
 
 
@@ -420,7 +428,7 @@ class _ReplyDropper:
         self._port = urlsplit(redis_url).port
         self._server: asyncio.Server | None = None
         self._armed = False
-        self._armed_request = False
+        self._armed_request = 0  # requests still to drop
         self._open: set[asyncio.WriteTransport] = set()
         self.dropped = 0
         self.url = ""
@@ -428,8 +436,8 @@ class _ReplyDropper:
     def drop_next_reply(self) -> None:
         self._armed = True
 
-    def drop_next_request(self) -> None:
-        self._armed_request = True
+    def drop_next_request(self, times: int = 1) -> None:
+        self._armed_request = times
 
     async def __aenter__(self) -> _ReplyDropper:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -451,7 +459,7 @@ class _ReplyDropper:
         async def upstream() -> None:
             while data := await reader.read(65536):
                 if self._armed_request and b"EVAL" in data.upper():
-                    self._armed_request = False
+                    self._armed_request -= 1
                     self.dropped += 1
                     writer.transport.abort()
                     up_writer.transport.abort()

@@ -196,10 +196,21 @@ class Lane:
         self._lock = asyncio.Lock()
 
     async def exchange(self, payload: bytes, replies: int) -> list[Any]:
+        """`exchange` on this lane's connection. One that Redis closed while it was idle (a
+        restart; a pool finds those when it hands a connection out) fails at once: the
+        payload goes once more, on a new connection. What is sent on a lane must be safe to
+        run twice (the store's numbered writes are)."""
         async with self._lock:
+            was_open = self._conn.is_connected
             try:
                 async with asyncio.timeout(LANE_TIMEOUT_S):
-                    return await exchange(self._conn, payload, replies)
+                    try:
+                        return await exchange(self._conn, payload, replies)
+                    except RedisConnectionError:
+                        if not was_open:
+                            raise
+                        log.info("Redis closed the writing connection; writing on a new one")
+                        return await exchange(self._conn, payload, replies)
             except TimeoutError:
                 raise RedisTimeoutError(
                     f"Redis did not answer a write within {LANE_TIMEOUT_S:.0f} s"
