@@ -25,7 +25,7 @@ from tokenrelay.gateway.hosts import HostGuard, OriginPolicy, allowed_hosts
 from tokenrelay.gateway.http import router
 from tokenrelay.gateway.openai_compat import router as openai_router
 from tokenrelay.gateway.packets import TolerantPacket
-from tokenrelay.gateway.quick_ask import QuickAsk
+from tokenrelay.gateway.quick_routes import QuickRoutes
 from tokenrelay.gateway.sockets import SocketGateway
 from tokenrelay.services import Services, open_services
 from tokenrelay.settings import Settings, load_settings
@@ -135,8 +135,8 @@ def create_app(
         return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
 
     api.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
-    # Innermost (added first): inside the body limit and CORS, as the route it stands in for.
-    api.add_middleware(QuickAsk)
+    # Innermost (added first): inside the body limit and CORS, as the routes it stands in for.
+    api.add_middleware(QuickRoutes)
     if origins:
         api.add_middleware(
             CORSMiddleware,

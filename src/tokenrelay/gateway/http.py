@@ -112,7 +112,7 @@ async def ask(body: AskBody, request: Request, who: Who, key: IdempotencyKey = N
 
 async def ask_with(request: Request, who: Caller, fields: dict[str, Any], key: str | None) -> Any:
     """`ask`'s work, from its body's fields as `AskBody.model_dump()` gives them (also called
-    by gateway/quick_ask.py, which takes the plain asks past FastAPI's machinery)."""
+    by gateway/quick_routes.py, which takes the plain asks past FastAPI's machinery)."""
     svc = services(request)
     asked = ask_input(fields, svc.settings)
     context = await follow_up(svc, access(request), who, fields["follows"])
@@ -215,6 +215,13 @@ async def events(
 ) -> Any:
     """Server-Sent Events: `id:` is the entry ID, `event:` its type, `data:` the same JSON
     as the Socket.IO `answer` event. Reconnect with `Last-Event-ID` or `?after=`."""
+    return await events_for(request, who, qid, after, last_event_id)
+
+
+async def events_for(
+    request: Request, who: Caller, qid: str, after: str | None, last_event_id: str | None
+) -> EventStream:
+    """`events`' work (also called by gateway/quick_routes.py)."""
     cursor = parse_cursor(last_event_id if last_event_id is not None else after)
     record, cursor = await attached(request, qid, who, cursor)
     svc = services(request)

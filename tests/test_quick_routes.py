@@ -1,6 +1,6 @@
-"""`POST /api/questions` past FastAPI's machinery (gateway/quick_ask.py): it takes exactly the
-asks the route would take as they are, answers them as the route does, and hands every
-other request to the route untouched."""
+"""The SSE ask's two requests past FastAPI's machinery (gateway/quick_routes.py): it takes
+exactly the asks the route would take as they are, answers them and their event streams as
+the routes do, and hands every other request to the routes untouched."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from starlette.types import Message, Receive, Scope, Send
 from tests.conftest import running_gateway
 from tokenrelay.gateway.access import Access
 from tokenrelay.gateway.http import AskBody
-from tokenrelay.gateway.quick_ask import ASK_PATH, QuickAsk, plain_ask
+from tokenrelay.gateway.quick_routes import ASK_PATH, QuickRoutes, plain_ask
 from tokenrelay.services import open_services
 from tokenrelay.settings import Settings
 
@@ -87,7 +87,7 @@ async def test_plain_asks_skip_the_route_and_others_reach_it_untouched(
         async def route(scope: Scope, receive: Receive, send: Send) -> None:
             routed.append((await receive())["body"])
 
-        quick = QuickAsk(route)
+        quick = QuickRoutes(route)
         sent: list[Message] = []
 
         async def send(message: Message) -> None:
@@ -107,6 +107,17 @@ async def test_plain_asks_skip_the_route_and_others_reach_it_untouched(
             await quick(_scope(app, kind), _one_body(other), send)
             assert routed[-1] == other
         assert len(routed) == 3
+
+        sent.clear()
+        events = {**_scope(app), "method": "GET", "path": f"/api/questions/{'x' * 22}/events"}
+        await quick(events, _one_body(b""), send)
+        assert len(routed) == 3 and sent[0]["status"] == 404
+        assert orjson.loads(sent[1]["body"]) == {
+            "error": f"no question with id {'x' * 22!r} (never asked, or expired)"
+        }
+        await quick({**events, "method": "HEAD"}, _one_body(b""), send)
+        await quick({**events, "path": events["path"] + "/"}, _one_body(b""), send)
+        assert len(routed) == 5
 
 
 async def _reply(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[int, str, Any]:

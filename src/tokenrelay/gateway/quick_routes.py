@@ -1,16 +1,20 @@
-"""`POST /api/questions` past FastAPI's per-request machinery, for the asks it would take as
-they are; every other request goes on to the FastAPI route, which answers it as always.
+"""The two requests of every SSE ask, `POST /api/questions` and `GET /api/questions/{id}/events`,
+past FastAPI's per-request machinery when the route would take them as they are; every
+other request goes on to the FastAPI routes, which answer it as always.
 
 In-process, an ask cost the gateway ~430 us of CPU, two thirds of it routing, dependency
 solving and validation around the handler (py-spy); 100 asks at once queue that long on
-the event loop, one behind the other, before the last one is queued in Redis. Here a JSON
-object of `AskBody`'s fields and types, as strict validation takes it, goes straight to
-the route's own work (`http.ask_with`), with the same caller, the same errors and the
-same reply. It sits inside the user middleware (body limit, CORS) like the route.
+the event loop, one behind the other, before the last one is queued in Redis, and their
+100 event streams after them. Here an ask whose body is a JSON object of `AskBody`'s
+fields and types, as strict validation takes it, and any GET of an answer's events go
+straight to the routes' own work (`http.ask_with`, `http.events_for`), with the same
+caller, the same errors and the same reply. It sits inside the user middleware (body
+limit, CORS) like the routes.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -21,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenrelay.gateway import error_replies, http
 
 ASK_PATH = "/api/questions"
+EVENTS_PATH = re.compile(r"/api/questions/([^/]+)/events")  # the route's `{qid}`: [^/]+
 _NOTHING = object()
 # AskBody's fields: the types strict validation takes from JSON, and the default.
 _FIELDS: dict[str, tuple[tuple[type, ...], object]] = {
@@ -55,20 +60,26 @@ def _json(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-class QuickAsk:
+class QuickRoutes:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            or scope["path"] != ASK_PATH
-            or scope.get("root_path")
-            or not _json(scope["headers"])
-        ):
+        if scope["type"] != "http" or scope.get("root_path"):
             await self.app(scope, receive, send)
             return
+        method, path = scope["method"], scope["path"]
+        if method == "POST" and path == ASK_PATH and _json(scope["headers"]):
+            await self._ask(scope, receive, send)
+            return
+        events = EVENTS_PATH.fullmatch(path) if method == "GET" else None
+        if events is not None:
+            response = await _events(Request(scope, receive), events[1])
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _ask(self, scope: Scope, receive: Receive, send: Send) -> None:
         received: list[Message] = []
         try:
             body = await _read_body(receive, received)
@@ -125,3 +136,13 @@ async def _ask(request: Request, fields: dict[str, Any]) -> Response:
     if isinstance(result, Response):
         return result
     return JSONResponse(result, status_code=202)
+
+
+async def _events(request: Request, qid: str) -> Response:
+    """The events route's answer: its caller, query and header, its stream or error."""
+    try:
+        who = await http.caller(request, await http.bearer(request))
+        after = request.query_params.get("after")
+        return await http.events_for(request, who, qid, after, request.headers.get("last-event-id"))
+    except error_replies.HANDLED as e:
+        return error_replies.reply(e)
