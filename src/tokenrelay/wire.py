@@ -119,7 +119,10 @@ class Entry:
 
     @classmethod
     def from_flat(cls, entry_id: str, flat: list[str]) -> Entry:
-        """From a raw reply's `[field, value, field, value, ...]`."""
+        """From a raw reply's `[field, value, field, value, ...]`. A chunk as the worker
+        writes it (most entries a gateway reads) is taken as it is: 0.9 instead of 2.9 us."""
+        if len(flat) == 4 and flat[1] == "chunk" and flat[0] == "type" and flat[2] == "data":
+            return cls(EntryType.CHUNK, flat[3], entry_id=entry_id)
         it = iter(flat)
         return cls.from_fields(entry_id, dict(zip(it, it, strict=True)))
 
