@@ -1,11 +1,12 @@
 """What reading one streamed chunk from an OpenAI-compatible server costs a worker, by client.
 
 Measures, in this process's own CPU time, the worker's real `openai` provider
-(`OpenAIProvider.stream`, what a worker runs per answer, on tokenrelay's own HTTP/1.1
-client), the same provider on the httpx client it had before (`openai_provider_httpx`,
-the baseline for that client), the official `openai` SDK and two bare lean readers of
-the same server-sent events (httpx and aiohttp, each parsing with orjson), with the mock
-model in another process. The readers take turns, `--rounds` times over. Run it alone with
+(`OpenAIProvider.stream` on tokenrelay's own HTTP/1.1 client, and `OpenAIProvider.pump`,
+the pushed read a worker runs per answer: `openai_provider_pushed`), the same provider
+on the httpx client it had before (`openai_provider_httpx`, the baseline for that
+client), the official `openai` SDK and two bare lean readers of the same server-sent
+events (httpx and aiohttp, each parsing with orjson), with the mock model in another
+process. The readers take turns, `--rounds` times over. Run it alone with
 `python -m bench.sdkcost` (`--help` for streams, tokens, rates and readers).
 """
 
@@ -59,6 +60,16 @@ def _count(events: list[bytes]) -> int:
     return n
 
 
+async def _ready() -> None:
+    pass
+
+
+async def _pushed(provider: OpenAIProvider, question: str) -> int:
+    items: list[object] = []
+    await provider.pump(Prompt("cost", question), items.append, _ready)
+    return sum(isinstance(item, str) for item in items)
+
+
 async def measure(
     base_url: str,
     streams: int,
@@ -98,6 +109,9 @@ async def measure(
     async def with_provider(q: str) -> int:
         return sum([isinstance(item, str) async for item in provider.stream(Prompt("cost", q))])
 
+    async def with_provider_pushed(q: str) -> int:
+        return await _pushed(provider, q)
+
     async def with_provider_on_httpx(q: str) -> int:
         return sum([isinstance(item, str) async for item in on_httpx.stream(Prompt("cost", q))])
 
@@ -125,6 +139,7 @@ async def measure(
 
     readers: dict[str, Reader] = {
         "openai_provider": with_provider,
+        "openai_provider_pushed": with_provider_pushed,
         "openai_provider_httpx": with_provider_on_httpx,
         "openai_sdk": with_sdk,
         "httpx_orjson": with_httpx,

@@ -3,7 +3,8 @@
 A model streams one small chunk per token. httpx reads each through httpcore's pure-Python
 parser (h11, two events per chunk) and four nested async generators; here the socket's
 bytes go straight into llhttp as they arrive, the body's pieces wait in a buffer (the
-socket paused only when a reader falls far behind), and a read takes what has arrived.
+socket paused only when a reader falls far behind), and a read takes what has arrived; or,
+diverted, each piece goes to a callback as it arrives.
 The read timeout is one timer per connection, moved only when it fires. The pool, TLS
 and proxies are `h1pool`'s.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -83,6 +85,9 @@ class Connection(asyncio.Protocol):
         self._got_bytes = False
         self._body: deque[bytes] = deque()
         self._size = 0
+        # Where the body's pieces go instead (`divert`), and what it raised.
+        self._sink: Callable[[bytes], bool] | None = None
+        self._sunk: Exception | None = None
         # The read timeout: one timer per connection, moved forward only when it fires.
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -103,6 +108,11 @@ class Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:  # 101 too
             self._fail(HTTPFailure(f"the server's reply is not valid HTTP/1.1 ({e})"))
+            return
+        if self._sink is not None and not self._complete:
+            # Diverted: the reader waits for the end only, and these bytes were the next ones.
+            if self.timeout_s is not None:
+                self._deadline = self._loop.time() + self.timeout_s
             return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -133,6 +143,9 @@ class Connection(asyncio.Protocol):
         self._head = not self._informational
 
     def on_body(self, body: bytes) -> None:
+        if self._sink is not None:
+            self._pass(body)
+            return
         self._body.append(body)
         self._size += len(body)
         if self._size > _HIGH_WATER and not self._paused:
@@ -174,8 +187,11 @@ class Connection(asyncio.Protocol):
         return headers
 
     async def read(self) -> bytes:
-        """The body bytes that have arrived (waiting for some); b"" at the body's end."""
+        """The body bytes that have arrived (waiting for some); b"" at the body's end.
+        While diverted, the body's end, or what the sink raised."""
         while not self._body:
+            if self._sunk is not None:
+                raise self._sunk
             if self._complete:
                 return b""
             if self._error is not None:
@@ -197,6 +213,21 @@ class Connection(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
         return data
+
+    def divert(self, sink: Callable[[bytes], bool]) -> None:
+        """Hand the body's pieces to `sink` as they arrive, from the I/O callback, instead of
+        keeping them for `read`: no task wakes up per piece (`bench.sdkcost`, 50 answers at
+        20 tokens/s: ~30 -> ~25 us per chunk). The read timeout counts from the last bytes.
+        `sink` returns False to have the pieces after it kept for `read` again; what it
+        raises ends the diversion too, and `read` raises it."""
+        self._sink = sink
+        while self._body and self._sink is not None:
+            data = self._body.popleft()
+            self._size -= len(data)
+            self._pass(data)
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
 
     def finish(self) -> bool:
         """Done with the response: True if the connection may serve another request."""
@@ -224,7 +255,20 @@ class Connection(asyncio.Protocol):
 
     # internals
 
+    def _pass(self, body: bytes) -> None:
+        """A piece of the body to the sink; its end (False, or an error) wakes the reader."""
+        assert self._sink is not None
+        try:
+            more = self._sink(body)
+        except Exception as e:  # the reader's to raise, in its own task
+            more, self._sunk = False, e
+        if not more:
+            self._sink = None
+            self._wake()
+
     def _reset(self) -> None:
+        self._sink = None
+        self._sunk = None
         self.status = 0
         self._headers = []
         self._head = self._complete = self._keep_alive = False

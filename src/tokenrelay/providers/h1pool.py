@@ -48,9 +48,17 @@ class Response:
         self._conn = conn
         self._closed = False
         encoding = headers.get("content-encoding", "identity").strip().lower()
+        self._plain = encoding in ("identity", "")
         self.read: Callable[[], Awaitable[bytes]] = (
-            conn.read if encoding in ("identity", "") else self._decoded(Decoder(encoding))
+            conn.read if self._plain else self._decoded(Decoder(encoding))
         )
+
+    def divert(self, sink: Callable[[bytes], bool]) -> bool:
+        """The body's pieces to `sink` as they arrive (`Connection.divert`); `read` then
+        waits for the end. False, nothing diverted, for an encoded body."""
+        if self._plain:
+            self._conn.divert(sink)
+        return self._plain
 
     async def drain(self, timeout_s: float) -> None:
         """Read what is left of the body for at most `timeout_s` (its end keeps the

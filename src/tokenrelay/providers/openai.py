@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import httpx
 import orjson
 
 from tokenrelay.errors import ConfigError, ProviderError
-from tokenrelay.providers.base import Finish, Prompt, Reasoning, ToolCall
+from tokenrelay.providers.base import Finish, Item, Prompt, Reasoning, ToolCall
 from tokenrelay.providers.h1 import HTTPFailure, HTTPStatusError, HTTPTimeout
 from tokenrelay.providers.h1pool import H1Client, Response
 from tokenrelay.providers.retry import retry_after_s, retry_delay_s, should_retry
@@ -95,59 +95,66 @@ class OpenAIProvider:
 
     async def stream(self, prompt: Prompt) -> AsyncIterator[str | Finish | Reasoning | ToolCall]:
         response = await self._open(self._request_body(prompt))
-        decoder = SSEDecoder()
-        reason: str | None = None
-        usage: Any = None
-        done = False
+        body = _Body(self)
         read = response.read
         try:
             try:
                 while data := await read():
-                    for payload in decoder.feed(data):
-                        if payload.startswith(b"[DONE]"):
-                            done = True
-                            break
-                        chunk = orjson.loads(payload)
-                        text, finish, extras = self._read(chunk)
-                        usage = chunk.get("usage") or usage
-                        reason = finish or reason
-                        for extra in extras:
-                            yield extra
-                        if text:
-                            yield text
-                    if done:
+                    for item in body.items(data):
+                        yield item
+                    if body.done:
                         # Read the body's end, so that the connection is kept for reuse.
                         await response.drain(_DRAIN_S)
                         break
-            except HTTPTimeout as e:
-                raise self._timeout(e) from e
-            except HTTPFailure as e:
-                raise self._fail(
-                    "incomplete",
-                    f"the connection to {self._url} broke mid-answer ({_say(e)})",
-                    retryable=True,
-                ) from e
-            except ValueError as e:  # a chunk that is not JSON
-                raise self._fail(
-                    "malformed",
-                    f"{self._url} sent a stream chunk tokenrelay cannot read "
-                    f"({type(e).__name__}: {e}); is it an OpenAI-compatible server?",
-                ) from e
+            except (HTTPFailure, ValueError) as e:
+                raise self._mid_answer(e) from e
         finally:
             # Synchronous, so that a cancelled consumer still hangs up and the server stops
             # generating; a response not read to its end closes its connection.
             response.close()
-        if reason is None:
-            raise self._fail(
-                "incomplete",
-                f"the answer from {self._url} was cut short: the stream ended without a finish "
-                "reason; the server or a proxy in between closed it",
-                retryable=True,
-            )
-        usage = usage if isinstance(usage, dict) else {}
-        yield Finish(
-            reason, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
-        )
+        yield self._finish(body)
+
+    async def pump(
+        self,
+        prompt: Prompt,
+        take: Callable[[Item], None],
+        ready: Callable[[], Awaitable[None]],
+    ) -> None:
+        """`stream`, pushed: each item goes to `take` as its bytes arrive, called from the
+        connection's I/O callback, so the consumer's task is not woken per chunk; this
+        returns after the Finish (or raises what `stream` raises, or what `take` raised).
+        `ready` is awaited once the model has answered, before the first item."""
+        response = await self._open(self._request_body(prompt))
+        body = _Body(self)
+        taken: Exception | None = None
+
+        def sink(data: bytes) -> bool:
+            for item in body.items(data):
+                try:
+                    take(item)
+                except Exception as e:  # the consumer's own: past the provider's handling
+                    raise _Taken(e) from None
+            return not body.done
+
+        try:
+            await ready()
+            try:
+                response.divert(sink)
+                # Diverted, a read returns at the body's end or after [DONE]; an encoded
+                # body is read here.
+                while not body.done and (data := await response.read()):
+                    sink(data)
+                if body.done:
+                    await response.drain(_DRAIN_S)  # so that the connection is kept
+            except _Taken as e:
+                taken = e.error
+            except (HTTPFailure, ValueError) as e:
+                raise self._mid_answer(e) from e
+        finally:
+            response.close()  # synchronous: see `stream`
+        if taken is not None:
+            raise taken
+        take(self._finish(body))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -224,6 +231,35 @@ class OpenAIProvider:
                     extras += _extras(delta)
             finish = choice.get("finish_reason") or finish
         return text, finish if isinstance(finish, str) else None, extras
+
+    def _finish(self, body: _Body) -> Finish:
+        if body.reason is None:
+            raise self._fail(
+                "incomplete",
+                f"the answer from {self._url} was cut short: the stream ended without a finish "
+                "reason; the server or a proxy in between closed it",
+                retryable=True,
+            )
+        usage = body.usage if isinstance(body.usage, dict) else {}
+        return Finish(
+            body.reason, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        )
+
+    def _mid_answer(self, e: HTTPFailure | ValueError) -> ProviderError:
+        """What a failure while the answer's body is read reports."""
+        if isinstance(e, HTTPTimeout):
+            return self._timeout(e)
+        if isinstance(e, HTTPFailure):
+            return self._fail(
+                "incomplete",
+                f"the connection to {self._url} broke mid-answer ({_say(e)})",
+                retryable=True,
+            )
+        return self._fail(  # a chunk that is not JSON
+            "malformed",
+            f"{self._url} sent a stream chunk tokenrelay cannot read "
+            f"({type(e).__name__}: {e}); is it an OpenAI-compatible server?",
+        )
 
     @property
     def _retries(self) -> str:
@@ -310,6 +346,40 @@ class OpenAIProvider:
             f"the model server at {url} rejected the request for model {self._model!r} "
             f"({status}: {detail}); check OPENAI_MODEL",
         )
+
+
+class _Body:
+    """What an answer's streamed body said so far: its items, finish reason and usage."""
+
+    __slots__ = ("_feed", "_read", "done", "reason", "usage")
+
+    def __init__(self, provider: OpenAIProvider) -> None:
+        self._feed = SSEDecoder().feed
+        self._read = provider._read
+        self.done = False  # [DONE] came: what follows is not read
+        self.reason: str | None = None
+        self.usage: Any = None
+
+    def items(self, data: bytes) -> Iterator[str | Reasoning | ToolCall]:
+        for payload in self._feed(data):
+            if payload.startswith(b"[DONE]"):
+                self.done = True
+                return
+            chunk = orjson.loads(payload)
+            text, finish, extras = self._read(chunk)
+            self.usage = chunk.get("usage") or self.usage
+            self.reason = finish or self.reason
+            yield from extras
+            if text:
+                yield text
+
+
+class _Taken(Exception):
+    """Carries what `pump`'s consumer raised out of the I/O callback, untouched."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 def _count(value: object) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +13,16 @@ from redis.exceptions import RedisError
 
 from tokenrelay import logs, metrics
 from tokenrelay.errors import Fenced, ProviderError, Rewound, StoreError
-from tokenrelay.providers.base import Finish, Prompt, Provider, Reasoning, ToolCall, Waiting
-from tokenrelay.providers.guard import Timeouts, close_stream, guarded
+from tokenrelay.providers.base import (
+    Finish,
+    Item,
+    Prompt,
+    Provider,
+    Reasoning,
+    ToolCall,
+    Waiting,
+)
+from tokenrelay.providers.guard import Pump, Timeouts, close_stream, guarded, pumped
 from tokenrelay.store import Store, answer_text, next_entry_id, now_ms
 from tokenrelay.wire import (
     STATUS_OF_TERMINAL,
@@ -263,8 +271,35 @@ class Answer:
             request.options,
             self.record.caller,
         )
-        stream = gen.provider.stream(prompt)
-        items = guarded(stream, gen.timeouts)
+        pump: Pump | None = getattr(gen.provider, "pump", None)
+        if pump is not None:
+            finish = await self._pumped(pump, prompt, box, gen.timeouts)
+        else:
+            finish = await self._pulled(gen.provider.stream(prompt), box, gen.timeouts)
+        await box.drain()
+        if box.cancel_requested:
+            raise _Cancelled
+        return finish
+
+    async def _pumped(self, pump: Pump, prompt: Prompt, box: Outbox, timeouts: Timeouts) -> Finish:
+        """A provider that pushes its items: each is queued from the model's I/O callback,
+        without a wake-up of this task per chunk."""
+        finish = Finish()
+
+        def take(item: Item) -> None:
+            nonlocal finish
+            if box.cancel_requested:
+                raise _Cancelled
+            if isinstance(item, Waiting):  # a provider that queues pulls (see _pulled)
+                raise TypeError("a pushing provider sent Waiting")
+            if (done := self._take(box, item)) is not None:
+                finish = done
+
+        await pumped(pump, prompt, take, self._started, timeouts)
+        return finish
+
+    async def _pulled(self, stream: AsyncIterator[Item], box: Outbox, timeouts: Timeouts) -> Finish:
+        items = guarded(stream, timeouts)
         finish = Finish()
         try:
             async for item in items:
@@ -272,28 +307,31 @@ class Answer:
                     await self._started()
                 if box.cancel_requested:
                     raise _Cancelled
-                if type(item) is str:  # most items: checked first
-                    self._text(box, item)
-                elif isinstance(item, Finish):
-                    finish = item
-                elif isinstance(item, Reasoning | ToolCall):
-                    self._extra(box, item)
-                elif isinstance(item, Waiting):
+                if isinstance(item, Waiting):
                     # Waiting writes nothing when nothing changed: read the flag itself, so
                     # a cancel reaches an answer still queued for a local model.
                     if await self.store.cancel_requested(self.request.id):
                         raise _Cancelled
                     self._waiting(box, item.ahead)
-                else:
-                    self._text(box, item)
+                elif (done := self._take(box, item)) is not None:
+                    finish = done
         finally:
             # Close now, not at garbage collection: it ends the model's HTTP stream.
             await items.aclose()
             await close_stream(stream)
-        await box.drain()
-        if box.cancel_requested:
-            raise _Cancelled
         return finish
+
+    def _take(self, box: Outbox, item: str | Finish | Reasoning | ToolCall) -> Finish | None:
+        """Queue what the model said; its Finish is returned, not queued."""
+        if type(item) is str:  # most items: checked first
+            self._text(box, item)
+        elif isinstance(item, Finish):
+            return item
+        elif isinstance(item, Reasoning | ToolCall):
+            self._extra(box, item)
+        else:
+            self._text(box, item)
+        return None
 
     def _waiting(self, box: Outbox, ahead: int) -> None:
         if ahead != self._ahead:
