@@ -64,6 +64,8 @@ from tokenrelay.keys import Keys
 from tokenrelay.relay import BELL_COUNT, _bell_command, _Reader, _ReadSet
 from tokenrelay.services import Services
 from tokenrelay.settings import Settings
+from tokenrelay.store import Limits, Put, Store
+from tokenrelay.store.answers import _APPEND_MANY_SHA, WRITES_PER_CALL
 from tokenrelay.wire import Entry, EntryType, dumps
 
 # -- redis-py: the relay's hand-packed XREAD ---------------------------------------------
@@ -171,6 +173,38 @@ async def test_the_hand_packed_xread_is_what_redis_py_would_send(redis_url: str,
             "XREAD", "COUNT", 1, "BLOCK", 0, "STREAMS", key, "1700000000000-12"
         )
         assert read.command(1, 0) == b"".join(expected)
+
+
+async def test_the_hand_packed_writes_are_what_redis_py_would_send(redis_url: str) -> None:
+    """store.write_batch's EVALSHAs (answers.py `_packed`): a chunk's fields joined ahead of
+    time, other entries' fields one by one; cut every WRITES_PER_CALL writes."""
+    keys = Keys("contract:")
+    store = Store(Redis(), keys, Limits(60, 10, 1000, 10, 10))
+    entries = [
+        Entry(EntryType.CHUNK, "ünï "),
+        Entry(EntryType.START, meta={"topic": "t", "question": "q"}),
+        Entry(EntryType.CHUNK, ""),
+    ]
+    puts = [
+        Put(f"q{n}", entry, n, f"{n}-0", "" if n == 0 else f"{n - 1}-0")
+        for n, entry in enumerate(entries * 40)
+    ]
+    async with single(redis_url) as client:
+        conn = await _connection(client)
+        expected: list[bytes] = []
+        for at in range(0, len(puts), WRITES_PER_CALL):
+            part = puts[at : at + WRITES_PER_CALL]
+            names = [keys.written]
+            args: list[str | int] = [1000]
+            for put in part:
+                names += [keys.answer(put.question_id), keys.question(put.question_id)]
+                fields = put.entry.fields()
+                args += [put.epoch, put.entry_id, put.after, 2 * len(fields)]
+                args += [x for pair in fields.items() for x in pair]
+            expected += conn.pack_command("EVALSHA", _APPEND_MANY_SHA, len(names), *names, *args)
+        payload, calls = store._packed(puts)
+    assert calls == 2 == -(-len(puts) // WRITES_PER_CALL)
+    assert payload == b"".join(expected)
 
 
 @pytest.mark.parametrize("key", ["plain", "ünïcode-é", "{q:tag}:answer"])

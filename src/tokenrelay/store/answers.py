@@ -144,6 +144,8 @@ _APPEND_MANY_SHA = hashlib.sha1(_APPEND_MANY.encode()).hexdigest()
 # Writes per script call: a call runs alone on the server, so a long batch is cut in parts.
 WRITES_PER_CALL = 100
 _MANY_SHA_BULK = bulk(_APPEND_MANY_SHA)
+# A chunk's field count and names, and the name of its text, as _APPEND_MANY takes them.
+_CHUNK_FIELDS = b"".join(bulk(part) for part in ("4", "type", EntryType.CHUNK.value, "data"))
 
 # KEYS: answer stream, record[, doorbell]. ARGV: epoch, maxlen, retention_s, id, after ("*":
 # write after whatever the stream holds), n, then n record field/value pairs, then the
@@ -394,22 +396,24 @@ class Answers(StoreBase):
             part = puts[at : at + WRITES_PER_CALL]
             keys: list[bytes] = [doorbell]
             args: list[bytes] = [maxlen]
+            count = 1  # the arguments in `args` (one of its items may hold several)
             for put in part:
-                fields = put.entry.fields()
                 keys += (
                     bulk(self.keys.answer(put.question_id)),
                     bulk(self.keys.question(put.question_id)),
                 )
-                args += (
-                    bulk(str(put.epoch)),
-                    bulk(put.entry_id),
-                    bulk(put.after),
-                    bulk(str(2 * len(fields))),
-                )
+                args += (bulk(str(put.epoch)), bulk(put.entry_id), bulk(put.after))
+                if put.entry.type is EntryType.CHUNK:  # most writes: the fields' names as bytes
+                    args += (_CHUNK_FIELDS, bulk(put.entry.text))
+                    count += 8
+                    continue
+                fields = put.entry.fields()
+                args.append(bulk(str(2 * len(fields))))
                 for name, value in fields.items():
                     args += (bulk(name), bulk(value))
+                count += 4 + 2 * len(fields)
             head = b"*%d\r\n$7\r\nEVALSHA\r\n%b%b" % (
-                3 + len(keys) + len(args),
+                3 + len(keys) + count,
                 _MANY_SHA_BULK,
                 bulk(str(len(keys))),
             )
