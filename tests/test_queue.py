@@ -86,7 +86,8 @@ async def test_one_caller_at_its_cap_does_not_delay_another(
     make_settings: Callable[..., Settings],
 ) -> None:
     """Caller A holds its maximum of unfinished questions; caller B's first token comes
-    within 2x of what it takes on an idle server, and A's next ask is refused with 429."""
+    within 2x of what it takes on an idle server (or 0.25 s more: a shared machine's noise;
+    queued behind A's answers it would wait seconds), and A's next ask is refused with 429."""
     greedy, polite = "a" * 24, "b" * 24
     settings = make_settings(
         api_keys=f"{greedy},{polite}",
@@ -109,7 +110,7 @@ async def test_one_caller_at_its_cap_does_not_delay_another(
     assert all(r.status_code == 202 for r in held)
     assert over.status_code == 429 and int(over.headers["Retry-After"]) > 0
     assert "20 questions" in over.json()["error"]
-    assert busy <= max(2 * idle, idle + 0.05), (idle, busy)
+    assert busy <= max(2 * idle, idle + 0.25), (idle, busy)
     record(
         "One caller at its cap beside another (fair share)",
         order=901,

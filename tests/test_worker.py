@@ -12,9 +12,11 @@ from contextlib import contextmanager
 
 import httpx
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from tests.conftest import running_gateway
 from tests.support.sse import Event, events
+from tokenrelay.keys import WORKER_GROUP
 from tokenrelay.providers.guard import Timeouts
 from tokenrelay.providers.scripted import ScriptedProvider
 from tokenrelay.services import make_store
@@ -150,10 +152,25 @@ async def test_diverging_regeneration_writes_restart(
     assert (await store.record(record.id)).status.value == "done"
 
 
-async def test_worker_stops_gracefully_on_sigterm(make_settings: Callable[..., Settings]) -> None:
+async def test_worker_stops_gracefully_on_sigterm(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
     settings = make_settings()
     with worker_process(settings) as proc:
-        await asyncio.sleep(1.5)
+        # Running: it reads the request stream as a consumer of the group (a SIGTERM before
+        # its handler is set, on a loaded machine, would end it by the default action).
+        stream = make_store(settings, redis).keys.requests
+        async with asyncio.timeout(60):
+            while not await _consumers(redis, stream):
+                assert proc.poll() is None, "the worker exited before it started"
+                await asyncio.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 15)
     assert code == 0
+
+
+async def _consumers(redis: Redis, stream: str) -> int:
+    try:
+        return len(await redis.xinfo_consumers(stream, WORKER_GROUP))
+    except ResponseError:  # no stream or group yet
+        return 0
