@@ -13,6 +13,8 @@ import pytest
 from pydantic import SecretStr
 
 from tests.support.rawhttp import Peer, RawServer
+from tokenrelay import Client
+from tokenrelay.client import AnswerFailed
 from tokenrelay.errors import ProviderError
 from tokenrelay.providers.base import Finish, Item, Prompt
 from tokenrelay.providers.guard import Timeouts, guarded, pumped
@@ -232,3 +234,29 @@ async def test_the_first_token_deadline_across_ready_is_guardeds(
             assert isinstance(items[-1], Finish)
     finally:
         await provider.aclose()
+
+
+async def test_a_cancel_ends_a_pushed_answer_and_hangs_up_on_the_model(
+    mock_gateway: tuple[str, MockLLM],
+) -> None:
+    """The cancel flag, learnt from a write, stops the pushed read between two chunks: the
+    answer ends cancelled with the text so far, and the model's stream is closed."""
+    url, mock = mock_gateway
+    question = "Too long? " + directive(tokens=400, rate=40)
+    async with Client(url) as client:
+        stream = await client.ask(question)
+        chunks = stream.chunks()
+        assert await anext(chunks)
+        assert await client.cancel(stream.id) is True
+        with pytest.raises(AnswerFailed) as caught:
+            async for _ in chunks:
+                pass
+        record, text = await client.question(stream.id)
+    assert caught.value.kind == "cancelled"
+    assert record.status == "cancelled"
+    assert 0 < len(text) < len("".join(answer_pieces(question)))
+    for _ in range(200):
+        if not mock.active_streams:
+            break
+        await asyncio.sleep(0.01)
+    assert mock.active_streams == 0
