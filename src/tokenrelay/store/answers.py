@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from tokenrelay.connection import Lane, bulk, call_packed, is_cluster
@@ -314,7 +315,14 @@ class Answers(StoreBase):
         is still to give (queued or streaming), this delivery's epoch and the id its writes
         start after (else 0 and "": nothing begun). None when the record is gone."""
         keys = [self.keys.question(question_id), self.keys.answer(question_id)]
-        reply: Any = await self._open(keys=keys)
+        if self._together is None:
+            reply: Any = await self._open(keys=keys)
+        else:  # with the other asks, reads and starts of the moment (a burst's)
+
+            async def queue(pipe: Pipeline) -> None:
+                await self._open(keys=keys, client=pipe)
+
+            reply = await self._together.call(queue)
         if not reply:
             return None
         flat = reply[0]

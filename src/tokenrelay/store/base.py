@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from tokenrelay.connection import is_cluster
 from tokenrelay.keys import Keys
+from tokenrelay.store.autopipeline import AutoPipeline
 
 
 def now_ms() -> int:
@@ -24,9 +26,11 @@ class Limits:
 
 
 class StoreBase:
-    """Holds no state but the client, names and limits."""
+    """Holds no state but the client, names, limits, and the batch of concurrent callers'
+    commands (`_together`, single node: see autopipeline.py)."""
 
     def __init__(self, redis: Redis, keys: Keys, limits: Limits) -> None:
         self.redis = redis
         self.keys = keys
         self.limits = limits
+        self._together = None if is_cluster(redis) else AutoPipeline(redis)

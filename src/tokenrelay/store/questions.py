@@ -8,9 +8,7 @@ from typing import Any
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
-from tokenrelay.connection import is_cluster
 from tokenrelay.errors import CallerFull, NotFound, Overloaded, StoreError
-from tokenrelay.store.autopipeline import AutoPipeline
 from tokenrelay.store.base import StoreBase, now_ms
 from tokenrelay.store.group import request_id as make_request_id
 from tokenrelay.store.group import split_request_id
@@ -82,8 +80,6 @@ class Questions(StoreBase):
         self._reserve = self.redis.register_script(_RESERVE)
         self._enqueue_script = self.redis.register_script(_ENQUEUE)
         self._ask_script = self.redis.register_script(_ASK)
-        # Asks and record reads of concurrent callers go together (single node).
-        self._together = None if is_cluster(self.redis) else AutoPipeline(self.redis)
 
     async def ask(
         self,

@@ -204,15 +204,21 @@ class Answer:
         return self.record
 
     async def _prepare(self, gen: Generator, *, resumed: bool) -> Status | None:
-        """Load the record and write the start entry; a status when nothing is left to do."""
+        """Load the record, begin this delivery (one round trip) and write the start entry;
+        a status when nothing is left to do."""
         provider = gen.provider
-        record = await self._load()
-        if record is None:
+        opened = await self.store.open_answer(self.request.id)
+        if opened is None:
+            log.warning(
+                "question %s has no record (expired?); dropping its request", self.request.id
+            )
+            await self._ack()
             return Status.FAILED
+        record, self.epoch, self._after = opened
+        self.record = record
         if record.status not in (Status.QUEUED, Status.STREAMING):
             await self._ack()  # finished before a crash could ack it
             return record.status
-        self.epoch, self._after = await self.store.begin_answer(self.request.id)
         self._box = gen.writer.outbox(self.request.id, self.epoch, self._after)
         if record.cancel_requested:
             return await self._end(Entry(EntryType.CANCELLED))
