@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -203,6 +204,9 @@ async def _work(settings: Settings, name: str | None, heartbeat_fd: int | None) 
         )
         stop_metrics = metrics.serve(settings.host, settings.metrics_port)
         beating = asyncio.create_task(_heartbeat(heartbeat_fd)) if heartbeat_fd else None
+        # What start-up made (modules, clients, the model) lives as long as the process: the
+        # collector need not scan it again and again (its scans were ~2% of a busy worker).
+        gc.freeze()
         try:
             await stop.wait()
         finally:
