@@ -216,6 +216,12 @@ class Lane:
                     f"Redis did not answer a write within {LANE_TIMEOUT_S:.0f} s"
                 ) from None
 
+    async def open(self) -> None:
+        """Connect now (else on first use), so a process's connections do not change later."""
+        async with self._lock:
+            if not self._conn.is_connected:
+                await self._conn.connect()  # type: ignore[no-untyped-call]
+
     async def aclose(self) -> None:
         await self._conn.disconnect()
 

@@ -91,7 +91,7 @@ class Worker:
 
     async def start(self) -> None:
         await self.store.ensure_group()
-        self._writer.start()
+        await self._writer.connect()
         metrics.SLOTS.inc(self._concurrency)
         sets = self.store.group.read_sets()
         # From a random shard on: when the slots cannot arm every shard's read at once, each

@@ -200,6 +200,12 @@ class ChunkWriter:
             self._lane = self._store.lane()
             self._task = asyncio.create_task(self._run(), name="tokenrelay-chunk-writer")
 
+    async def connect(self) -> None:
+        """Start, with the writer's own connection (single node) open already."""
+        self.start()
+        if self._lane is not None:
+            await self._lane.open()
+
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
