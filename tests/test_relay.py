@@ -21,6 +21,7 @@ from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import Store
 from tokenrelay.wire import Entry, EntryType
+from tokenrelay.worker.writer import ChunkWriter
 
 TIMEOUT_S = 60
 T = TypeVar("T")
@@ -458,6 +459,135 @@ async def test_a_few_answers_are_read_with_the_doorbell_in_one_round_trip(
             got = await asyncio.gather(*viewers)
     assert [ids_of(g) for g in got] == produced
     assert due_reads == []
+
+
+async def _numbered_answer(
+    store: Store, qid: str, texts: list[str], *, every_s: float, unnumbered_every: int = 0
+) -> list[str]:
+    """start, chunks and end as a worker writes them (numbered, through an outbox), with an
+    un-numbered append (Redis chooses its id) after every `unnumbered_every`-th chunk; the
+    entry ids, in the stream's order."""
+    writer = ChunkWriter(store)
+    writer.start()
+    try:
+        epoch, after = await store.begin_answer(qid)
+        box = writer.outbox(qid, epoch, after)
+        box.put(Entry(EntryType.START))
+        for n, text in enumerate(texts, 1):
+            box.put(Entry(EntryType.CHUNK, text))
+            if unnumbered_every and n % unnumbered_every == 0:
+                await box.drain()
+                await store.append(qid, Entry(EntryType.CHUNK, f"[{n}]"), epoch)
+                await asyncio.sleep(0.002)  # the next numbered id's millisecond is past it
+            await asyncio.sleep(every_s)
+        await box.drain()
+        end = box.number(Entry(EntryType.END))
+        await store.finish(
+            qid, end.entry, {}, None, epoch=epoch, entry_id=end.entry_id, after=end.after
+        )
+    finally:
+        await writer.stop()
+    return [e.entry_id for e in await store.read_all(qid)]
+
+
+async def test_a_ring_carries_the_entry_that_follows_on(
+    make_settings: Callable[..., Settings], redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past SMALL_READ answers, a worker's numbered entry comes with its ring (after, id,
+    type, data): the relay hands it over from its cursor without reading the answer."""
+    keys_read: list[int] = []
+    command_for = _ReadSet.command_for
+
+    def counting(self: _ReadSet, keys: list[str], count: int) -> bytes:
+        keys_read.append(len(keys))
+        return command_for(self, keys, count)
+
+    monkeypatch.setattr(_ReadSet, "command_for", counting)
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        for n in range(SMALL_READ):
+            h.spawn(collect(relay, f"idle{n}"))
+        asked = await store.ask("t", "carried")
+        viewer = h.spawn(collect(relay, asked.id))
+        await wait_for(lambda: relay.watched == SMALL_READ + 1)
+        await asyncio.sleep(0.2)  # the joins' reads are over
+        keys_read.clear()
+        texts = [f"{n} " for n in range(60)]
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(TIMEOUT_S):
+            ids = await _numbered_answer(store, asked.id, texts, every_s=0.005)
+            got = await viewer
+        took_s = asyncio.get_running_loop().time() - started
+    assert ids_of(got) == ids
+    assert "".join(e.text for e in got if e.type is EntryType.CHUNK) == "".join(texts)
+    sweeps = int(took_s / SWEEP_S) + 1
+    # The start entry (after nothing: the cursor is "0-0") and the end are read; the sweep.
+    assert sum(keys_read) <= 4 + sweeps * (SMALL_READ + 1), keys_read
+
+
+async def test_a_carried_entry_after_a_gap_is_read_from_the_stream_instead(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A ring whose entry does not follow on from the relay's cursor (the rings between were
+    trimmed away, or a failover lost entries) is not taken: the answer is read from its
+    cursor instead, so the entries in the gap are not skipped."""
+    settings = make_settings()
+    store = make_store(settings, pooled_client(settings.redis_url or "", size=2, name="gap"))
+    relay = Relay(store, Redis(), block_ms=1000, buffer_limit=100)  # never started
+    reader = relay._single
+    assert reader is not None
+    key = store.keys.answer("gap")
+    sub = Subscription(key, 100)
+    relay._subs[key] = {sub}
+    reader.read.set(key, "5-0")
+    bell = store.keys.written
+    reply = [
+        [
+            bell,
+            [
+                ["100-0", [key, "5-0 6-0 chunk a"]],  # follows on: taken
+                ["101-0", [key, ""]],  # an entry not carried (6-1, say): due
+                ["102-0", [key, "6-0 7-0 chunk b"]],  # follows 6-0, not 6-1: not taken
+            ],
+        ]
+    ]
+    assert reader._rung(reply, "99-0", True) == "102-0"
+    assert [(e.entry_id, e.text) for e in sub.buffer] == [("6-0", "a")]
+    assert reader.read.cursors[key] == "6-0" and key in reader._due
+    reader._due.clear()
+    gap = [[bell, [["103-0", [key, "7-5 8-0 chunk c"]]]]]  # 7-5 never seen here: a gap
+    assert reader._rung(gap, "102-0", True) == "103-0"
+    assert len(sub.buffer) == 1 and reader.read.cursors[key] == "6-0" and key in reader._due
+    await store.redis.aclose()
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_carried_and_read_entries_mixed_are_each_delivered_once_in_order(
+    make_settings: Callable[..., Settings], redis: Redis, seed: int
+) -> None:
+    """Numbered entries (carried by their rings) and un-numbered ones (only rung: read from
+    the stream) of one answer, interleaved: a carried entry is taken only when it follows on
+    from the cursor, so none is skipped or doubled, whatever the timing."""
+    rng = random.Random(seed)
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        for n in range(SMALL_READ):
+            h.spawn(collect(relay, f"idle{n}"))
+        asked = await store.ask("t", "mixed")
+        viewers = [h.spawn(collect(relay, asked.id)) for _ in range(2)]
+        await wait_for(lambda: relay.watched == SMALL_READ + 1)
+        texts = [f"{n} " for n in range(40)]
+        async with asyncio.timeout(TIMEOUT_S):
+            ids = await _numbered_answer(
+                store,
+                asked.id,
+                texts,
+                every_s=rng.choice([0, 0.001, 0.003]),
+                unnumbered_every=rng.choice([2, 3, 5]),
+            )
+            got = await asyncio.gather(*viewers)
+    for one in got:
+        assert ids_of(one) == ids
 
 
 async def test_an_entry_written_without_a_ring_still_comes(

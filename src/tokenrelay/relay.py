@@ -351,7 +351,8 @@ class _Reader:
                 self._armed_version = self.version
                 cursors = self.read.cursors
                 self.rearms += 1
-                if len(cursors) <= SMALL_READ:  # block on them all: no second round trip
+                carry = len(cursors) > SMALL_READ
+                if not carry:  # block on them all: no second round trip
                     self._due.clear()
                     command = self.read.command(
                         XREAD_COUNT, self._relay.block_ms, (doorbell, cursor)
@@ -375,7 +376,7 @@ class _Reader:
                 backoff_s = min(backoff_s * 2, 2.0)
                 continue
             backoff_s = 0.05
-            cursor = self._rung(rung, cursor)
+            cursor = self._rung(rung, cursor, carry)
 
     async def _read_due(self, reader: Redis, streams: dict[str, str], bell: bytes) -> Any:
         """Read `streams` (answer key -> cursor) and hand their entries over, then wait for
@@ -400,16 +401,37 @@ class _Reader:
             await conn.disconnect()  # a half-read reply must not be taken for the next one
             raise
 
-    def _rung(self, reply: Any, cursor: str) -> str:
-        """Mark the relayed answers the doorbell's entries name as due; its new cursor."""
+    def _rung(self, reply: Any, cursor: str, carry: bool) -> str:
+        """The doorbell's new cursor, past its entries read. With `carry`, an entry a ring
+        carries that follows on from its answer's cursor is handed over at once; any other
+        relayed answer it names is due (read from its cursor at the next turn)."""
         pages = reply.values() if isinstance(reply, dict) else (raw for _, raw in reply or ())
-        cursors = self.read.cursors
+        cursors, due = self.read.cursors, self._due
+        carried: dict[str, list[Any]] = {}
         for page in pages:
             for entry_id, flat in page:
                 cursor = entry_id
-                self._due.update(key for key in flat[::2] if key in cursors)
+                for at in range(0, len(flat), 2):
+                    key = flat[at]
+                    last = cursors.get(key)
+                    if last is None:  # not relayed here
+                        continue
+                    said = flat[at + 1]
+                    if carry and said and key not in due:
+                        after, written, kind, data = said.split(" ", 3)
+                        if after == last:
+                            carried.setdefault(key, []).append(
+                                [written, ["type", kind, "data", data]]
+                            )
+                            self.read.set(key, written)
+                            continue
+                    due.add(key)
             if len(page) >= BELL_COUNT:  # more rang than one read holds: some may be gone
-                self._due.update(cursors)
+                due.update(cursors)
+        for key, raw in carried.items():
+            entries = _readable(key, raw)
+            if entries:
+                self._relay.deliver(key, entries)
         return cursor
 
     def _hand_over(self, reply: Any, streams: dict[str, str]) -> bool:

@@ -65,7 +65,8 @@ end
 """
 
 # The doorbell (single node): every write of answer entries adds one entry to the stream
-# `Keys.written` naming the answer streams it wrote (each a field, with an empty value). A
+# `Keys.written` naming the answer streams it wrote (each a field; the value may carry the
+# entry itself, see _APPEND_MANY). A
 # gateway's relay blocks on it alone, then reads just the answers it names: a blocking XREAD
 # over every relayed answer cost Valkey ~0.75 us a key each time it re-armed (74 us at 100
 # answers, about once per 1.4 entries). Trimmed to about DOORBELL_MAXLEN entries; the relay
@@ -85,7 +86,9 @@ DOORBELL_MAXLEN = 10_000
 _APPEND_ONE = (
     _AFTER
     + """
+local fresh = false  -- whether the last append added its numbered entry just now
 local function append(stream, record, epoch, maxlen, id, prev, first, upto)
+  fresh = false
   local rec = redis.call('HMGET', record, 'epoch', 'cancel', 'last_entry_id')
   if (rec[1] or '0') ~= epoch then return 0 end
   local cancel = rec[2] or ''
@@ -101,6 +104,7 @@ local function append(stream, record, epoch, maxlen, id, prev, first, upto)
   local added = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, id, unpack(ARGV, first, upto))
   if type(added) ~= 'string' then return {'', cancel, last, 'refused'} end
   redis.call('HSET', record, 'last_entry_id', id)
+  fresh = true
   return {id, cancel}
 end
 """
@@ -114,8 +118,10 @@ _APPEND = (
 
 # Many writes in one call (single node): one script run instead of one a write, and a
 # reader blocked on these streams is woken once, after all of them, not after the first.
-# The streams written are named in one entry of the doorbell stream (`Keys.written`, see
-# RING): a gateway blocks on that one key instead of on every answer it relays.
+# The doorbell entry it adds (see DOORBELL_MAXLEN) has a field per answer stream written;
+# its value carries the entry when it is the one numbered entry of that answer the call
+# added: "<after> <id> <type> <data>", so that a gateway whose cursor is at <after> takes it
+# from there, with no read of the answer; else "" (read the answer from your cursor).
 # KEYS: the doorbell, then each write's answer stream and record. ARGV: maxlen, then for
 # each write: epoch, id, after, n, and its n field/value strings. Returns each write's
 # reply, in order.
@@ -127,10 +133,18 @@ for i = 2, #KEYS, 2 do
   local upto = at + 3 + tonumber(ARGV[at + 3])
   local done = append(KEYS[i], KEYS[i + 1], ARGV[at], ARGV[1], ARGV[at + 1], ARGV[at + 2],
     at + 4, upto)
-  if type(done) == 'table' and done[1] ~= '' and not rung[KEYS[i]] then
-    rung[KEYS[i]] = true
-    ring[#ring + 1] = KEYS[i]
-    ring[#ring + 1] = ''
+  if type(done) == 'table' and done[1] ~= '' then
+    local key, said = KEYS[i], ''
+    if fresh and upto == at + 7 and ARGV[at + 4] == 'type' and ARGV[at + 6] == 'data' then
+      said = ARGV[at + 2] .. ' ' .. done[1] .. ' ' .. ARGV[at + 5] .. ' ' .. ARGV[at + 7]
+    end
+    if rung[key] then
+      ring[rung[key]] = ''  -- more than one entry of this answer: read them from the stream
+    else
+      ring[#ring + 1] = key
+      ring[#ring + 1] = said
+      rung[key] = #ring
+    end
   end
   out[#out + 1] = done
   at = upto + 1
