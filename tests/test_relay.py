@@ -65,6 +65,20 @@ async def running_relay(settings: Settings, *, buffer_limit: int = 1000) -> Asyn
         await pool.aclose(close_connection_pool=True)
 
 
+@pytest.fixture
+def keys_read(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many answers each read of the answers due named (`_ReadSet.command_for`)."""
+    counts: list[int] = []
+    command_for = _ReadSet.command_for
+
+    def counting(self: _ReadSet, keys: list[str], count: int) -> bytes:
+        counts.append(len(keys))
+        return command_for(self, keys, count)
+
+    monkeypatch.setattr(_ReadSet, "command_for", counting)
+    return counts
+
+
 async def collect(relay: Relay, qid: str, after: str = "0-0") -> list[Entry]:
     return [entry async for entry in relay.follow(qid, after)]
 
@@ -406,19 +420,11 @@ async def test_many_answers_over_one_reading_connection(
 
 
 async def test_a_write_reads_only_the_answers_it_rang_for(
-    make_settings: Callable[..., Settings], redis: Redis, monkeypatch: pytest.MonkeyPatch
+    make_settings: Callable[..., Settings], redis: Redis, keys_read: list[int]
 ) -> None:
     """Single node: the relay blocks on the doorbell and then reads the answers a write
     named, not every answer it relays (a read over all of them cost Valkey O(answers) per
     entry); the idle ones are read again only by the sweep, every SWEEP_S."""
-    keys_read: list[int] = []
-    command_for = _ReadSet.command_for
-
-    def counting(self: _ReadSet, keys: list[str], count: int) -> bytes:
-        keys_read.append(len(keys))
-        return command_for(self, keys, count)
-
-    monkeypatch.setattr(_ReadSet, "command_for", counting)
     idle = [f"idle{n}" for n in range(60)]
     async with running_relay(make_settings()) as h:
         relay, store = h.relay, h.store
@@ -438,18 +444,10 @@ async def test_a_write_reads_only_the_answers_it_rang_for(
 
 
 async def test_a_few_answers_are_read_with_the_doorbell_in_one_round_trip(
-    make_settings: Callable[..., Settings], redis: Redis, monkeypatch: pytest.MonkeyPatch
+    make_settings: Callable[..., Settings], redis: Redis, keys_read: list[int]
 ) -> None:
     """Up to SMALL_READ answers, the blocking read covers them and the doorbell together: an
     entry comes with the read it woke, no second read of the answers it names."""
-    due_reads: list[int] = []
-    command_for = _ReadSet.command_for
-
-    def counting(self: _ReadSet, keys: list[str], count: int) -> bytes:
-        due_reads.append(len(keys))
-        return command_for(self, keys, count)
-
-    monkeypatch.setattr(_ReadSet, "command_for", counting)
     async with running_relay(make_settings()) as h:
         relay, store = h.relay, h.store
         viewers = [h.spawn(collect(relay, f"few{n}")) for n in range(3)]
@@ -458,7 +456,7 @@ async def test_a_few_answers_are_read_with_the_doorbell_in_one_round_trip(
             produced = await asyncio.gather(*(produce(store, f"few{n}", 20) for n in range(3)))
             got = await asyncio.gather(*viewers)
     assert [ids_of(g) for g in got] == produced
-    assert due_reads == []
+    assert keys_read == []
 
 
 async def _numbered_answer(
@@ -491,18 +489,10 @@ async def _numbered_answer(
 
 
 async def test_a_ring_carries_the_entry_that_follows_on(
-    make_settings: Callable[..., Settings], redis: Redis, monkeypatch: pytest.MonkeyPatch
+    make_settings: Callable[..., Settings], redis: Redis, keys_read: list[int]
 ) -> None:
     """Past SMALL_READ answers, a worker's numbered entry comes with its ring (after, id,
     type, data): the relay hands it over from its cursor without reading the answer."""
-    keys_read: list[int] = []
-    command_for = _ReadSet.command_for
-
-    def counting(self: _ReadSet, keys: list[str], count: int) -> bytes:
-        keys_read.append(len(keys))
-        return command_for(self, keys, count)
-
-    monkeypatch.setattr(_ReadSet, "command_for", counting)
     async with running_relay(make_settings()) as h:
         relay, store = h.relay, h.store
         for n in range(SMALL_READ):

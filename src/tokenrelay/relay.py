@@ -293,10 +293,7 @@ class _Reader:
         loop = asyncio.get_running_loop()
         armed_at = 0.0
         while True:
-            if not self.read:
-                self.has_keys.clear()
-                await self.has_keys.wait()
-                continue
+            await self._until_keys()
             try:
                 reader = await self._connection(next(iter(self.read.cursors)))
                 if self._reader_id is None:
@@ -326,6 +323,12 @@ class _Reader:
                 # redis-py's send path otherwise ran before them (~80 us at idle, measured).
                 await asyncio.sleep(0)
 
+    async def _until_keys(self) -> None:
+        """Wait while no answer is relayed."""
+        while not self.read:
+            self.has_keys.clear()
+            await self.has_keys.wait()
+
     async def _bell_loop(self, reader: Redis, doorbell: str) -> None:
         """The single node's read: the answers due (joined, named by the doorbell, or all of
         them every SWEEP_S), then a blocking read of the doorbell, sent together."""
@@ -334,10 +337,7 @@ class _Reader:
         swept_at = 0.0
         cursor: str | None = None  # the doorbell's, once known
         while True:
-            if not self.read:
-                self.has_keys.clear()
-                await self.has_keys.wait()
-                continue
+            await self._until_keys()
             try:
                 if self._reader_id is None:
                     self._reader_id = int(await reader.client_id())
