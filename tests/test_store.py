@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from tests.support.failover import lose_last_entries
+from tokenrelay.connection import pooled_client
 from tokenrelay.errors import CallerFull, Fenced, NotFound, Overloaded, Rewound, StoreError
 from tokenrelay.keys import WORKER_GROUP, Keys, is_question_id
 from tokenrelay.services import make_store
@@ -432,11 +433,25 @@ async def test_a_lane_whose_connection_redis_closed_writes_on_a_new_one(
     assert [e.text for e in await store.read_all(asked.id)] == ["a ", "b "]
 
 
-async def test_open_answer_reads_the_record_and_begins_in_one_call(store: Store) -> None:
+async def test_open_answer_reads_the_record_and_begins_in_one_call(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
     """What a worker taking a request needs: the record, and a new epoch with where its
-    writes start, only while the answer is still to give; nothing for a gone record."""
-    assert await store.open_answer("gone") is None
+    writes start, only while the answer is still to give; nothing for a gone record; also
+    when Redis lost its scripts (a restart). Through the processes' own client (scripts
+    loaded once, see connection.py)."""
+    client = pooled_client(make_settings().redis_url or "", size=2, name="open-answer")
+    store = make_store(make_settings(), client)
+    try:
+        await _open_answer_steps(store, redis)
+    finally:
+        await client.aclose(close_connection_pool=True)
+
+
+async def _open_answer_steps(store: Store, redis: Redis) -> None:
+    assert await store.open_answer("gone") is None  # the script is loaded now
     asked = await store.ask("t", "q")
+    await redis.script_flush()  # and gone again
     opened = await store.open_answer(asked.id)
     assert opened is not None
     record, epoch, after = opened

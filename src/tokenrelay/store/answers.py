@@ -336,7 +336,10 @@ class Answers(StoreBase):
             async def queue(pipe: Pipeline) -> None:
                 await self._open(keys=keys, client=pipe)
 
-            reply = await self._together.call(queue)
+            try:
+                reply = await self._together.call(queue)
+            except NoScriptError:  # Redis lost its scripts (a restart): loaded again, run alone
+                reply = await self._open(keys=keys)
         if not reply:
             return None
         flat = reply[0]
