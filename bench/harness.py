@@ -176,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--worker-uvloop",
         action="store_true",
-        help="what-if: run the worker on uvloop instead of `tokenrelay worker` as shipped",
+        help="run the worker under `uvloop.install()` (`tokenrelay worker` runs on uvloop "
+        "itself where it is installed; kept to compare with older trees)",
     )
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--name", help="results file name (default: quick, full or custom)")
