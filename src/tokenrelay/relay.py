@@ -1,15 +1,17 @@
-"""The per-process multiplexed reader: one blocking XREAD over every watched answer.
+"""The per-process multiplexed reader: one blocking read for every watched answer.
 
 However many viewers a gateway has, it holds one reading connection (in cluster mode,
 one per shard, see below). On a single node the read blocks on the doorbell stream
-(`Keys.written`: every write of answer entries names the streams it added to there), then
-reads just the relayed answers it names: a blocking XREAD over every relayed answer cost
-Valkey O(answers) each time it re-armed, about once per entry. New answers join by waking
-the blocked read (CLIENT UNBLOCK from the pool) and are read at once; every answer relayed
-is read again at least every SWEEP_S, so a ring that was missed (the doorbell trimmed past
-a stalled gateway, an older worker that does not ring) only delays its entries. Entries fan out in
-memory to bounded per-viewer buffers; a viewer that falls behind is not queued for
-without end: it is told it overflowed and catches up from the stream itself (XRANGE).
+(`Keys.written`: every write of answer entries names the streams it added to there), with
+the relayed answers themselves up to SMALL_READ of them; past that it takes the entries
+the doorbell carries, and reads just the answers it names otherwise: a blocking XREAD over
+every relayed answer cost Valkey O(answers) each time it re-armed, about once per entry.
+New answers join by waking the blocked read (CLIENT UNBLOCK from the pool) and are read at
+once; every answer relayed is read again at least every SWEEP_S, so a ring that was missed
+(the doorbell trimmed past a stalled gateway, an older worker that does not ring) only
+delays its entries. Entries fan out in memory to bounded per-viewer buffers; a viewer that
+falls behind is not queued for without end: it is told it overflowed and catches up from
+the stream itself (XRANGE).
 
 Cluster mode: a command may only name keys of one hash slot, even on one node (CROSSSLOT),
 so one XREAD cannot cover answers of several slots. Answers live in their shard's slot
@@ -179,8 +181,8 @@ class Subscription:
 
 class _Reader:
     """The blocking read of one shard's watched answers (single node: of every answer): on
-    the doorbell, then of the answers it names (single node); over all of them, re-armed
-    when keys join (cluster)."""
+    the doorbell (single node, see the module's docstring); over all of them, re-armed when
+    keys join (cluster)."""
 
     def __init__(self, relay: Relay, tag: str, client: Redis | None) -> None:
         self._relay = relay
@@ -404,20 +406,24 @@ class _Reader:
     def _rung(self, reply: Any, cursor: str, carry: bool) -> str:
         """The doorbell's new cursor, past its entries read. With `carry`, an entry a ring
         carries that follows on from its answer's cursor is handed over at once; any other
-        relayed answer it names is due (read from its cursor at the next turn)."""
+        relayed answer it names is due (read from its cursor at the next turn). Without
+        (every relayed answer was read with the doorbell), only the cursor moves."""
         pages = reply.values() if isinstance(reply, dict) else (raw for _, raw in reply or ())
         cursors, due = self.read.cursors, self._due
         carried: dict[str, list[Any]] = {}
         for page in pages:
-            for entry_id, flat in page:
-                cursor = entry_id
+            if page:
+                cursor = page[-1][0]
+            if not carry:
+                continue
+            for _, flat in page:
                 for at in range(0, len(flat), 2):
                     key = flat[at]
                     last = cursors.get(key)
                     if last is None:  # not relayed here
                         continue
                     said = flat[at + 1]
-                    if carry and said and key not in due:
+                    if said and key not in due:
                         after, written, kind, data = said.split(" ", 3)
                         if after == last:
                             carried.setdefault(key, []).append(

@@ -66,11 +66,10 @@ end
 
 # The doorbell (single node): every write of answer entries adds one entry to the stream
 # `Keys.written` naming the answer streams it wrote (each a field; the value may carry the
-# entry itself, see _APPEND_MANY). A
-# gateway's relay blocks on it alone, then reads just the answers it names: a blocking XREAD
-# over every relayed answer cost Valkey ~0.75 us a key each time it re-armed (74 us at 100
-# answers, about once per 1.4 entries). Trimmed to about DOORBELL_MAXLEN entries; the relay
-# also reads every answer it relays now and then, so a missed ring only delays.
+# entry itself, see _APPEND_MANY). A gateway's relay blocks on it (relay.py) instead of on
+# every relayed answer: that cost Valkey ~0.75 us a key each time it re-armed (74 us at
+# 100 answers, about once per 1.4 entries). Trimmed to about DOORBELL_MAXLEN entries; the
+# relay also reads every answer it relays now and then, so a missed ring only delays.
 DOORBELL_MAXLEN = 10_000
 
 # A numbered write carries the id its worker chose and the id of the worker's previous

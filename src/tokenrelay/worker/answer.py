@@ -196,12 +196,14 @@ class Answer:
         try:
             self.record = await self.store.record(self.request.id)
         except LookupError:
-            log.warning(
-                "question %s has no record (expired?); dropping its request", self.request.id
-            )
-            await self._ack()
+            await self._drop()
             return None
         return self.record
+
+    async def _drop(self) -> None:
+        """The question's record is gone: its request is acknowledged, nothing answered."""
+        log.warning("question %s has no record (expired?); dropping its request", self.request.id)
+        await self._ack()
 
     async def _prepare(self, gen: Generator, *, resumed: bool) -> Status | None:
         """Load the record, begin this delivery (one round trip) and write the start entry;
@@ -209,10 +211,7 @@ class Answer:
         provider = gen.provider
         opened = await self.store.open_answer(self.request.id)
         if opened is None:
-            log.warning(
-                "question %s has no record (expired?); dropping its request", self.request.id
-            )
-            await self._ack()
+            await self._drop()
             return Status.FAILED
         record, self.epoch, self._after = opened
         self.record = record

@@ -191,7 +191,7 @@ class ChunkWriter:
         self._boxes: dict[Outbox, None] = {}  # outboxes with entries to send, in order
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._lane: Lane | None = None  # its own connection (single node), opened on use
+        self._lane: Lane | None = None  # its own connection (single node), see connect()
         self.batches = 0
         self.written = 0
 
