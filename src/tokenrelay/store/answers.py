@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from tokenrelay.connection import Lane, bulk, call_packed, is_cluster
@@ -331,14 +330,7 @@ class Answers(StoreBase):
         if self._together is None:
             reply: Any = await self._open(keys=keys)
         else:  # with the other asks, reads and starts of the moment (a burst's)
-
-            async def queue(pipe: Pipeline) -> None:
-                await self._open(keys=keys, client=pipe)
-
-            try:
-                reply = await self._together.call(queue)
-            except NoScriptError:  # Redis lost its scripts (a restart): loaded again, run alone
-                reply = await self._open(keys=keys)
+            reply = await self._together.script(self._open, keys, [])
         if not reply:
             return None
         flat = reply[0]

@@ -15,6 +15,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 Queue = Callable[[Pipeline], Awaitable[object]]  # adds one command to a pipeline
 
@@ -34,6 +36,19 @@ class AutoPipeline:
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_all(), name="tokenrelay-autopipeline")
         return await future
+
+    async def script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """`script`'s reply, run with the batch; run alone (which loads it again) when Redis
+        lost its scripts (a restart): the batch's pipeline reports NOSCRIPT, it does not
+        load them."""
+
+        async def queue(pipe: Pipeline) -> None:
+            await script(keys, args, client=pipe)
+
+        try:
+            return await self.call(queue)
+        except NoScriptError:
+            return await script(keys, args)
 
     async def _send_all(self) -> None:
         batch: list[tuple[Queue, asyncio.Future[Any]]] = []

@@ -6,7 +6,7 @@ import itertools
 from typing import Any
 
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 from tokenrelay.errors import CallerFull, NotFound, Overloaded, StoreError
 from tokenrelay.store.base import StoreBase, now_ms
@@ -164,15 +164,7 @@ class Questions(StoreBase):
             *itertools.chain.from_iterable(record.items()),
             *itertools.chain.from_iterable(request.fields().items()),
         ]
-        script = self._ask_script
-
-        async def queue(pipe: Pipeline) -> None:
-            await script(keys, args, client=pipe)
-
-        try:
-            reply = await self._together.call(queue)
-        except NoScriptError:  # Redis lost its scripts (a restart): loaded again, run alone
-            reply = await script(keys, args)
+        reply = await self._together.script(self._ask_script, keys, args)
         if reply == -1:
             raise self._caller_full()
         if not reply:
