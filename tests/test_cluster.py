@@ -259,7 +259,14 @@ async def test_a_slot_moved_mid_answer(
     The relay's reader and the worker's blocked read are told MOVED and reconnect to the
     new node; the writes follow MOVED/ASK. The viewer gets the whole answer, once, and
     questions asked after the move are answered too."""
-    settings = cluster_settings(scripted_text=WORDS, scripted_rate=20.0, worker_concurrency=128)
+    # Questions are asked below until two land in the moved slot (1 in 16 each): past the
+    # default per-caller cap of 100 unfinished ones, that took more than 100 asks (~1%).
+    settings = cluster_settings(
+        scripted_text=WORDS,
+        scripted_rate=20.0,
+        worker_concurrency=128,
+        max_queued_per_caller=1000,
+    )
     async with (
         running_gateway(settings) as url,
         httpx.AsyncClient(base_url=url, timeout=60) as client,
