@@ -57,6 +57,7 @@ class Viewer:
     slow: asyncio.Event = field(default_factory=asyncio.Event)
     # Set once the gateway accepted the watch (SSE headers, Socket.IO watch acknowledged).
     attached: asyncio.Event = field(default_factory=asyncio.Event)
+    attached_at: float | None = None  # time.time() when first attached
     got: list[Got] = field(default_factory=list)
     connects: list[tuple[str, float]] = field(default_factory=list)  # (url, time)
     drops: list[float] = field(default_factory=list)
@@ -111,6 +112,17 @@ class Viewer:
             raise
         return sock
 
+    def _attach(self) -> None:
+        if self.attached_at is None:
+            self.attached_at = time.time()
+        self.attached.set()
+
+    def live_chunks(self) -> list[Got]:
+        """The chunks written once this viewer was attached: what it got live, not what it
+        read back from before it was there (their latency is its connect time)."""
+        since_ms = (self.attached_at or 0.0) * 1000
+        return [g for g in self.chunks() if g.written_ms >= since_ms]
+
     def _take(self, data: dict[str, Any]) -> None:
         meta = {k: v for k, v in data.items() if k not in ("id", "entry_id", "type", "text")}
         self.got.append(Got(data["entry_id"], data["type"], data["text"], time.time(), meta))
@@ -135,7 +147,7 @@ class Viewer:
                 raise OSError(f"answered {status.decode(errors='replace').strip()}")
             while (await reader.readline()) not in (b"\r\n", b""):
                 pass  # response headers
-            self.attached.set()
+            self._attach()
             await self._read_sse(reader)
         finally:
             writer.close()
@@ -186,7 +198,7 @@ class Viewer:
                     if not ack.get("ok"):
                         raise OSError(f"watch refused: {ack}")
                     acked = True
-                    self.attached.set()
+                    self._attach()
                 elif message.startswith("42"):
                     event, data = orjson.loads(message[2:])[:2]
                     if event == "answer":

@@ -80,7 +80,9 @@ class Sampler:
 
 
 def _latencies(viewers: list[Viewer]) -> list[float]:
-    return [g.latency_ms for v in viewers for g in v.chunks()]
+    # Live chunks only: 100 viewers connecting at once take up to ~0.3 s on a 2-core box, and
+    # the chunks written meanwhile (up to ~8% of them) measured that, not the relay.
+    return [g.latency_ms for v in viewers for g in v.live_chunks()]
 
 
 async def _wait_status(redis: Redis, keys: Keys, qid: str, leaving: str) -> None:
@@ -163,6 +165,8 @@ async def test_slow_viewer_neither_slows_others_nor_grows_gateway_memory(
     p50_0, p95_0 = percentile(lat_0, 0.5), percentile(lat_0, 0.95)
     p50_a, p95_a = percentile(lat_a, 0.5), percentile(lat_a, 0.95)
     p50_b, p95_b = percentile(lat_b, 0.5), percentile(lat_b, 0.95)
+    for phase in (alone, base, loaded):  # most chunks are live: the latencies mean something
+        assert len(_latencies(phase["fast"])) >= 0.75 * sum(len(v.chunks()) for v in phase["fast"])
     fast_counts = tally(loaded["fast"], loaded["truth"])
     slow_counts = tally(loaded["slow"], loaded["truth"])
     # Growth while the slow viewers fall 2 x 10 MB behind, against the run where they keep up.
