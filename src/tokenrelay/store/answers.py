@@ -12,8 +12,9 @@ from redis.exceptions import NoScriptError
 
 from tokenrelay.connection import Lane, bulk, call_packed, is_cluster
 from tokenrelay.errors import Fenced, Rewound
+from tokenrelay.keys import WORKER_GROUP
 from tokenrelay.store.base import StoreBase, now_ms
-from tokenrelay.store.group import RequestGroup
+from tokenrelay.store.group import RequestGroup, split_request_id
 from tokenrelay.wire import (
     STATUS_OF_TERMINAL,
     Entry,
@@ -157,16 +158,39 @@ _APPEND_MANY_SHA = hashlib.sha1(_APPEND_MANY.encode()).hexdigest()
 # Writes per script call: a call runs alone on the server, so a long batch is cut in parts.
 WRITES_PER_CALL = 100
 _MANY_SHA_BULK = bulk(_APPEND_MANY_SHA)
+# The start entry and the record's fields (status streaming, model, ...; first_entry_id
+# the start's id) in one call, as `append` checks it.
+# KEYS: answer stream, record[, doorbell]. ARGV: epoch, maxlen, id, after, n, then n record
+# field/value pairs, then the entry's field/value pairs. Returns what `append` does.
+_START = (
+    _APPEND_ONE
+    + """
+local n = tonumber(ARGV[5])
+local done = append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 6 + 2 * n, #ARGV)
+if type(done) == 'table' and done[1] ~= '' then
+  redis.call('HSET', KEYS[2], 'first_entry_id', done[1], unpack(ARGV, 6, 5 + 2 * n))
+  if KEYS[3] and fresh then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', DOORBELL_MAXLEN, '*', KEYS[1], '')
+  end
+end
+return done
+""".replace("DOORBELL_MAXLEN", str(DOORBELL_MAXLEN))
+)
 # A chunk's field count and names, and the name of its text, as _APPEND_MANY takes them.
 _CHUNK_FIELDS = b"".join(bulk(part) for part in ("4", "type", EntryType.CHUNK.value, "data"))
 
-# KEYS: answer stream, record[, doorbell]. ARGV: epoch, maxlen, retention_s, id, after ("*":
-# write after whatever the stream holds), n, then n record field/value pairs, then the
-# terminal entry's field/value pairs. Returns 0 when fenced, {id} when written (now or
-# before), {"", last id} when behind (see _APPEND).
+# KEYS: answer stream, record[, doorbell, request stream, caller's asks]. ARGV: epoch,
+# maxlen, retention_s, id, after ("*": write after whatever the stream holds), n, then n
+# record field/value pairs, then the terminal entry's field/value pairs[, then (with the
+# request stream) the request's entry id, the question id]. Returns 0 when fenced, {id} when
+# written (now or before), {"", last id} when behind (see _APPEND). Written, the request is
+# acknowledged and deleted (single node: a cluster's request stream has a slot of its own)
+# and the question leaves its caller's asks.
 _FINISH = (
     _AFTER
     + """
+local tail = KEYS[4] and 2 or 0  -- the request's id and the question's, at ARGV's end
+local function finish()
 local rec = redis.call('HMGET', KEYS[2], 'epoch', 'last_entry_id')
 if (rec[1] or '0') ~= ARGV[1] then return 0 end
 local id, last = ARGV[4], rec[2] or ''
@@ -175,13 +199,13 @@ if id ~= '' then
   if ARGV[5] ~= '*' and last ~= ARGV[5] then return {'', last} end
 end
 local n = tonumber(ARGV[6])
-local from = 7 + 2 * n
+local from, upto = 7 + 2 * n, #ARGV - tail
 local added = false
 if id ~= '' then
-  added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, unpack(ARGV, from))
+  added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, unpack(ARGV, from, upto))
 end
 if type(added) ~= 'string' then
-  added = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, from))
+  added = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, from, upto))
 end
 redis.call('HSET', KEYS[2], 'last_entry_id', added, unpack(ARGV, 7, 6 + 2 * n))
 redis.call('HDEL', KEYS[2], 'cancel')
@@ -193,7 +217,18 @@ if tonumber(ARGV[3]) > 0 then
   redis.call('EXPIRE', KEYS[2], ARGV[3])
 end
 return {added}
-""".replace("DOORBELL_MAXLEN", str(DOORBELL_MAXLEN))
+end
+local done = finish()
+if KEYS[4] and type(done) == 'table' and done[1] ~= '' then
+  local request = ARGV[#ARGV - 1]
+  if request ~= '' then
+    redis.call('XACK', KEYS[4], 'WORKER_GROUP', request)
+    redis.call('XDEL', KEYS[4], request)
+  end
+  if ARGV[#ARGV] ~= '' then redis.call('ZREM', KEYS[5], ARGV[#ARGV]) end
+end
+return done
+""".replace("DOORBELL_MAXLEN", str(DOORBELL_MAXLEN)).replace("WORKER_GROUP", WORKER_GROUP)
 )
 
 # A new epoch, and the id the new writer's chain starts after: the record's last_entry_id,
@@ -277,6 +312,7 @@ class Answers(StoreBase):
         super().__init__(*args, **kwargs)
         self._append = self.redis.register_script(_APPEND)
         self._finish = self.redis.register_script(_FINISH)
+        self._start = self.redis.register_script(_START)
         self._begin = self.redis.register_script(_BEGIN)
         self._open = self.redis.register_script(_OPEN)
 
@@ -352,12 +388,19 @@ class Answers(StoreBase):
         after: str = "",
     ) -> str:
         """Write the `start` entry (numbered when `entry_id` is given) and mark the record
-        streaming."""
-        (done,) = await self.write_batch([Put(request.id, entry, epoch, entry_id, after, False)])
-        written = _written(request.id, done)
-        mapping = {**fields, RecordField.FIRST_ENTRY_ID: written}
-        await self.redis.hset(self.keys.question(request.id), mapping=mapping)  # type: ignore[arg-type]
-        return written
+        streaming, in one call (with the other starts of the moment: a burst's)."""
+        keys = [self.keys.answer(request.id), self.keys.question(request.id)]
+        if not is_cluster(self.redis):
+            keys.append(self.keys.written)
+        args: list[str | int] = [epoch, self.limits.answer_maxlen, entry_id, after, len(fields)]
+        args += itertools.chain.from_iterable(fields.items())
+        args += itertools.chain.from_iterable(entry.fields().items())
+        if self._together is None:
+            reply: Any = await self._start(keys=keys, args=args)
+        else:
+            reply = await self._together.script(self._start, keys, args)
+        put = Put(request.id, entry, epoch, entry_id, after, False)
+        return _written(request.id, _applied(put, reply))
 
     async def append(self, question_id: str, entry: Entry, epoch: int = 0) -> str:
         (done,) = await self.write_batch([Put(question_id, entry, epoch, check_cancel=False)])
@@ -483,9 +526,15 @@ class Answers(StoreBase):
             *itertools.chain.from_iterable(entry.fields().items()),
         ]
         keys = [self.keys.answer(question_id), self.keys.question(question_id)]
-        if not is_cluster(self.redis):
-            keys.append(self.keys.written)
-        result = await self._finish(keys=keys, args=args)
+        single = not is_cluster(self.redis)
+        if single:  # the doorbell, and the request's ack and caller's place in the same call
+            shard, request = split_request_id(request_entry_id or "")
+            keys += (self.keys.written, self.group.streams[shard], self.keys.caller_asks(caller))
+            args += (request if request_entry_id is not None else "", question_id if caller else "")
+        if self._together is None:
+            result: Any = await self._finish(keys=keys, args=args)
+        else:  # with the other ends of the moment
+            result = await self._together.script(self._finish, keys, args)
         if not result:
             raise Fenced(f"question {question_id}: another worker has taken over its answer")
         if not result[0]:
@@ -493,9 +542,9 @@ class Answers(StoreBase):
                 f"question {question_id}: its stream ends at {result[1]!r}, before {after!r}",
                 str(result[1]),
             )
-        if request_entry_id is not None:
+        if not single and request_entry_id is not None:
             await self.group.ack(request_entry_id)
-        if caller:
+        if not single and caller:
             await self.redis.zrem(self.keys.caller_asks(caller), question_id)
         return str(result[0])
 
