@@ -118,6 +118,9 @@ class Answer:
         self._starting: asyncio.Task[str] | None = None
         self._ahead = -1
         self._gap = metrics.GapTimer()
+        # Set once `_prepare` has opened the answer (its box, epoch, start entry): a model
+        # asked before that waits for it before its first item is taken.
+        self._prepared = asyncio.Event()
 
     async def run(self, gen: Generator, *, resumed: bool = False) -> Status:
         try:
@@ -141,11 +144,23 @@ class Answer:
             await starting
 
     async def _run(self, gen: Generator, *, resumed: bool) -> Status:
-        done = await self._prepare(gen, resumed=resumed)
-        if done is not None:
-            return done
+        # A model that pushes its items is asked while the answer is opened: its request does
+        # not wait for that round trip (nor for the batch it goes in, in a burst). A resumed
+        # answer's prompt needs what was written first (and a turn-taking model, the caller).
+        asking = None
+        if not resumed and getattr(gen.provider, "pump", None) is not None:
+            asking = asyncio.create_task(self._stream(gen), name=f"ask-{self.request.id}")
         try:
-            finish = await self._stream(gen)
+            done = await self._prepare(gen, resumed=resumed)
+        except BaseException:
+            await _dropped(asking)
+            raise
+        if done is not None:
+            await _dropped(asking)
+            return done
+        self._prepared.set()
+        try:
+            finish = await (asking if asking is not None else self._stream(gen))
         except _Cancelled:
             # What was spent so far: the model's pieces received (a streamed answer's usage
             # comes only at its end, which a cancel never reaches). The partial text stays
@@ -263,36 +278,47 @@ class Answer:
 
     async def _stream(self, gen: Generator) -> Finish:
         """Read the model and queue what it says; the model is read again without waiting
-        for the previous write (the outbox coalesces chunks while a write is on its way)."""
-        box = self._box
-        assert box is not None
+        for the previous write (the outbox coalesces chunks while a write is on its way).
+        A pushing model may be asked before the answer is opened (see `_run`)."""
         request = self.request
-        assert self.record is not None
         prompt = Prompt(
             request.topic,
             request.question,
             request.history,
             self._partial,
             request.options,
-            self.record.caller,
+            self.record.caller if self.record is not None else "",  # a pushing model's: unused
         )
         pump: Pump | None = getattr(gen.provider, "pump", None)
         if pump is not None:
-            finish = await self._pumped(pump, prompt, box, gen.timeouts)
+            finish = await self._pumped(pump, prompt, gen.timeouts)
         else:
-            finish = await self._pulled(gen.provider.stream(prompt), box, gen.timeouts)
+            assert self._box is not None
+            finish = await self._pulled(gen.provider.stream(prompt), self._box, gen.timeouts)
+        box = self._box
+        assert box is not None  # opened before the model's first item was taken
         await box.drain()
         if box.cancel_requested:
             raise _Cancelled
         return finish
 
-    async def _pumped(self, pump: Pump, prompt: Prompt, box: Outbox, timeouts: Timeouts) -> Finish:
+    async def _pumped(self, pump: Pump, prompt: Prompt, timeouts: Timeouts) -> Finish:
         """A provider that pushes its items: each is queued from the model's I/O callback,
-        without a wake-up of this task per chunk."""
+        without a wake-up of this task per chunk. The first is taken once the answer is
+        open and its start entry written."""
         finish = Finish()
+        box: Outbox | None = None
+
+        async def ready() -> None:
+            nonlocal box
+            await self._prepared.wait()
+            assert self._box is not None
+            box = self._box
+            await self._started()
 
         def take(item: Item) -> None:
             nonlocal finish
+            assert box is not None  # the pump awaits ready() before its first item
             if box.cancel_requested:
                 raise _Cancelled
             if isinstance(item, Waiting):  # a provider that queues pulls (see _pulled)
@@ -300,7 +326,7 @@ class Answer:
             if (done := self._take(box, item)) is not None:
                 finish = done
 
-        await pumped(pump, prompt, take, self._started, timeouts)
+        await pumped(pump, prompt, take, ready, timeouts)
         return finish
 
     async def _pulled(self, stream: AsyncIterator[Item], box: Outbox, timeouts: Timeouts) -> Finish:
@@ -434,3 +460,12 @@ class Answer:
     async def _ack(self) -> None:
         if self.request_entry_id is not None:
             await self.store.ack(self.request_entry_id)
+
+
+async def _dropped(asking: asyncio.Task[Finish] | None) -> None:
+    """Stop a model asked early for an answer that turned out to need no answer (ended,
+    gone, cancelled) or that could not be opened: its request is cut off, what it raised
+    goes nowhere."""
+    if asking is not None:
+        asking.cancel()
+        await asyncio.gather(asking, return_exceptions=True)
