@@ -79,7 +79,7 @@ async def test_the_model_is_asked_during_the_answers_open(
     status = await asyncio.wait_for(Answer(store, request, None).run(gen), 15)
     entries = await store.read_all(asked.id)
     assert status is Status.DONE
-    assert [e.type for e in entries][0] is EntryType.START
+    assert entries[0].type is EntryType.START
     assert entries[-1].type is EntryType.END
     assert answer_text(entries) == "".join(answer_pieces(question))
     assert len(mock.backend.received) == 1
