@@ -37,7 +37,7 @@ def store(make_settings: Callable[..., Settings], redis: Redis) -> Store:
 @pytest.fixture
 async def gen(store: Store, mock: MockLLM) -> AsyncIterator[Generator]:
     settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         openai_api_key=SecretStr("sk-test-early-0123456789"),
         openai_base_url=mock.base_url,
         openai_model="m",
