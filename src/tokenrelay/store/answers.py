@@ -363,10 +363,7 @@ class Answers(StoreBase):
         is still to give (queued or streaming), this delivery's epoch and the id its writes
         start after (else 0 and "": nothing begun). None when the record is gone."""
         keys = [self.keys.question(question_id), self.keys.answer(question_id)]
-        if self._together is None:
-            reply: Any = await self._open(keys=keys)
-        else:  # with the other asks, reads and starts of the moment (a burst's)
-            reply = await self._together.script(self._open, keys, [])
+        reply = await self._script(self._open, keys, [])
         if not reply:
             return None
         flat = reply[0]
@@ -395,10 +392,7 @@ class Answers(StoreBase):
         args: list[str | int] = [epoch, self.limits.answer_maxlen, entry_id, after, len(fields)]
         args += itertools.chain.from_iterable(fields.items())
         args += itertools.chain.from_iterable(entry.fields().items())
-        if self._together is None:
-            reply: Any = await self._start(keys=keys, args=args)
-        else:
-            reply = await self._together.script(self._start, keys, args)
+        reply = await self._script(self._start, keys, args)
         put = Put(request.id, entry, epoch, entry_id, after, False)
         return _written(request.id, _applied(put, reply))
 
@@ -530,11 +524,8 @@ class Answers(StoreBase):
         if single:  # the doorbell, and the request's ack and caller's place in the same call
             shard, request = split_request_id(request_entry_id or "")
             keys += (self.keys.written, self.group.streams[shard], self.keys.caller_asks(caller))
-            args += (request if request_entry_id is not None else "", question_id if caller else "")
-        if self._together is None:
-            result: Any = await self._finish(keys=keys, args=args)
-        else:  # with the other ends of the moment
-            result = await self._together.script(self._finish, keys, args)
+            args += (request, question_id if caller else "")  # "" for either: nothing to free
+        result = await self._script(self._finish, keys, args)
         if not result:
             raise Fenced(f"question {question_id}: another worker has taken over its answer")
         if not result[0]:

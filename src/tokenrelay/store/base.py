@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from tokenrelay.connection import is_cluster
 from tokenrelay.keys import Keys
@@ -34,3 +36,10 @@ class StoreBase:
         self.keys = keys
         self.limits = limits
         self._together = None if is_cluster(redis) else AutoPipeline(redis)
+
+    async def _script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """`script`'s reply: sent with the other commands of the moment on a single node (a
+        burst's), alone in a cluster."""
+        if self._together is None:
+            return await script(keys=keys, args=args)
+        return await self._together.script(script, keys, args)
