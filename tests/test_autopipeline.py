@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
-from tokenrelay.connection import pooled_client
+from tokenrelay.connection import Lane, pooled_client
 from tokenrelay.errors import CallerFull, NotFound, Overloaded
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import Store
-from tokenrelay.store.autopipeline import AutoPipeline
+from tokenrelay.store.autopipeline import AutoPipeline, as_dict
 from tokenrelay.wire import QuestionRequest, RecordField, Status
 
 
@@ -30,53 +29,77 @@ def store_with(make_settings: Callable[..., Settings], redis: Redis) -> Callable
     return make
 
 
-async def commands_processed(redis: Redis) -> int:
-    info: Any = await redis.info("stats")
-    return int(info["total_commands_processed"])
+@pytest.fixture(params=["lane", "pool"])
+async def together(request: pytest.FixtureRequest, redis: Redis) -> AsyncIterator[AutoPipeline]:
+    """A batcher on a connection of its own (as `serve`'s), and one on the pool's."""
+    if request.param == "pool":
+        yield AutoPipeline(redis)
+        return
+    lane = Lane(redis, "-batch")
+    try:
+        yield AutoPipeline(redis, lane)
+    finally:
+        await lane.aclose()
 
 
-async def test_callers_of_the_same_moment_share_one_pipeline(redis: Redis) -> None:
+async def test_callers_of_the_same_moment_share_one_round_trip(
+    redis: Redis, together: AutoPipeline
+) -> None:
     """100 callers at once: their commands reach Redis in one batch, each caller gets its own
     reply, and an error reply is only its own caller's. (Each caller sending alone waited for
     one of the pool's few connections: a burst of asks queued round trip after round trip.)"""
-    together = AutoPipeline(redis)
     await redis.set("ap:wrong-type", "a string")
-    sizes: list[int] = []
-
-    def get(n: int) -> Callable[[Pipeline], Any]:
-        async def queue(pipe: Pipeline) -> None:
-            pipe.echo(f"reply {n}")
-            sizes.append(len(pipe.command_stack))
-
-        return queue
-
-    async def wrong(pipe: Pipeline) -> None:
-        pipe.hgetall("ap:wrong-type")
-
+    await redis.hset("ap:hash", mapping={"a": "1", "b": "é"})
     results = await asyncio.gather(
-        *(together.call(get(n)) for n in range(50)),
-        together.call(wrong),
-        *(together.call(get(n)) for n in range(50, 100)),
+        *(together.command("ECHO", f"reply {n}") for n in range(50)),
+        together.command("HGETALL", "ap:wrong-type"),
+        *(together.command("ECHO", n) for n in range(50, 99)),
+        together.command("HGETALL", "ap:hash", parse=as_dict),
         return_exceptions=True,
     )
-    replies = [*results[:50], *results[51:]]
-    assert replies == [f"reply {n}" for n in range(100)]
+    assert together.batches == 1, "the 101 commands did not go in one round trip"
+    assert results[:50] == [f"reply {n}" for n in range(50)]
     assert isinstance(results[50], ResponseError) and "WRONGTYPE" in str(results[50])
-    assert max(sizes) == 101, "the 101 commands did not go in one pipeline"
+    assert results[51:100] == [str(n) for n in range(50, 99)]
+    assert results[100] == {"a": "1", "b": "é"}
 
 
-async def test_a_caller_that_gives_up_does_not_stop_the_others(redis: Redis) -> None:
-    together = AutoPipeline(redis)
-
-    async def echo(pipe: Pipeline) -> None:
-        pipe.echo("still here")
-
-    waiting = asyncio.ensure_future(together.call(echo))
-    others = [asyncio.ensure_future(together.call(echo)) for _ in range(3)]
+async def test_a_caller_that_gives_up_does_not_stop_the_others(together: AutoPipeline) -> None:
+    waiting = asyncio.ensure_future(together.command("ECHO", "still here"))
+    others = [asyncio.ensure_future(together.command("ECHO", "still here")) for _ in range(3)]
     await asyncio.sleep(0)
     waiting.cancel()
     assert await asyncio.gather(*others) == ["still here"] * 3
     assert waiting.cancelled()
+
+
+async def test_commands_issued_meanwhile_go_in_the_next_batch(together: AutoPipeline) -> None:
+    """One batch in flight at a time: what is issued while it waits goes in the next one,
+    whatever its size; each reply is still its own caller's."""
+    first = [asyncio.ensure_future(together.command("ECHO", f"a{n}")) for n in range(3)]
+    await asyncio.sleep(0)  # the first batch is on its way
+    second = [asyncio.ensure_future(together.command("ECHO", f"b{n}")) for n in range(5)]
+    assert await asyncio.gather(*first, *second) == [f"a{n}" for n in range(3)] + [
+        f"b{n}" for n in range(5)
+    ]
+    assert together.batches == 2
+
+
+async def test_a_batch_on_a_connection_redis_closed_is_sent_again(redis: Redis) -> None:
+    """Redis closed the batching connection while it was idle (a restart, a CLIENT KILL): the
+    next batch goes on a new one, and its callers get their replies."""
+    lane = Lane(redis, "-batch")
+    together = AutoPipeline(redis, lane)
+    try:
+        assert await together.command("ECHO", "first") == "first"
+        clients: Any = await redis.client_list()
+        mine = [c["id"] for c in clients if c.get("name", "").endswith("-batch")]
+        assert len(mine) == 1
+        assert await redis.client_kill_filter(_id=mine[0]) == 1
+        replies = await asyncio.gather(*(together.command("ECHO", n) for n in range(4)))
+        assert replies == ["0", "1", "2", "3"]
+    finally:
+        await lane.aclose()
 
 
 async def test_concurrent_asks_respect_the_callers_cap_and_leave_nothing_when_refused(

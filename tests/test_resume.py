@@ -119,5 +119,6 @@ async def test_redis_connections_constant_from_1_to_200_viewers(
         many = await watch_all(200)
         at_many = max(counts)
     assert one == [WORDS] and many == [WORDS] * 200
-    # The pool, the relay's reading connection and the (one) worker's writing connection.
-    assert at_one == at_many == settings.redis_pool_size + 2, (at_one, at_many)
+    # The pool, the relay's reading connection, the (one) worker's writing connection and
+    # the store's batching connection.
+    assert at_one == at_many == settings.redis_pool_size + 3, (at_one, at_many)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from tokenrelay.connection import (
+    Lane,
     NodeReaders,
     cluster_client,
     dedicated_client,
@@ -98,7 +99,7 @@ def make_keys(settings: Settings) -> Keys:
     return Keys(settings.key_prefix, settings.request_shard_count, settings.redis_cluster)
 
 
-def make_store(settings: Settings, redis: Redis) -> Store:
+def make_store(settings: Settings, redis: Redis, lane: Lane | None = None) -> Store:
     limits = Limits(
         settings.retention_s,
         settings.history_max,
@@ -106,7 +107,7 @@ def make_store(settings: Settings, redis: Redis) -> Store:
         settings.max_queued,
         settings.max_queued_per_caller,
     )
-    return Store(redis, make_keys(settings), limits)
+    return Store(redis, make_keys(settings), limits, lane)
 
 
 def make_worker(
@@ -152,7 +153,14 @@ async def open_services(
         )
         close_on_exit(stack, "the Redis pool", lambda: redis.aclose(close_connection_pool=True))
         await warm(redis, settings.redis_pool_size)
-        store = make_store(settings, redis)
+        # The connection the store's batches of concurrent commands go on (autopipeline.py):
+        # opened now, so a process's connections do not change with its first ask.
+        lane: Lane | None = None
+        if not settings.redis_cluster:
+            lane = Lane(redis, "-batch")
+            close_on_exit(stack, "the batching connection", lane.aclose)
+            await lane.open()
+        store = make_store(settings, redis, lane)
         await store.ensure_group()
         services = Services(settings, url, store, provider=provider)
         if gateway:

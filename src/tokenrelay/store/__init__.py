@@ -10,6 +10,7 @@ import asyncio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from tokenrelay.connection import Lane
 from tokenrelay.keys import Keys
 from tokenrelay.store.answers import (
     XRANGE_PAGE,
@@ -42,10 +43,11 @@ __all__ = [
 
 
 class Store(Questions, Answers, Idempotency):
-    """Every read and write of the data model. Holds no state but names and limits."""
+    """Every read and write of the data model. Holds no state but names, limits and the batch
+    of concurrent callers' commands (on `lane`, a connection its process opened for them)."""
 
-    def __init__(self, redis: Redis, keys: Keys, limits: Limits) -> None:
-        super().__init__(redis, keys, limits)
+    def __init__(self, redis: Redis, keys: Keys, limits: Limits, lane: Lane | None = None) -> None:
+        super().__init__(redis, keys, limits, lane)
         self.group = RequestGroup(redis, keys)
 
     async def ensure_group(self) -> None:

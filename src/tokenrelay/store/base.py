@@ -9,7 +9,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from tokenrelay.connection import is_cluster
+from tokenrelay.connection import Lane, is_cluster
 from tokenrelay.keys import Keys
 from tokenrelay.store.autopipeline import AutoPipeline
 
@@ -29,13 +29,13 @@ class Limits:
 
 class StoreBase:
     """Holds no state but the client, names, limits, and the batch of concurrent callers'
-    commands (`_together`, single node: see autopipeline.py)."""
+    commands (`_together`, single node: see autopipeline.py), sent on `lane` when given."""
 
-    def __init__(self, redis: Redis, keys: Keys, limits: Limits) -> None:
+    def __init__(self, redis: Redis, keys: Keys, limits: Limits, lane: Lane | None = None) -> None:
         self.redis = redis
         self.keys = keys
         self.limits = limits
-        self._together = None if is_cluster(redis) else AutoPipeline(redis)
+        self._together = None if is_cluster(redis) else AutoPipeline(redis, lane)
 
     async def _script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         """`script`'s reply: sent with the other commands of the moment on a single node (a

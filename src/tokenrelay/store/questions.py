@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from redis.asyncio.client import Pipeline
 from redis.exceptions import OutOfMemoryError, ResponseError
 
 from tokenrelay.errors import CallerFull, NotFound, Overloaded, StoreError
+from tokenrelay.store.autopipeline import as_dict
 from tokenrelay.store.base import StoreBase, now_ms
 from tokenrelay.store.group import request_id as make_request_id
 from tokenrelay.store.group import split_request_id
@@ -249,11 +249,7 @@ class Questions(StoreBase):
         if self._together is None:
             h: Any = await self.redis.hgetall(key)
         else:  # read with the other asks and reads of the moment (a burst's watches)
-
-            async def queue(pipe: Pipeline) -> None:
-                pipe.hgetall(key)
-
-            h = await self._together.call(queue)
+            h = await self._together.command("HGETALL", key, parse=as_dict)
         if not h:
             raise NotFound(f"no question with id {question_id!r} (never asked, or expired)")
         return QuestionRecord.from_hash(question_id, h)
