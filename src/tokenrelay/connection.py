@@ -62,6 +62,11 @@ def _retry() -> Retry:
     return Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8)
 
 
+def _keepalive(url: str) -> dict[str, Any]:
+    """TCP keepalive, for a TCP URL (a Unix socket, `unix://`, has none to set)."""
+    return {} if url.startswith("unix:") else {"socket_keepalive": True}
+
+
 def pooled_client(url: str, *, size: int, name: str) -> Redis:
     """A client whose pool never holds more than `size` connections; callers queue for one."""
     pool = BlockingConnectionPool.from_url(
@@ -71,7 +76,7 @@ def pooled_client(url: str, *, size: int, name: str) -> Redis:
         decode_responses=True,
         client_name=name,
         health_check_interval=30,
-        socket_keepalive=True,
+        **_keepalive(url),
     )
     return _Client(connection_pool=pool, retry=_retry(), retry_on_error=_RETRY_ERRORS)
 
@@ -237,8 +242,8 @@ def dedicated_client(url: str, *, name: str, block_ms: int) -> Redis:
         decode_responses=True,
         client_name=name,
         single_connection_client=True,
-        socket_keepalive=True,
         socket_timeout=block_ms / 1000 + BLOCK_MARGIN_S,
+        **_keepalive(url),
     )
 
 
