@@ -162,8 +162,8 @@ async def test_records_read_together_and_alone_are_the_same(
 async def test_an_ask_after_redis_lost_its_scripts_still_queues(
     make_settings: Callable[..., Settings], redis_url: str
 ) -> None:
-    """A restarted Redis has no scripts: the ask's EVALSHA fails in the batch (the process's
-    pipelines send no SCRIPT EXISTS) and is sent again alone, which loads the script."""
+    """A restarted Redis has no scripts: the ask's EVALSHA fails in the batch (a batch sends
+    no SCRIPT EXISTS) and is sent again alone, which loads the script."""
     if os.environ.get("TOKENRELAY_TEST_REDIS_URL"):
         pytest.skip("flushes the server's scripts: only on the test's own embedded Valkey")
     client = pooled_client(redis_url, size=2, name="tokenrelay-test")

@@ -12,9 +12,6 @@ file passes on it:
   packet built by hand and handed to `sio.eio.send`; backpressure reads
   `sio.eio.sockets[eio_sid].queue.qsize()` after `sio.manager.eio_sid_from_sid(sid, "/")`;
   gateway/packets.py subclasses `socketio.packet.Packet` (the `serializer=` argument).
-- redis-py (connection.py): the single-node client's pipeline skips SCRIPT EXISTS by
-  overriding `Pipeline.load_scripts` (which `execute()` calls when scripts are queued), and
-  runs again after a NOSCRIPT by restoring `command_stack` and `scripts`.
 - sse-starlette (gateway/sse.py): the gateway's own SSE response ends its streams when the
   server stops through sse-starlette's shutdown watcher,
   `EventSourceResponse._listen_for_exit_signal()` (`AppStatus.should_exit`, which its patch
@@ -54,7 +51,6 @@ from tokenrelay.connection import (
     cluster_client,
     dedicated_client,
     node_client,
-    pooled_client,
 )
 from tokenrelay.gateway.access import Access
 from tokenrelay.gateway.packets import UNREADABLE, TolerantPacket
@@ -425,52 +421,6 @@ async def sio_server(
     finally:
         web.should_exit = True
         await asyncio.gather(task, return_exceptions=True)
-
-
-# -- redis-py: scripts in single-node pipelines (connection.py) --------------------------
-
-_ECHO_KEY = "return {KEYS[1], ARGV[1]}"
-
-
-async def _script_exists_calls(client: Redis) -> int:
-    stats: dict[str, Any] = await client.info("commandstats")
-    return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
-
-
-async def test_a_pipeline_with_a_script_asks_no_script_exists(redis_url: str) -> None:
-    client = pooled_client(redis_url, size=2, name=f"contract-{secrets.token_hex(3)}")
-    script = client.register_script(_ECHO_KEY)
-    try:
-        before = await _script_exists_calls(client)
-        for n in range(20):
-            async with client.pipeline(transaction=False) as pipe:
-                await script(keys=["k"], args=[n], client=pipe)
-                pipe.ping()
-                assert await pipe.execute() == [["k", str(n)], True]
-        # redis-py's own pipeline asks once per execute: 20 at least.
-        assert await _script_exists_calls(client) - before < 5
-    finally:
-        await client.aclose(close_connection_pool=True)
-
-
-async def test_a_pipeline_runs_again_when_redis_lost_its_scripts(redis_url: str) -> None:
-    client = pooled_client(redis_url, size=2, name=f"contract-{secrets.token_hex(3)}")
-    script = client.register_script(_ECHO_KEY)
-    key = f"contract-{secrets.token_hex(4)}"
-    try:
-        async with client.pipeline(transaction=False) as pipe:
-            await script(keys=["k"], args=["a"], client=pipe)
-            assert await pipe.execute() == [["k", "a"]]
-        await client.script_flush()
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.incr(key)
-            await script(keys=["k"], args=["b"], client=pipe)
-            # The whole pipeline ran again: what it pipelines with a script may run twice.
-            assert await pipe.execute() == [2, ["k", "b"]]
-        assert await client.script_exists(script.sha) == [True]
-    finally:
-        await client.delete(key)
-        await client.aclose(close_connection_pool=True)
 
 
 def _no_services() -> Services:

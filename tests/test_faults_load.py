@@ -28,9 +28,10 @@ from tokenrelay.testing import answer_text, directive
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
 VIEWERS = 1000
-# Each process: its pool (TOKENRELAY_REDIS_POOL_SIZE, default 8) plus one blocking reader;
-# a worker process one more, its writer's own (connection.Lane).
-CONNECTIONS = {"gateway": 8 + 1, "worker": 8 + 1 + 1}
+# Each process: its pool (TOKENRELAY_REDIS_POOL_SIZE, default 8), one blocking reader and
+# the store's batching connection; a worker process one more, its writer's own
+# (connection.Lane each).
+CONNECTIONS = {"gateway": 8 + 1 + 1, "worker": 8 + 1 + 1 + 1}
 ANSWERS = 100
 TOKENS = 60
 

@@ -9,9 +9,6 @@ job), made to fit what the store expects of a client:
 - patient: it retries a command a few times at once when a node fails, which is over in
   milliseconds while a failover takes seconds; here a command is tried again with
   backoff for up to RETRY_WINDOW_S, a pipeline only for its commands that did not run;
-- scripts in pipelines (single node): redis-py's pipeline asks SCRIPT EXISTS before every
-  pipeline that holds a script, a round trip per chunk batch; ours loads each script once
-  per process and, when Redis lost them (a restart), loads them again and runs once more;
 - packed writes (single node): the worker's chunk writes are packed by hand and sent on a
   `Lane`, a connection of their own: no pool to take it from, no per-argument packing;
 - scripts in pipelines (cluster): its pipelines have no script cache handling (an EVALSHA that
@@ -29,7 +26,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
@@ -78,43 +74,7 @@ def pooled_client(url: str, *, size: int, name: str) -> Redis:
         health_check_interval=30,
         **_keepalive(url),
     )
-    return _Client(connection_pool=pool, retry=_retry(), retry_on_error=_RETRY_ERRORS)
-
-
-# Digests of the scripts this process has loaded (SCRIPT LOAD) or seen run: a pipeline that
-# holds only these sends no SCRIPT EXISTS first.
-_LOADED: set[str] = set()
-
-
-class _ScriptPipeline(Pipeline):
-    """A single-node pipeline without redis-py's SCRIPT EXISTS round trip per execute."""
-
-    async def load_scripts(self) -> None:
-        for script in self.scripts:
-            if script.sha not in _LOADED:
-                load = self.immediate_execute_command("SCRIPT LOAD", script.script)  # type: ignore[no-untyped-call]
-                script.sha = await load
-                _LOADED.add(script.sha)
-
-    async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        stack, scripts = list(self.command_stack), set(self.scripts)
-        try:
-            return await super().execute(raise_on_error)
-        except NoScriptError:
-            # Redis forgot them (restarted, SCRIPT FLUSH): no EVALSHA of the pipeline ran.
-            # The other commands did; the store only pipelines scripts with commands that
-            # may run twice (the history index's ZADD).
-            log.info("Redis had lost tokenrelay's scripts; loading them again")
-            _LOADED.difference_update(s.sha for s in scripts)
-            self.command_stack, self.scripts = stack, scripts
-            return await super().execute(raise_on_error)
-
-
-class _Client(Redis):
-    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
-        return _ScriptPipeline(
-            self.connection_pool, self.response_callbacks, transaction, shard_hint
-        )
+    return Redis(connection_pool=pool, retry=_retry(), retry_on_error=_RETRY_ERRORS)
 
 
 def bulk(value: str) -> bytes:
