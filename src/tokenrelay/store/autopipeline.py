@@ -47,9 +47,11 @@ def as_dict(reply: Any) -> Any:
 class AutoPipeline:
     """`command(*args)`: the reply of that one command (an error reply raised), sent with the
     commands of the moment. One batch in flight at a time, on `lane`, else on one of the
-    client's pool connections; a batch whose connection fails is sent again as the client's
-    own commands are (its Retry): what goes here must be safe to run twice (the store's
-    asks and numbered writes are)."""
+    client's pool connections. A batch whose connection fails is sent again as the client's
+    own commands are (its Retry), as redis-py's pipeline was: a command whose reply was
+    lost with its connection may have run, and then runs twice (reads, and an answer's
+    start and end, are checked in their scripts; an ask queued twice is answered by
+    whichever delivery began last, the other one fenced)."""
 
     def __init__(self, redis: Redis, lane: Lane | None = None) -> None:
         self._redis = redis
