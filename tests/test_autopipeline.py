@@ -18,7 +18,7 @@ from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import Store
 from tokenrelay.store.autopipeline import AutoPipeline, as_dict
-from tokenrelay.wire import QuestionRequest, RecordField, Status
+from tokenrelay.wire import Entry, EntryType, QuestionRequest, RecordField, Status
 
 
 @pytest.fixture
@@ -27,6 +27,14 @@ def store_with(make_settings: Callable[..., Settings], redis: Redis) -> Callable
         return make_store(make_settings(**overrides), redis)
 
     return make
+
+
+def make_store_on_pool(store: Store) -> Store:
+    """The same keys and data, read without the batcher (as in a cluster: redis-py's own
+    XRANGE and its reply parsing)."""
+    alone = Store(store.redis, store.keys, store.limits)
+    alone._together = None
+    return alone
 
 
 @pytest.fixture(params=["lane", "pool"])
@@ -157,6 +165,31 @@ async def test_records_read_together_and_alone_are_the_same(
         assert read.request_id == raw[RecordField.REQUEST_ID]
     with pytest.raises(NotFound):
         await store.record("x" * 22)
+
+
+async def test_history_reads_of_a_burst_share_a_round_trip_and_read_as_the_pool_does(
+    store_with: Callable[..., Store], redis: Redis
+) -> None:
+    """A burst's viewers each read their answer's history first: their XRANGEs go together
+    (they queued for the pool's few connections), and each gets what XRANGE on the pool
+    gives, chunks and other entries alike, from its cursor on."""
+    store = store_with()
+    qids = [f"history{n}" for n in range(30)]
+    for n, qid in enumerate(qids):
+        await store.append(qid, Entry(EntryType.START, "", {"topic": "t", "model": "m"}))
+        for word in ("a ", "b ", f"{n} "):
+            await store.append(qid, Entry(EntryType.CHUNK, word))
+        await store.append(qid, Entry(EntryType.END, "", {"finish_reason": "stop"}))
+    assert store._together is not None
+    before = store._together.batches
+    together = await asyncio.gather(*(store.read(qid) for qid in qids))
+    assert 1 <= store._together.batches - before <= 2  # one, or one in flight and the rest
+    alone = make_store_on_pool(store)
+    for qid, read in zip(qids, together, strict=True):
+        assert read == await alone.read(qid)
+        assert [e.type for e in read] == [EntryType.START, *[EntryType.CHUNK] * 3, EntryType.END]
+        cursor = read[1].entry_id
+        assert await store.read(qid, cursor) == await alone.read(qid, cursor) == read[2:]
 
 
 async def test_an_ask_after_redis_lost_its_scripts_still_queues(
