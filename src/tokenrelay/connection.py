@@ -83,6 +83,14 @@ def bulk(value: str) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
+def pack(args: Sequence[str | int]) -> bytes:
+    """One command as RESP, packed by hand."""
+    return b"*%d\r\n%b" % (
+        len(args),
+        b"".join(bulk(a if isinstance(a, str) else str(a)) for a in args),
+    )
+
+
 async def send_packed(conn: AbstractConnection, payload: bytes) -> None:
     """`conn.send_packed_command(payload)` without its per-send task: with a socket timeout
     set, redis-py wraps each send in `asyncio.wait_for` (a task of its own, ~15 us). Writing
@@ -189,6 +197,12 @@ class Lane:
 
     async def aclose(self) -> None:
         await self._conn.disconnect()
+
+
+def own_lane(client: Redis, suffix: str) -> Lane | None:
+    """A `Lane` of `client`'s for one sender, named with `suffix`; None in a cluster, where
+    what would go on it goes through the client (its commands find their node)."""
+    return None if is_cluster(client) else Lane(client, suffix)
 
 
 def dedicated_client(url: str, *, name: str, block_ms: int) -> Redis:

@@ -15,6 +15,7 @@ from tokenrelay.connection import (
     NodeReaders,
     cluster_client,
     dedicated_client,
+    own_lane,
     pooled_client,
     warm,
 )
@@ -155,9 +156,8 @@ async def open_services(
         await warm(redis, settings.redis_pool_size)
         # The connection the store's batches of concurrent commands go on (autopipeline.py):
         # opened now, so a process's connections do not change with its first ask.
-        lane: Lane | None = None
-        if not settings.redis_cluster:
-            lane = Lane(redis, "-batch")
+        lane = own_lane(redis, "-batch")
+        if lane is not None:
             close_on_exit(stack, "the batching connection", lane.aclose)
             await lane.open()
         store = make_store(settings, redis, lane)

@@ -10,7 +10,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from tokenrelay.connection import Lane, bulk, call_packed, is_cluster
+from tokenrelay.connection import Lane, bulk, call_packed, is_cluster, own_lane
 from tokenrelay.errors import Fenced, Rewound
 from tokenrelay.keys import WORKER_GROUP
 from tokenrelay.store.base import StoreBase, now_ms
@@ -324,11 +324,10 @@ class Answers(StoreBase):
         """Up to `count` entries strictly after the cursor `after`. On a single node sent with
         the other commands of the moment (a burst's viewers each read their answer's history
         first: 100 of them queued for the pool's 8 connections, wave after wave)."""
-        key = self.keys.answer(question_id)
+        key, start = self.keys.answer(question_id), exclusive(after)
         if self._together is None:
-            raw: Any = await self.redis.xrange(key, exclusive(after), "+", count=count)
+            raw: Any = await self.redis.xrange(key, start, "+", count=count)
             return [Entry.from_fields(entry_id, fields) for entry_id, fields in raw]
-        start = exclusive(after)
         flat: Any = await self._together.command("XRANGE", key, start, "+", "COUNT", count)
         return [Entry.from_flat(entry_id, fields) for entry_id, fields in flat]
 
@@ -420,7 +419,7 @@ class Answers(StoreBase):
         """A connection of its own for a sender of many `write_batch` calls (a worker's
         chunk writer; named as the pool's, plus "-write"), or None where writes go through
         the client (a cluster)."""
-        return None if is_cluster(self.redis) else Lane(self.redis, "-write")
+        return own_lane(self.redis, "-write")
 
     async def write_batch(self, puts: Sequence[Put], lane: Lane | None = None) -> list[Applied]:
         """Every write in one round trip, each checked in Redis (epoch, order, cancel flag):

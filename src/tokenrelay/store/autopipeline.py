@@ -16,25 +16,17 @@ Single node only (a cluster client's pipeline splits by node, and its scripts by
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from tokenrelay.connection import Lane, bulk, call_packed
+from tokenrelay.connection import Lane, call_packed, pack
 
 Parse = Callable[[Any], Any]  # a command's reply as its caller wants it
 Arg = str | int
-
-
-def pack(args: Sequence[Arg]) -> bytes:
-    """One command as RESP, packed by hand."""
-    return b"*%d\r\n%b" % (
-        len(args),
-        b"".join(bulk(a if isinstance(a, str) else str(a)) for a in args),
-    )
 
 
 def as_dict(reply: Any) -> Any:
