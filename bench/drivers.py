@@ -88,14 +88,6 @@ class Driver:
     def question(self, answer: Answer) -> str:
         return question_for(answer.nonce, self.load.tokens, self.load.rate)
 
-    async def ask(self, answer: Answer) -> None:
-        body = {"topic": "bench", "question": self.question(answer), "stream": True}
-        async with self.session.post(f"{self.load.target_url}/api/questions", json=body) as resp:
-            reply = await resp.json(loads=orjson.loads)
-        if "id" not in reply:
-            raise RuntimeError(f"ask refused: {reply}")
-        answer.qid = reply["id"]
-
 
 class SocketIODriver(Driver):
     """Each viewer is its own Socket.IO connection; the first one asks."""
@@ -123,14 +115,16 @@ class SocketIODriver(Driver):
         await asyncio.gather(*(connect(v) for a in answers for v in a.viewers))
 
     async def ask_and_watch(self, answer: Answer) -> None:
+        """The first viewer asks and watches in one call (`ask {watch: true}`), as the
+        page does; the others watch once they know the id."""
         socks = [self.sockets[id(v)] for v in answer.viewers]
-        question = {"topic": "bench", "question": self.question(answer)}
+        question = {"topic": "bench", "question": self.question(answer), "watch": True}
         reply = await socks[0].call("ask", question)
         if "id" not in reply:
             raise RuntimeError(f"ask refused: {reply}")
         answer.qid = reply["id"]
-        acks = await asyncio.gather(*(s.call("watch", {"id": answer.qid}) for s in socks))
-        for viewer, ack in zip(answer.viewers, acks, strict=True):
+        acks = await asyncio.gather(*(s.call("watch", {"id": answer.qid}) for s in socks[1:]))
+        for viewer, ack in zip(answer.viewers[1:], acks, strict=True):
             if not isinstance(ack, dict) or "error" in ack:
                 viewer.error = f"watch refused: {ack}"[:200]
                 viewer.done.set()
@@ -149,25 +143,43 @@ class SSEDriver(Driver):
     """Ask over the JSON API, then each viewer opens the answer's event stream."""
 
     async def ask_and_watch(self, answer: Answer) -> None:
-        await self.ask(answer)
-        url = f"{self.load.target_url}/api/questions/{answer.qid}/events"
-        await asyncio.gather(*(self._watch(url, v) for v in answer.viewers))
+        """The first viewer asks and reads the events in the same response (`Accept:
+        text/event-stream`); the others open the answer's event stream once they know
+        the id."""
+        first, *others = answer.viewers
+        body = {"topic": "bench", "question": self.question(answer), "stream": True}
+        url = f"{self.load.target_url}/api/questions"
+        accept = {"Accept": "text/event-stream"}
+        async with self.session.post(url, json=body, headers=accept) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"ask refused: {resp.status} {await resp.text()}"[:300])
+            answer.qid = resp.headers["X-Question-Id"]
+            events_url = f"{url}/{answer.qid}/events"
+            rest = [asyncio.create_task(self._watch(events_url, v)) for v in others]
+            try:
+                await self._read(resp, first)
+            finally:
+                await asyncio.gather(*rest)
 
     async def _watch(self, url: str, viewer: Viewer) -> None:
         async with self.session.get(url) as resp:
             resp.raise_for_status()
-            rest = b""
-            async for data in resp.content.iter_any():
-                now = time.time_ns()
-                blocks, rest = _sse_blocks(rest + data, b"\r\n\r\n")
-                for block in blocks:
-                    fields = dict(f.split(b": ", 1) for f in block.split(b"\r\n") if b": " in f)
-                    if b"event" in fields:
-                        kind = fields[b"event"].decode()
-                        data = orjson.loads(fields[b"data"]) if kind == "chunk" else {}
-                        viewer.entry(now, kind, fields[b"id"].decode(), data.get("text", ""))
-                if viewer.done.is_set():
-                    return
+            await self._read(resp, viewer)
+
+    @staticmethod
+    async def _read(resp: aiohttp.ClientResponse, viewer: Viewer) -> None:
+        rest = b""
+        async for data in resp.content.iter_any():
+            now = time.time_ns()
+            blocks, rest = _sse_blocks(rest + data, b"\r\n\r\n")
+            for block in blocks:
+                fields = dict(f.split(b": ", 1) for f in block.split(b"\r\n") if b": " in f)
+                if b"event" in fields:
+                    kind = fields[b"event"].decode()
+                    data = orjson.loads(fields[b"data"]) if kind == "chunk" else {}
+                    viewer.entry(now, kind, fields[b"id"].decode(), data.get("text", ""))
+            if viewer.done.is_set():
+                return
 
 
 class DirectDriver(Driver):

@@ -34,6 +34,43 @@ async def test_ask_then_read_events_to_the_end(gateway: str) -> None:
     assert seen[-1].data["chunks"] == len(pieces) >= len(types) - 2
 
 
+async def test_ask_with_accept_event_stream_streams_in_the_same_response(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """`Accept: text/event-stream` on an ask: its events in the response, from the first,
+    as the events route gives them; its id in `Location`. A retry with the same
+    idempotency key streams the same answer again; `q=0` means JSON as before."""
+    async with (
+        running_gateway(make_settings(scripted_text=TEXT)) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        accept = {"Accept": "text/event-stream", "Idempotency-Key": "one-request"}
+        async with client.stream(
+            "POST", "/api/questions", json={"question": "Why?"}, headers=accept
+        ) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            qid = response.headers["x-question-id"]
+            assert response.headers["location"] == f"/api/questions/{qid}"
+        seen = [
+            e
+            async for e in events(
+                client, "/api/questions", accept, method="POST", json={"question": "Why?"}
+            )
+        ]
+        assert seen[0].event == "start" and seen[-1].event == "end"
+        assert all(e.data["id"] == qid and e.id == e.data["entry_id"] for e in seen)
+        assert "".join(e.data["text"] for e in seen if e.event == "chunk") == TEXT
+        later = [e async for e in events(client, f"/api/questions/{qid}/events")]
+        assert [e.id for e in later] == [e.id for e in seen]
+        r = await client.post(
+            "/api/questions",
+            json={"question": "Why not?"},
+            headers={"Accept": "text/event-stream;q=0, application/json"},
+        )
+        assert r.status_code == 202 and r.json()["id"] != qid
+
+
 async def test_seed_without_stream_answers_whole_output(
     make_settings: Callable[..., Settings],
 ) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
+
+import aiohttp
 
 from tests.conftest import running_gateway
 from tests.support.sockets import connected, wait_for
@@ -118,3 +121,62 @@ async def test_bad_payloads_get_error_events(gateway: str) -> None:
         # The connection survived all of it.
         ack = await client.call("ask", {"question": "still there?"})
         assert len(ack["id"]) == 22
+
+
+async def test_ask_with_watch_streams_after_its_ack(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """`ask {watch: true}` is ask then watch in one round trip: on the wire (a raw
+    websocket, so nothing reorders it) the ack comes first, then every entry of the answer,
+    start to end, exactly once."""
+    async with (
+        running_gateway(make_settings(scripted_text=TEXT, scripted_rate=400.0)) as url,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url + "/socket.io/?EIO=4&transport=websocket") as ws,
+    ):
+        assert (await ws.receive_str()).startswith("0")
+        await ws.send_str("40")
+        assert (await ws.receive_str()).startswith("40")
+        await ws.send_str('420["ask",{"question":"go","watch":true}]')
+        packets: list[str] = []
+        async with asyncio.timeout(10):
+            while not any('"type":"end"' in p for p in packets):
+                packet = await ws.receive_str()
+                if packet == "2":
+                    await ws.send_str("3")
+                else:
+                    packets.append(packet)
+    ack = json.loads(packets[0].removeprefix("430"))[0]
+    assert packets[0].startswith("430") and len(ack["id"]) == 22, packets[:2]
+    assert ack["status"] in ("queued", "streaming")
+    events = [json.loads(p.removeprefix("42")) for p in packets[1:]]
+    assert all(name == "answer" and data["id"] == ack["id"] for name, data in events)
+    entries = [data for _, data in events]
+    assert entries[0]["type"] == "start" and entries[-1]["type"] == "end"
+    assert "".join(e["text"] for e in entries if e["type"] == "chunk") == TEXT
+    ids = [e["entry_id"] for e in entries]
+    assert len(set(ids)) == len(ids)
+
+
+async def test_ask_with_watch_holds_a_watch(make_settings: Callable[..., Settings]) -> None:
+    """The watch `ask {watch: true}` starts is the socket's like any other: `unwatch`
+    stops it, and a bad `watch` flag is refused before anything is asked."""
+    async with (
+        running_gateway(make_settings(scripted_rate=20.0)) as url,
+        connected(url) as (client, got),
+    ):
+        for payload, needle in (
+            ({"question": "q", "watch": "yes"}, "'watch' must be true or false"),
+            ({"question": "q", "watch": True, "stream": False}, "needs 'stream': true"),
+        ):
+            ack = await client.call("ask", payload)
+            assert needle in ack["error"], ack
+        ack = await client.call("ask", {"question": "slow", "watch": True})
+        qid = ack["id"]
+        await wait_for(lambda: sum(1 for e, d in got if e == "answer") >= 3)
+        assert (await client.call("unwatch", {"id": qid})) == {"ok": True}
+        await asyncio.sleep(0.1)
+        seen = sum(1 for e, _ in got if e == "answer")
+        await asyncio.sleep(0.4)  # 20 tokens/s: eight more entries if it still watched
+        assert sum(1 for e, _ in got if e == "answer") == seen
+        assert not any(d["type"] == "end" for e, d in got if e == "answer")

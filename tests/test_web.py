@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, BrowserContext
+from playwright.async_api import Browser, BrowserContext, Route
 
 from tests.support.web import (
     ALL_MARKERS,
@@ -125,6 +125,31 @@ async def test_answer_streams_incrementally_as_markdown_with_figures(
     assert await tab.page.locator("#stop").is_hidden()
     foreign = [url for url in tab.requests if not url.startswith(scripted.url + "/")]
     assert foreign == [], "every asset comes from tokenrelay itself (no CDN)"
+    assert_healthy(tab)
+
+
+async def test_a_page_without_websockets_shows_every_chunk_from_the_start(
+    scripted: ServerProcess, context: BrowserContext
+) -> None:
+    """Over Engine.IO long-polling, the ask's ack and the first events of its watch can
+    come in one response: the page keeps those that come before it knows the id. Each
+    poll here is held back 300 ms, so the ack and the first entries are queued together."""
+    await context.add_init_script("window.WebSocket = undefined;")
+
+    async def held_back(route: Route) -> None:
+        if route.request.method == "GET":
+            await asyncio.sleep(0.3)
+        await route.continue_()
+
+    await context.route("**/socket.io/*", held_back)
+    tab = await open_tab(context, scripted.url)
+    await tab.ask("Does it work without websockets?")
+    seen = await tab.watch_growth(until="done")
+    assert markers(seen[-1]) == ALL_MARKERS
+    figures = await tab.figures()  # the model is in the start entry, the chunks in the end
+    assert figures["model"] == "scripted" and figures["chunks"] == str(SCRIPT_CHUNKS)
+    transports = [url for url in tab.requests if "/socket.io/" in url]
+    assert transports and all("transport=polling" in url for url in transports)
     assert_healthy(tab)
 
 

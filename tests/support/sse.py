@@ -6,9 +6,9 @@ the fault scenarios feed it the bytes they read off a raw socket.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from json import loads
 from typing import Any
 
 import httpx
@@ -56,12 +56,18 @@ class Parser:
 
 
 async def events(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None
+    client: httpx.AsyncClient,
+    url: str,
+    headers: dict[str, str] | None = None,
+    *,
+    method: str = "GET",
+    json: Any = None,
 ) -> AsyncIterator[Event]:
-    """GET `url` as an event stream; each event's data parsed as JSON."""
-    async with client.stream("GET", url, headers=headers) as response:
+    """`url` (GET, or `method` with a `json` body) as an event stream; each event's data
+    parsed as JSON."""
+    async with client.stream(method, url, headers=headers, json=json) as response:
         response.raise_for_status()
         parser = Parser()
         async for data in response.aiter_bytes():
             for raw in parser.feed(data):
-                yield Event(raw.id, raw.event, json.loads(raw.data))
+                yield Event(raw.id, raw.event, loads(raw.data))

@@ -22,6 +22,10 @@ const ACKED_EVENTS = new Set(["ask", "watch", "cancel"]);
 let current = null;
 /** The id this socket asked the server to watch, if any. */
 let watching = null;
+// While an `ask {watch: true}` awaits its ack: the answer events that came for an id not
+// shown yet (over long-polling, an ack and the first events can arrive in one response).
+let earlyEvents = null;
+const EARLY_EVENTS_MAX = 10_000;
 let stopReplay = null;
 let renderTimer = 0;
 let askSeq = 0;
@@ -77,6 +81,10 @@ const socket = connect({
 });
 
 function onAnswerEvent(event) {
+  if (earlyEvents && event?.id !== current?.id && earlyEvents.length < EARLY_EVENTS_MAX) {
+    earlyEvents.push(event); // an ask's watch can deliver before its ack is handled
+    return;
+  }
   if (!current || stopReplay || event?.id !== current.id) return;
   if (!applyEvent(current, event)) return; // already shown: resume never doubles text
   if (isFinished(current)) {
@@ -269,24 +277,33 @@ async function ask(topic, question, stream, parent = null) {
   if (!stream) return askWithoutStream(seq, topic, question);
   view.renderPending(topic, question, "sending");
   view.els.ask.disabled = true;
-  const payload = { topic, question, stream: true };
+  // Asked and watched in one round trip: the answer's events follow the ack.
+  const payload = { topic, question, stream: true, watch: true };
   if (parent) payload.follows = parent.id;
+  const early = [];
+  earlyEvents = early;
   try {
     const reply = await request(socket, "ask", payload, ASK_TIMEOUT_MS);
-    if (seq !== askSeq) return;
+    if (earlyEvents === early) earlyEvents = null;
+    if (seq !== askSeq) {
+      socket.emit("unwatch", { id: reply.id }); // another answer is shown now
+      return;
+    }
     const meta = parent
       ? { topic, question, follows: parent.id, thread: parent.meta.thread || parent.id }
       : { topic, question };
     const answer = newAnswer(String(reply.id), meta);
     setAddress(answer.id, true);
     show(answer);
-    watch(answer);
+    watching = answer.id;
+    for (const event of early) onAnswerEvent(event);
     // The parent's own turns were still loading when it was followed up: load them now.
     if (!parent || earlierOf === parent.id) turnsOf = answer.id;
     else showEarlierTurns(answer, { clear: false });
     refreshHistory();
     if (parent) view.els.followQuestion.value = "";
   } catch (e) {
+    if (earlyEvents === early) earlyEvents = null;
     if (seq !== askSeq) return;
     if (parent) {
       // Not asked: the thread stays as it was, the follow-up still typed in its box.

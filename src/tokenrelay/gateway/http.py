@@ -106,7 +106,8 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
 @router.post("/api/questions", status_code=202, tags=["questions"], dependencies=JSON_ONLY)
 async def ask(body: AskBody, request: Request, who: Who, key: IdempotencyKey = None) -> Any:
     """Ask a question. `stream: true` answers at once with the id; watch it over SSE or
-    Socket.IO. `stream: false` waits and returns the whole answer."""
+    Socket.IO, or send `Accept: text/event-stream` to get its events in this response.
+    `stream: false` waits and returns the whole answer."""
     return await ask_with(request, who, body.model_dump(), key)
 
 
@@ -118,6 +119,15 @@ async def ask_with(request: Request, who: Caller, fields: dict[str, Any], key: s
     context = await follow_up(svc, access(request), who, fields["follows"])
     record = await answers.ask(svc, access(request), who, asked, idempotency_key(key), context)
     qid = record.id
+    if asked.stream and wants_events(request.headers.get("accept")):
+        # Ask and stream in one request: the events from the first, as the events route
+        # gives them, without a second round trip (or a second connection) to open it.
+        url = f"/api/questions/{qid}"
+        return EventStream(
+            _event_stream(svc, record, "0-0"),
+            headers={"Location": url, "X-Question-Id": qid},
+            ping_s=SSE_PING_S,
+        )
     if asked.stream:
         return {
             "id": qid,
@@ -224,15 +234,33 @@ async def events_for(
     """`events`' work (also called by gateway/quick_routes.py)."""
     cursor = parse_cursor(last_event_id if last_event_id is not None else after)
     record, cursor = await attached(request, qid, who, cursor)
-    svc = services(request)
+    return EventStream(_event_stream(services(request), record, cursor), ping_s=SSE_PING_S)
 
-    async def stream() -> AsyncIterator[bytes]:
-        # Every entry ready goes out in one write: one send through the middleware and one
-        # socket write per batch rather than per entry.
-        async for batch in answers.follow_batches(svc, record, cursor):
-            yield b"".join(entry_event(entry, record.id) for entry in batch)
 
-    return EventStream(stream(), ping_s=SSE_PING_S)
+def wants_events(accept: str | None) -> bool:
+    """Whether an `Accept` header names `text/event-stream` (with any parameters)."""
+    if not accept:
+        return False
+    for media_range in accept.split(","):
+        media_type, *params = media_range.split(";")
+        if media_type.strip().lower() != "text/event-stream":
+            continue
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    return float(value) > 0  # q=0: "not this one"
+                except ValueError:
+                    return False
+        return True
+    return False
+
+
+async def _event_stream(svc: Services, record: QuestionRecord, cursor: str) -> AsyncIterator[bytes]:
+    """The answer's SSE events after `cursor`: every entry ready goes out in one write (one
+    send through the middleware and one socket write per batch rather than per entry)."""
+    async for batch in answers.follow_batches(svc, record, cursor):
+        yield b"".join(entry_event(entry, record.id) for entry in batch)
 
 
 def entry_event(entry: Entry, qid: str) -> bytes:

@@ -22,10 +22,10 @@ from tokenrelay.gateway import answers
 from tokenrelay.gateway.access import Access, Caller, Unauthorized, socket_address, socket_token
 from tokenrelay.gateway.answers import WholeAnswer
 from tokenrelay.gateway.conversation import follow_up
-from tokenrelay.gateway.inputs import ask_input, idempotency_key, question_id, watch_input
+from tokenrelay.gateway.inputs import AskInput, ask_input, idempotency_key, question_id, watch_input
 from tokenrelay.gateway.packets import UNREADABLE
 from tokenrelay.services import Services
-from tokenrelay.wire import Entry, EntryType, QuestionRecord, dumps
+from tokenrelay.wire import Context, Entry, EntryType, QuestionRecord, dumps
 
 log = logging.getLogger(__name__)
 
@@ -220,10 +220,17 @@ class SocketGateway:
         caller = self._caller(sid)
         asked = ask_input(data, svc.settings)
         key = idempotency_key(data.get("request_id"))
+        watch = data.get("watch", False)
+        if not isinstance(watch, bool):
+            raise InvalidInput("'watch' must be true or false")
         context = await follow_up(svc, self._access, caller, data.get("follows"))
-        if asked.stream:
+        if asked.stream and not watch:
             record = await answers.ask(svc, self._access, caller, asked, key, context)
             return {"id": record.id}
+        if asked.stream:
+            return await self._ask_and_watch(sid, caller, asked, key, context)
+        if watch:
+            raise InvalidInput("'watch' needs 'stream': true (stream:false answers in the ack)")
         # Waiting for the whole answer holds a viewer: it takes a watch slot like any other.
         with self._slot(sid):
             record = await answers.ask(svc, self._access, caller, asked, key, context)
@@ -244,6 +251,23 @@ class SocketGateway:
             "output": whole.text,
             "record": (await svc.store.record(record.id)).public(),
         }
+
+    async def _ask_and_watch(
+        self,
+        sid: str,
+        caller: Caller,
+        asked: AskInput,
+        key: str | None,
+        context: Context | None,
+    ) -> dict[str, Any]:
+        """`ask` then `watch` from its first entry, in one round trip: the watch starts as
+        the ask is queued, so its acknowledgement goes out before any of its `answer`
+        events (both wait in the same engine.io queue) and nothing is missed."""
+        svc = self._services()
+        with self._slot(sid):
+            record = await answers.ask(svc, self._access, caller, asked, key, context)
+            self._own(sid, record.id, self._relay_answer(sid, record, "0-0"), reserved=True)
+        return {"id": record.id, "status": record.status.value}
 
     async def _wait_whole(self, qid: str) -> WholeAnswer:
         return await answers.whole(self._services(), qid)
