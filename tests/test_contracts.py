@@ -11,7 +11,10 @@ file passes on it:
 - python-engineio / python-socketio (gateway/sockets.py): an emit is a Socket.IO EVENT
   packet built by hand and handed to `sio.eio.send`; backpressure reads
   `sio.eio.sockets[eio_sid].queue.qsize()` after `sio.manager.eio_sid_from_sid(sid, "/")`;
-  gateway/packets.py subclasses `socketio.packet.Packet` (the `serializer=` argument).
+  gateway/packets.py subclasses `socketio.packet.Packet` (the `serializer=` argument);
+  gateway/engine.py subclasses `engineio.async_socket.AsyncSocket` to replace `poll()`
+  (the queue of packets its websocket writer sends) and swaps the class of each socket
+  the gateway accepts.
 - sse-starlette (gateway/sse.py): the gateway's own SSE response ends its streams when the
   server stops through sse-starlette's shutdown watcher,
   `EventSourceResponse._listen_for_exit_signal()` (`AppStatus.should_exit`, which its patch
@@ -27,10 +30,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import engineio
 import orjson
 import pytest
 import socketio
 import uvicorn
+from engineio import packet as eio_packet
+from engineio.async_socket import AsyncSocket
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, NodesManager
 from redis.asyncio.connection import AbstractConnection
@@ -53,6 +59,7 @@ from tokenrelay.connection import (
     node_client,
 )
 from tokenrelay.gateway.access import Access
+from tokenrelay.gateway.engine import LeanSocket
 from tokenrelay.gateway.packets import UNREADABLE, TolerantPacket
 from tokenrelay.gateway.sockets import SOCKET_QUEUE_MAX, SocketGateway
 from tokenrelay.gateway.sse import server_stopping
@@ -502,6 +509,60 @@ async def test_the_serializer_is_the_gateway_s_tolerant_packet() -> None:
     assert broken.data == [UNREADABLE, "the event's JSON is not valid JSON"]
     fine = TolerantPacket(encoded_packet='23["ask",{"q":1}]')
     assert (fine.id, fine.data) == (3, ["ask", {"q": 1}])
+
+
+async def _poll_of(cls: type[AsyncSocket], queued: list[Any], wait_s: float = 5.0) -> Any:
+    """What `cls(...).poll()` returns (or the exception it raises) for `queued`, and what
+    it leaves queued; with nothing queued, after `wait_s` of ping interval + timeout."""
+    server = engineio.AsyncServer(
+        async_mode="asgi", ping_interval=wait_s / 2, ping_timeout=wait_s / 2
+    )
+    socket = cls(server, "sid")
+    for pkt in queued:
+        socket.queue.put_nowait(pkt)
+    try:
+        got: Any = await socket.poll()
+    except Exception as e:
+        got = type(e)
+    left = [socket.queue.get_nowait() for _ in range(socket.queue.qsize())]
+    return got, left
+
+
+async def test_the_lean_poll_keeps_engineio_s_poll_contract() -> None:
+    """gateway/engine.py: LeanSocket.poll returns what AsyncSocket.poll returns, leaves
+    what it leaves, and raises what it raises (QueueEmpty on timeout and on cancel)."""
+    a, b, c = (eio_packet.Packet(eio_packet.MESSAGE, data=str(n)) for n in range(3))
+    for queued in ([a], [a, b, c], [None], [a, None], [a, b, None, c], [None, a]):
+        assert await _poll_of(LeanSocket, queued) == await _poll_of(AsyncSocket, queued)
+    assert await _poll_of(LeanSocket, [], 0.1) == await _poll_of(AsyncSocket, [], 0.1)
+    assert (await _poll_of(LeanSocket, [], 0.1))[0] is engineio.exceptions.QueueEmpty
+    for cls in (LeanSocket, AsyncSocket):
+        server = engineio.AsyncServer(async_mode="asgi")
+        polling = asyncio.create_task(cls(server, "sid").poll())
+        await asyncio.sleep(0.05)
+        polling.cancel()
+        with pytest.raises(engineio.exceptions.QueueEmpty):
+            await polling
+        # A packet queued while the poll waits is what it returns (no task in between).
+        socket = cls(server, "sid")
+        polling = asyncio.create_task(socket.poll())
+        await asyncio.sleep(0.01)
+        socket.queue.put_nowait(a)
+        assert await polling == [a]
+
+
+async def test_the_gateway_s_engineio_sockets_are_lean(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with sio_server(make_settings()) as server, connected(server.url) as (_client, got):
+        gateway = server.gateway
+        assert gateway is not None
+        await wait_for(lambda: len(gateway._watches) == 1)
+        (sid,) = list(gateway._watches)
+        eio_sid = server.sio.manager.eio_sid_from_sid(sid, "/")
+        assert type(server.sio.eio.sockets[eio_sid]) is LeanSocket
+        await gateway._emit(sid, "chunk", "through the lean writer")
+        await wait_for(lambda: ("chunk", "through the lean writer") in got)
 
 
 # A client that stops reading: engine.io's writer blocks once the TCP buffers are full,

@@ -22,6 +22,7 @@ from tokenrelay.gateway import answers
 from tokenrelay.gateway.access import Access, Caller, Unauthorized, socket_address, socket_token
 from tokenrelay.gateway.answers import WholeAnswer
 from tokenrelay.gateway.conversation import follow_up
+from tokenrelay.gateway.engine import make_lean
 from tokenrelay.gateway.inputs import AskInput, ask_input, idempotency_key, question_id, watch_input
 from tokenrelay.gateway.packets import UNREADABLE
 from tokenrelay.services import Services
@@ -137,6 +138,9 @@ class SocketGateway:
             raise socketio.exceptions.ConnectionRefusedError(str(e)) from e
         self._callers[sid] = caller
         self._watches[sid] = {}
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+        if eio_sid is not None:
+            make_lean(self.sio.eio.sockets.get(eio_sid))
         metrics.SOCKETS.inc()
 
     async def _disconnect(self, sid: str, reason: Any = None) -> None:
