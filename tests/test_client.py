@@ -44,6 +44,28 @@ async def test_ask_streams_events_then_whole(gateway_url: str) -> None:
     assert whole.text == TEXT and whole.end.type == "end" and whole.end.data["chunks"] == 40
 
 
+async def test_an_answer_read_to_the_end_is_one_request(gateway_url: str) -> None:
+    """The ask's own response carries the events: no GET of the events route unless the
+    connection drops. A stream left unread is closed by `aclose()`."""
+    sent: list[str] = []
+
+    async def record(request: httpx.Request) -> None:
+        sent.append(f"{request.method} {request.url.path}")
+
+    http = httpx.AsyncClient(base_url=gateway_url, event_hooks={"request": [record]})
+    async with http, Client(gateway_url, http=http) as client:
+        stream = await client.ask("Just one?")
+        events = [e async for e in stream]
+        assert chunk_text(events) == TEXT and events[-1].type == "end"
+        assert sent == ["POST /api/questions"]
+        unread = await client.ask("Never read")
+        await unread.aclose()
+        assert sent == ["POST /api/questions"] * 2
+        # The connection the unread stream held is free again: a third ask goes through.
+        third = await client.ask("Third", stream=False)
+        assert third.text == TEXT
+
+
 async def test_resumes_after_connections_are_cut(gateway_url: str) -> None:
     async with CuttingProxy(gateway_url) as proxy, Client(proxy.url) as client:
         stream = await client.ask("Cut me off, twice")

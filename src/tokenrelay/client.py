@@ -111,20 +111,42 @@ class Question:
 class AnswerStream:
     """An answer's events in order, once each, until a terminal one; iterate it once."""
 
-    def __init__(self, client: Client, question_id: str, after: str | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        question_id: str,
+        after: str | None = None,
+        opened: httpx.Response | None = None,
+    ) -> None:
+        """`opened`: the answer's event stream already open (an ask that streams), read
+        before any re-attach."""
         self.id = question_id
         self.last_entry_id = after or ""  # where a re-attach resumes
         self.reconnects = 0
         self._client = client
+        self._opened = opened
 
     def __aiter__(self) -> AsyncIterator[AnswerEvent]:
         return self._events()
 
+    async def aclose(self) -> None:
+        """Close the stream the ask opened, when it is not read (reading to the end, or
+        leaving the loop, closes it too)."""
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            await opened.aclose()
+
     async def _events(self) -> AsyncIterator[AnswerEvent]:
         client, failures = self._client, 0
         while True:
+            opened, self._opened = self._opened, None
             try:
-                async for event in client._sse(self.id, self.last_entry_id):
+                events = (
+                    client._sse(self.id, self.last_entry_id)
+                    if opened is None
+                    else _read_events(opened, self.id)
+                )
+                async for event in events:
                     failures = 0
                     self.last_entry_id = event.entry_id
                     yield event
@@ -137,6 +159,9 @@ class AnswerStream:
                 if e.status < 500:
                     raise
                 problem = str(e)
+            finally:
+                if opened is not None:
+                    await opened.aclose()
             failures += 1
             if failures > client.reconnect_attempts:
                 raise ServerUnreachable(
@@ -249,6 +274,9 @@ class Client:
     ) -> AnswerStream | Answer:
         """Ask; returns as soon as the gateway took the question (its `id` is known).
 
+        The answer's events come in the ask's own response (`Accept: text/event-stream`):
+        no second request before the first token. Iterate the stream returned (or
+        `aclose()` it), since it holds that response open.
         `stream=False` waits for the whole answer instead, over the same resumable stream.
         `follows`: a question id whose answer is done; this one is a follow-up in its
         thread, and the model sees the thread's earlier questions and answers.
@@ -259,9 +287,31 @@ class Client:
             body["topic"] = topic
         if follows is not None:
             body["follows"] = follows
-        reply = await self._call("POST", "/api/questions", json=body)
-        answer = self.watch(str(reply["id"]))
+        answer = await self._ask_streaming(body)
         return answer if stream else await answer.collect()
+
+    async def _ask_streaming(self, body: dict[str, Any]) -> AnswerStream:
+        request = self._http.build_request(
+            "POST", "/api/questions", json=body, headers={"Accept": "text/event-stream"}
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from e
+        question_id = response.headers.get("x-question-id")
+        if response.status_code == 200 and question_id:
+            return AnswerStream(self, question_id, opened=response)
+        try:  # an error, or a gateway that answers every ask with JSON (202 {id})
+            await response.aread()
+        finally:
+            await response.aclose()
+        reply = _json_or_empty(response.content)
+        _check(response, reply)
+        if not isinstance(reply, dict) or not isinstance(reply.get("id"), str):
+            raise RequestRejected(
+                response.status_code, f"{self.server} did not answer JSON; is it tokenrelay?"
+            )
+        return self.watch(reply["id"])
 
     def watch(self, question_id: str, *, after: str | None = None) -> AnswerStream:
         """Follow an answer from the start, or from just after the entry ID `after`."""
@@ -321,20 +371,26 @@ class Client:
             if response.status_code >= 400:
                 await response.aread()
                 _check(response, _json_or_empty(response.content))
-            data: list[str] = []
-            async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    data.append(line[5:].removeprefix(" "))
-                elif not line and data:
-                    event = orjson.loads("\n".join(data))
-                    data = []
-                    yield AnswerEvent(
-                        question_id,
-                        str(event.get("entry_id", "")),
-                        str(event.get("type", "")),
-                        str(event.get("text", "")),
-                        event,
-                    )
+            async for event in _read_events(response, question_id):
+                yield event
+
+
+async def _read_events(response: httpx.Response, question_id: str) -> AsyncIterator[AnswerEvent]:
+    """The answer events of an open `text/event-stream` response."""
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:
+            event = orjson.loads("\n".join(data))
+            data = []
+            yield AnswerEvent(
+                question_id,
+                str(event.get("entry_id", "")),
+                str(event.get("type", "")),
+                str(event.get("text", "")),
+                event,
+            )
 
 
 def _json_or_empty(raw: bytes) -> Any:
