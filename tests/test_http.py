@@ -181,6 +181,8 @@ async def test_healthz_and_openapi(gateway: str) -> None:
         assert health.status_code == 200 and health.json()["status"] == "ok"
         schema = (await client.get("/openapi.json")).json()
         assert "/api/questions/{qid}/events" in schema["paths"]
+        ask = schema["paths"]["/api/questions"]["post"]["responses"]
+        assert "text/event-stream" in ask["200"]["content"] and "202" in ask
         assert (await client.get("/docs")).status_code == 200
 
 

@@ -103,7 +103,23 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
-@router.post("/api/questions", status_code=202, tags=["questions"], dependencies=JSON_ONLY)
+ASK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "with `Accept: text/event-stream`: the answer's events, as the events "
+        "route gives them (the question's id in `X-Question-Id` and `Location`); with "
+        "`stream: false`: the whole answer",
+        "content": {"text/event-stream": {}},
+    }
+}
+
+
+@router.post(
+    "/api/questions",
+    status_code=202,
+    tags=["questions"],
+    dependencies=JSON_ONLY,
+    responses=ASK_RESPONSES,
+)
 async def ask(body: AskBody, request: Request, who: Who, key: IdempotencyKey = None) -> Any:
     """Ask a question. `stream: true` answers at once with the id; watch it over SSE or
     Socket.IO, or send `Accept: text/event-stream` to get its events in this response.
