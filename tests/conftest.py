@@ -74,11 +74,11 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 @asynccontextmanager
 async def running_gateway(
-    settings: Settings, *, workers: int = 1, **uvicorn_options: Any
+    settings: Settings, *, workers: int = 1, own_process: bool = False, **uvicorn_options: Any
 ) -> AsyncIterator[str]:
     """A real gateway on a real TCP port, in this event loop. Yields its base URL.
     `uvicorn_options` go to uvicorn.Config (e.g. `tokenrelay.gateway.server.uvicorn_options`)."""
-    app = create_app(settings, workers=workers)
+    app = create_app(settings, workers=workers, own_process=own_process)
     port = free_port()
     config = uvicorn.Config(
         app,

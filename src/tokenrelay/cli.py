@@ -164,7 +164,7 @@ def _gateway(settings: Settings, fd: int | None, state_file: Path | None) -> int
     from tokenrelay.gateway import create_app
     from tokenrelay.gateway.server import uvicorn_options
 
-    app = create_app(settings, supervisor_state=state_file)
+    app = create_app(settings, supervisor_state=state_file, own_process=True)
     config = uvicorn.Config(
         app,
         host=settings.host,
