@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import inspect
 import os
 import secrets
@@ -173,3 +174,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
             item.obj = _bounded(item.obj, _deadline_s(item))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection made (pytest, every test module and what it imports) lives as long as
+    the run: out of the collector's reach. A full collection scanned it all, 100 ms at a time
+    in the process the fault scenarios measure latency from (gc.callbacks: 14 such pauses in
+    one run of test_faults_slow), which showed as stalls of tokenrelay's chunks."""
+    gc.collect()
+    gc.freeze()
