@@ -160,14 +160,19 @@ async def test_a_gateway_that_is_its_process_freezes_what_start_up_made(
     20-30 ms pause of every viewer); an app embedded in another program leaves its
     process's collector alone."""
     settings = make_settings()
-    before = gc.get_freeze_count()
+    # pytest's collection froze what it made (tests/conftest.py): frozen objects that die
+    # are still freed, so that count only falls unless something freezes more.
     try:
+        before = gc.get_freeze_count()
         async with running_gateway(settings) as url, httpx.AsyncClient(base_url=url) as client:
             assert (await client.get("/healthz")).status_code == 200
-            assert gc.get_freeze_count() == before
+            assert gc.get_freeze_count() <= before
+        before = gc.get_freeze_count()
         async with running_gateway(settings, own_process=True) as url:
             async with httpx.AsyncClient(base_url=url) as client:
                 assert (await client.get("/healthz")).status_code == 200
-            assert gc.get_freeze_count() > before + 10_000
+            assert gc.get_freeze_count() > before + 1_000  # ~8,000 here, beside pytest's
     finally:
-        gc.unfreeze()
+        gc.unfreeze()  # and what is alive frozen again, as after collection
+        gc.collect()
+        gc.freeze()
