@@ -3,7 +3,8 @@
     python scripts/reliability_report.py DIR [OUT]
 
 DIR holds one JSON file per scenario, written by tests/faults_report.py when the suite
-runs with TOKENRELAY_RELIABILITY_DIR=DIR (`make reliability` does both steps).
+runs with TOKENRELAY_RELIABILITY_DIR=DIR (`make reliability` does both steps). Notes
+written by hand between OUT's "Measured ..." line and its table are kept.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ automated test (`pytest -m faults`, in `tests/test_faults_*.py`) against real pr
 all over real sockets on 127.0.0.1. *Lost* and *doubled* count chunks that viewers missed
 or received twice, checked against the answer stream as Redis holds it (XRANGE).
 
-Regenerate with `make reliability` (it runs the scenarios and rewrites this file).
+Regenerate with `make reliability` (it runs the scenarios and rewrites this file, keeping
+the notes under its "Measured" line).
 Bad input (`tests/test_fuzz.py`: hypothesis and schemathesis) and access rules
 (`tests/test_access.py`) are tested too and run in `make test`; they produce no rows.
 Hardening against attacks has its own table, [Security](#security), at the end.
@@ -51,11 +53,25 @@ def _ordered(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     return sorted(rows, key=lambda r: (int(str(r.get("order", 0))), str(r["scenario"])))
 
 
-def render(rows: list[dict[str, object]], machine: str) -> str:
+TABLE_HEAD = "| scenario | load | faults injected | chunks lost | chunks doubled | result |"
+
+
+def notes_of(text: str) -> str:
+    """The lines written by hand between a rendered file's "Measured ..." line and its
+    table ("" when there are none)."""
+    lines = text.splitlines()
+    start = next((n for n, line in enumerate(lines) if line.startswith("Measured ")), None)
+    end = next((n for n, line in enumerate(lines) if line == TABLE_HEAD), None)
+    if start is None or end is None or end <= start:
+        return ""
+    return "\n".join(lines[start + 1 : end]).strip()
+
+
+def render(rows: list[dict[str, object]], machine: str, notes: str = "") -> str:
     lines = [
         HEADER,
-        f"Measured {machine}.\n",
-        "| scenario | load | faults injected | chunks lost | chunks doubled | result |",
+        f"Measured {machine}." + (f"\n{notes}\n" if notes else "\n"),
+        TABLE_HEAD,
         "|---|---|---|---|---|---|",
     ]
     security = [r for r in rows if str(r["scenario"]).startswith(SECURITY)]
@@ -88,9 +104,22 @@ def machine() -> str:
 
     cores = os.cpu_count() or 0
     return (
-        f"at commit {commit} on {cores} cores, Python {platform.python_version()}, "
-        f"{platform.system()} (shared with the load generator: every figure includes it)"
+        f"at commit {commit} on {cores} cores{cpu_model()}, Python "
+        f"{platform.python_version()}, {platform.system()} (shared with the load generator: "
+        "every figure includes it)"
     )
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, as " (name)": sessions land on other machines."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name" and value.strip():
+                return f" ({value.strip()})"
+    except OSError:
+        pass
+    return ""
 
 
 def main(argv: list[str]) -> int:
@@ -101,9 +130,11 @@ def main(argv: list[str]) -> int:
     if not rows:
         print(f"no results in {argv[0]}; did the fault suite run?", file=sys.stderr)
         return 1
-    text = render(rows, machine())
-    if len(argv) == 2:
-        Path(argv[1]).write_text(text)
+    out = Path(argv[1]) if len(argv) == 2 else None
+    notes = notes_of(out.read_text()) if out is not None and out.exists() else ""
+    text = render(rows, machine(), notes)
+    if out is not None:
+        out.write_text(text)
     else:
         sys.stdout.write(text)
     return 0
