@@ -205,9 +205,9 @@ class SocketGateway:
         caller = self._caller(sid)
         asked = ask_input(data, svc.settings, question_field="topicQuestion", default_topic=None)
         key = idempotency_key(data.get("request_id"))
-        with self._slot(sid):
-            record = await answers.ask(svc, self._access, caller, asked, key)
-            self._own(sid, f"seed:{record.id}", self._relay_seed(sid, record.id), reserved=True)
+        record, _ = await self._ask_holding(
+            sid, caller, asked, key, None, "seed:", lambda r: self._relay_seed(sid, r.id)
+        )
         return {"id": record.id}
 
     async def _relay_seed(self, sid: str, qid: str) -> None:
@@ -227,20 +227,24 @@ class SocketGateway:
         watch = data.get("watch", False)
         if not isinstance(watch, bool):
             raise InvalidInput("'watch' must be true or false")
+        if watch and not asked.stream:
+            raise InvalidInput("'watch' needs 'stream': true (stream:false answers in the ack)")
         context = await follow_up(svc, self._access, caller, data.get("follows"))
-        if asked.stream and not watch:
+        if watch:
+            # Ask, then watch from the first entry, in one round trip: the watch starts as
+            # the ask is queued, so the ack goes out before any of its `answer` events (both
+            # wait in the same engine.io queue) and nothing is missed.
+            record, _ = await self._ask_holding(
+                sid, caller, asked, key, context, "", lambda r: self._relay_answer(sid, r, "0-0")
+            )
+            return {"id": record.id, "status": record.status.value}
+        if asked.stream:
             record = await answers.ask(svc, self._access, caller, asked, key, context)
             return {"id": record.id}
-        if asked.stream:
-            return await self._ask_and_watch(sid, caller, asked, key, context)
-        if watch:
-            raise InvalidInput("'watch' needs 'stream': true (stream:false answers in the ack)")
         # Waiting for the whole answer holds a viewer: it takes a watch slot like any other.
-        with self._slot(sid):
-            record = await answers.ask(svc, self._access, caller, asked, key, context)
-            waiting = self._own(
-                sid, f"whole:{record.id}", self._wait_whole(record.id), reserved=True
-            )
+        record, waiting = await self._ask_holding(
+            sid, caller, asked, key, context, "whole:", lambda r: self._wait_whole(r.id)
+        )
         await asyncio.wait({waiting})  # not `await waiting`: a disconnect cancels it
         if waiting.cancelled():
             return {"id": record.id, "error": "the connection closed before the answer ended"}
@@ -256,22 +260,21 @@ class SocketGateway:
             "record": (await svc.store.record(record.id)).public(),
         }
 
-    async def _ask_and_watch(
+    async def _ask_holding(
         self,
         sid: str,
         caller: Caller,
         asked: AskInput,
         key: str | None,
         context: Context | None,
-    ) -> dict[str, Any]:
-        """`ask` then `watch` from its first entry, in one round trip: the watch starts as
-        the ask is queued, so its acknowledgement goes out before any of its `answer`
-        events (both wait in the same engine.io queue) and nothing is missed."""
-        svc = self._services()
+        prefix: str,
+        start: Callable[[QuestionRecord], Coroutine[Any, Any, T]],
+    ) -> tuple[QuestionRecord, asyncio.Task[T]]:
+        """Ask holding a watch slot (the cap is checked before anything is asked), then run
+        `start(record)` as the socket's own, under `prefix` + the new question's id."""
         with self._slot(sid):
-            record = await answers.ask(svc, self._access, caller, asked, key, context)
-            self._own(sid, record.id, self._relay_answer(sid, record, "0-0"), reserved=True)
-        return {"id": record.id, "status": record.status.value}
+            record = await answers.ask(self._services(), self._access, caller, asked, key, context)
+            return record, self._own(sid, prefix + record.id, start(record), reserved=True)
 
     async def _wait_whole(self, qid: str) -> WholeAnswer:
         return await answers.whole(self._services(), qid)
