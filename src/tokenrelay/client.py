@@ -305,12 +305,9 @@ class Client:
             await response.aread()
         finally:
             await response.aclose()
-        reply = _json_or_empty(response.content)
-        _check(response, reply)
-        if not isinstance(reply, dict) or not isinstance(reply.get("id"), str):
-            raise RequestRejected(
-                response.status_code, f"{self.server} did not answer JSON; is it tokenrelay?"
-            )
+        reply = self._reply(response)
+        if not isinstance(reply.get("id"), str):
+            raise self._not_tokenrelay(response)
         return self.watch(reply["id"])
 
     def watch(self, question_id: str, *, after: str | None = None) -> AnswerStream:
@@ -350,13 +347,20 @@ class Client:
             response = await self._http.request(method, path, **kw)
         except httpx.TransportError as e:
             raise self._unreachable(e) from e
+        return self._reply(response)
+
+    def _reply(self, response: httpx.Response) -> dict[str, Any]:
+        """A read response's JSON object; RequestRejected for an error or anything else."""
         body = _json_or_empty(response.content)
         _check(response, body)
         if not isinstance(body, dict):
-            raise RequestRejected(
-                response.status_code, f"{self.server} did not answer JSON; is it tokenrelay?"
-            )
+            raise self._not_tokenrelay(response)
         return body
+
+    def _not_tokenrelay(self, response: httpx.Response) -> RequestRejected:
+        return RequestRejected(
+            response.status_code, f"{self.server} did not answer JSON; is it tokenrelay?"
+        )
 
     def _unreachable(self, e: httpx.TransportError) -> ServerUnreachable:
         reason = str(e) or type(e).__name__
