@@ -7,7 +7,9 @@ file passes on it:
 - redis-py (relay.py): the shared XREAD is packed by hand (`_ReadSet.command`) and sent
   on the reader's own connection (`Redis.connection`, `initialize()`,
   `send_packed_command`, `read_response`, `disconnect`), woken by CLIENT UNBLOCK of the
-  id `client_id()` reports for that connection.
+  id `client_id()` reports for that connection (cluster); on a single node that
+  connection is subscribed to the doorbell by a hand-packed SUBSCRIBE, and its messages
+  read with `read_response(disable_decoding=True, push_request=True)`.
 - python-engineio / python-socketio (gateway/sockets.py): an emit is a Socket.IO EVENT
   packet built by hand and handed to `sio.eio.send`; backpressure reads
   `sio.eio.sockets[eio_sid].queue.qsize()` after `sio.manager.eio_sid_from_sid(sid, "/")`;
@@ -64,7 +66,7 @@ from tokenrelay.gateway.packets import UNREADABLE, TolerantPacket
 from tokenrelay.gateway.sockets import SOCKET_QUEUE_MAX, SocketGateway
 from tokenrelay.gateway.sse import server_stopping
 from tokenrelay.keys import Keys
-from tokenrelay.relay import BELL_COUNT, _bell_command, _Reader, _ReadSet
+from tokenrelay.relay import _PING, _netstrings, _Reader, _ReadSet
 from tokenrelay.services import Services
 from tokenrelay.settings import Settings
 from tokenrelay.store import Limits, Put, Store
@@ -197,8 +199,8 @@ async def test_the_hand_packed_writes_are_what_redis_py_would_send(redis_url: st
         expected: list[bytes] = []
         for at in range(0, len(puts), WRITES_PER_CALL):
             part = puts[at : at + WRITES_PER_CALL]
-            names = [keys.written]
-            args: list[str | int] = [1000]
+            names: list[str] = []
+            args: list[str | int] = [keys.written, 1000]
             for put in part:
                 names += [keys.answer(put.question_id), keys.question(put.question_id)]
                 fields = put.entry.fields()
@@ -221,10 +223,6 @@ async def test_the_hand_packed_due_and_doorbell_reads_are_what_redis_py_would_se
             read.set(k, cursor)
         expected = conn.pack_command("XREAD", "COUNT", 512, "STREAMS", "other", key, "5-1", "3-4")
         assert read.command_for(["other", key], 512) == b"".join(expected)
-        expected = conn.pack_command(
-            "XREAD", "COUNT", BELL_COUNT, "BLOCK", 5000, "STREAMS", key, "1700000000000-0"
-        )
-        assert _bell_command(key, "1700000000000-0", 5000) == b"".join(expected)
         packed = conn.pack_command(
             "XREAD",
             "COUNT",
@@ -272,6 +270,37 @@ async def test_a_packed_xread_reply_has_the_shape_the_relay_parses(
         # The connection is in step: the next command gets its own reply.
         assert await client.ping() is True
         await client.delete(a)
+
+
+@pytest.mark.parametrize("parser", _parsers())
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_a_doorbell_message_reads_as_the_listener_parses_it(
+    redis_url: str, redis: Redis, keys: Keys, parser: Any, protocol: int
+) -> None:
+    """On the connection SUBSCRIBE (packed by hand) made a subscriber, with decoding off:
+    the confirmation [b"subscribe", channel, 1], then each PUBLISH as [b"message",
+    channel, payload] with the payload's bytes as sent (RESP3: a push, returned when asked
+    for), and a PING's reply that is no list of three (RESP2 [b"pong", b""], RESP3 PONG)."""
+    if protocol == 3 and parser is not None and parser.__name__ == "_AsyncRESP2Parser":
+        pytest.skip("the RESP2 parser does not speak RESP3")
+    channel = keys.written
+    payload = b"5:ab\xc3\xbcc1:0"
+    async with single(redis_url, protocol=protocol, parser_class=parser) as client:
+        conn = await _connection(client)
+        await conn.send_packed_command(b"".join(conn.pack_command("SUBSCRIBE", channel)))
+        read = conn.read_response
+        assert await read(disable_decoding=True, push_request=True) == [
+            b"subscribe",
+            channel.encode(),
+            1,
+        ]
+        assert await redis.publish(channel, payload) == 1
+        message = await read(disable_decoding=True, push_request=True)
+        assert message == [b"message", channel.encode(), payload]
+        assert _netstrings(message[2]) == ["abüc".encode(), b"0"]
+        await conn.send_packed_command(_PING)
+        pong = await read(disable_decoding=True, push_request=True)
+        assert not (isinstance(pong, list) and len(pong) >= 3), pong
 
 
 @pytest.mark.parametrize("parser", _parsers())

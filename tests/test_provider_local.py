@@ -98,7 +98,7 @@ async def test_second_generation_waits_for_the_first(provider: LocalProvider) ->
     assert len(first_finishes) == 1
     await second_task
     assert isinstance(second_items[-1], Finish)
-    # Repeated every couple of seconds while it waits, always one ahead.
+    # Repeated every WAITING_EVERY_S while it waits, always one ahead.
     assert {i for i in second_items if isinstance(i, Waiting)} == {Waiting(1)}
     assert provider.queue_length == 0
     assert not provider.busy  # free again before the consumer sees Finish

@@ -16,11 +16,12 @@ from redis.asyncio.connection import Connection
 from tests.support.failover import lose_last_entries
 from tests.support.sockets import wait_for
 from tokenrelay.connection import dedicated_client, pooled_client
-from tokenrelay.relay import BUFFER_BYTES, SMALL_READ, SWEEP_S, Relay, Subscription, _ReadSet
+from tokenrelay.relay import BUFFER_BYTES, SWEEP_S, Relay, Subscription, _ReadSet
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import Store
-from tokenrelay.wire import Entry, EntryType
+from tokenrelay.store.answers import Put, next_entry_id
+from tokenrelay.wire import Entry, EntryType, QuestionRequest
 from tokenrelay.worker.writer import ChunkWriter
 
 TIMEOUT_S = 60
@@ -422,9 +423,10 @@ async def test_many_answers_over_one_reading_connection(
 async def test_a_write_reads_only_the_answers_it_rang_for(
     make_settings: Callable[..., Settings], redis: Redis, keys_read: list[int]
 ) -> None:
-    """Single node: the relay blocks on the doorbell and then reads the answers a write
-    named, not every answer it relays (a read over all of them cost Valkey O(answers) per
-    entry); the idle ones are read again only by the sweep, every SWEEP_S."""
+    """Single node: the relay listens to the doorbell and reads the answers a write named
+    without their entries (un-numbered writes: Redis chose their ids), not every answer it
+    relays (a read over all of them cost Valkey O(answers) per entry); the idle ones are
+    read again only by the sweep, every SWEEP_S."""
     idle = [f"idle{n}" for n in range(60)]
     async with running_relay(make_settings()) as h:
         relay, store = h.relay, h.store
@@ -441,22 +443,6 @@ async def test_a_write_reads_only_the_answers_it_rang_for(
         took_s = asyncio.get_running_loop().time() - started
     sweeps = int(took_s / SWEEP_S) + 1
     assert sum(keys_read) <= len(ids) + sweeps * (len(idle) + 1), (sum(keys_read), keys_read)
-
-
-async def test_a_few_answers_are_read_with_the_doorbell_in_one_round_trip(
-    make_settings: Callable[..., Settings], redis: Redis, keys_read: list[int]
-) -> None:
-    """Up to SMALL_READ answers, the blocking read covers them and the doorbell together: an
-    entry comes with the read it woke, no second read of the answers it names."""
-    async with running_relay(make_settings()) as h:
-        relay, store = h.relay, h.store
-        viewers = [h.spawn(collect(relay, f"few{n}")) for n in range(3)]
-        await wait_for(lambda: relay.watched == 3)
-        async with asyncio.timeout(TIMEOUT_S):
-            produced = await asyncio.gather(*(produce(store, f"few{n}", 20) for n in range(3)))
-            got = await asyncio.gather(*viewers)
-    assert [ids_of(g) for g in got] == produced
-    assert keys_read == []
 
 
 async def _numbered_answer(
@@ -491,63 +477,105 @@ async def _numbered_answer(
 async def test_a_ring_carries_the_entry_that_follows_on(
     make_settings: Callable[..., Settings], redis: Redis, keys_read: list[int]
 ) -> None:
-    """Past SMALL_READ answers, a worker's numbered entry comes with its ring (after, id,
-    type, data): the relay hands it over from its cursor without reading the answer."""
+    """A worker's numbered entry comes with its ring (after, id, type, data): the relay
+    hands it over from its cursor without reading the answer."""
     async with running_relay(make_settings()) as h:
         relay, store = h.relay, h.store
-        for n in range(SMALL_READ):
-            h.spawn(collect(relay, f"idle{n}"))
-        asked = await store.ask("t", "carried")
-        viewer = h.spawn(collect(relay, asked.id))
-        await wait_for(lambda: relay.watched == SMALL_READ + 1)
+        asked = [await store.ask("t", f"carried {n}") for n in range(3)]
+        viewers = [h.spawn(collect(relay, a.id)) for a in asked]
+        await wait_for(lambda: relay.watched == len(asked))
         await asyncio.sleep(0.2)  # the joins' reads are over
         keys_read.clear()
         texts = [f"{n} " for n in range(60)]
         started = asyncio.get_running_loop().time()
         async with asyncio.timeout(TIMEOUT_S):
-            ids = await _numbered_answer(store, asked.id, texts, every_s=0.005)
-            got = await viewer
+            produced = await asyncio.gather(
+                *(_numbered_answer(store, a.id, texts, every_s=0.005) for a in asked)
+            )
+            got = await asyncio.gather(*viewers)
         took_s = asyncio.get_running_loop().time() - started
-    assert ids_of(got) == ids
-    assert "".join(e.text for e in got if e.type is EntryType.CHUNK) == "".join(texts)
+    for ids, one in zip(produced, got, strict=True):
+        assert ids_of(one) == ids
+        assert "".join(e.text for e in one if e.type is EntryType.CHUNK) == "".join(texts)
     sweeps = int(took_s / SWEEP_S) + 1
-    # The start entry (after nothing: the cursor is "0-0") and the end are read; the sweep.
-    assert sum(keys_read) <= 4 + sweeps * (SMALL_READ + 1), keys_read
+    # Each start entry (after nothing: the cursor is "0-0") is read; the sweeps.
+    assert sum(keys_read) <= len(asked) + sweeps * len(asked), keys_read
+
+
+async def test_one_ring_carries_several_entries_of_an_answer(
+    make_settings: Callable[..., Settings], redis: Redis, keys_read: list[int]
+) -> None:
+    """A write of several numbered entries of one answer in one call (a fast model's
+    chunks queued while the last write was on its way) carries them all in its ring, in
+    order: no read of the answer."""
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        asked = await store.ask("t", "several")
+        epoch, _ = await store.begin_answer(asked.id)
+        request = QuestionRequest(asked.id, "t", "several", "")
+        first = await store.start(request, Entry(EntryType.START), {}, epoch, entry_id="5-0")
+        viewer = h.spawn(collect(relay, asked.id))
+        await wait_for(lambda: relay.watched == 1)
+        await asyncio.sleep(0.2)  # the join's read is over
+        keys_read.clear()
+        puts, prev = [], first
+        for n in range(7):
+            entry = Entry(EntryType.END) if n == 6 else Entry(EntryType.CHUNK, f"ü{n} ")
+            entry_id = next_entry_id(prev, 5)
+            puts.append(Put(asked.id, entry, epoch, entry_id, prev))
+            prev = entry_id
+        async with asyncio.timeout(TIMEOUT_S):
+            done = await store.write_batch(puts)
+            got = await viewer
+    assert [d.entry_id for d in done] == [p.entry_id for p in puts]
+    assert ids_of(got) == [first, *(p.entry_id for p in puts)]
+    assert [e.text for e in got[1:]] == [p.entry.text for p in puts]
+    assert keys_read == [], "an entry the ring carried was read from the stream"
+
+
+def _ring(*answers: tuple[str, str, list[tuple[str, str, str]]]) -> bytes:
+    """A doorbell message as store/answers.py's _RING publishes it: per answer, its key,
+    how many entries follow, then (when any) the id before them and each entry's id, type
+    and data, each part as `<length>:<bytes>`."""
+    parts: list[str] = []
+    for key, after, entries in answers:
+        parts += [key, str(len(entries))]
+        if entries:
+            parts.append(after)
+            parts += [x for entry in entries for x in entry]
+    return b"".join(b"%d:%b" % (len(p.encode()), p.encode()) for p in parts)
 
 
 async def test_a_carried_entry_after_a_gap_is_read_from_the_stream_instead(
     make_settings: Callable[..., Settings],
 ) -> None:
-    """A ring whose entry does not follow on from the relay's cursor (the rings between were
-    trimmed away, or a failover lost entries) is not taken: the answer is read from its
-    cursor instead, so the entries in the gap are not skipped."""
+    """A ring whose entries do not follow on from the relay's cursor (a ring missed while
+    the doorbell's connection was down, or a failover lost entries) is not taken: the
+    answer is read from its cursor instead, so the entries in the gap are not skipped."""
     settings = make_settings()
     store = make_store(settings, pooled_client(settings.redis_url or "", size=2, name="gap"))
     relay = Relay(store, Redis(), block_ms=1000, buffer_limit=100)  # never started
     reader = relay._single
     assert reader is not None
-    key = store.keys.answer("gap")
+    key, other = store.keys.answer("gap"), store.keys.answer("not-here")
     sub = Subscription(key, 100)
     relay._subs[key] = {sub}
     reader.read.set(key, "5-0")
-    bell = store.keys.written
-    reply = [
-        [
-            bell,
-            [
-                ["100-0", [key, "5-0 6-0 chunk a"]],  # follows on: taken
-                ["101-0", [key, ""]],  # an entry not carried (6-1, say): due
-                ["102-0", [key, "6-0 7-0 chunk b"]],  # follows 6-0, not 6-1: not taken
-            ],
-        ]
-    ]
-    assert reader._rung(reply, "99-0", True) == "102-0"
-    assert [(e.entry_id, e.text) for e in sub.buffer] == [("6-0", "a")]
-    assert reader.read.cursors[key] == "6-0" and key in reader._due
+    reader._rang(
+        _ring((other, "1-0", [("2-0", "chunk", "x")]), (key, "5-0", [("6-0", "chunk", "a b")]))
+    )
+    assert [(e.entry_id, e.text) for e in sub.buffer] == [("6-0", "a b")]
+    assert (
+        reader.read.cursors[key] == "6-0" and not reader._due and other not in reader.read.cursors
+    )
+    reader._rang(_ring((key, "", [])))  # an entry not carried (6-1, say): due
+    assert key in reader._due and reader._due_now.is_set()
+    reader._rang(_ring((key, "6-1", [("7-0", "chunk", "b"), ("7-1", "chunk", "ç")])))
+    assert len(sub.buffer) == 1 and reader.read.cursors[key] == "6-0", "taken past a gap"
     reader._due.clear()
-    gap = [[bell, [["103-0", [key, "7-5 8-0 chunk c"]]]]]  # 7-5 never seen here: a gap
-    assert reader._rung(gap, "102-0", True) == "103-0"
-    assert len(sub.buffer) == 1 and reader.read.cursors[key] == "6-0" and key in reader._due
+    reader._rang(_ring((key, "6-0", [("7-0", "chunk", "b"), ("7-1", "end", "{}")])))
+    assert [e.entry_id for e in sub.buffer] == ["6-0", "7-0", "7-1"] and not reader._due
+    assert [e.type for e in sub.buffer][-1] is EntryType.END
     await store.redis.aclose()
 
 
@@ -561,11 +589,11 @@ async def test_carried_and_read_entries_mixed_are_each_delivered_once_in_order(
     rng = random.Random(seed)
     async with running_relay(make_settings()) as h:
         relay, store = h.relay, h.store
-        for n in range(SMALL_READ):
+        for n in range(3):
             h.spawn(collect(relay, f"idle{n}"))
         asked = await store.ask("t", "mixed")
         viewers = [h.spawn(collect(relay, asked.id)) for _ in range(2)]
-        await wait_for(lambda: relay.watched == SMALL_READ + 1)
+        await wait_for(lambda: relay.watched == 4)
         texts = [f"{n} " for n in range(40)]
         async with asyncio.timeout(TIMEOUT_S):
             ids = await _numbered_answer(
@@ -584,14 +612,13 @@ async def test_an_entry_written_without_a_ring_still_comes(
     make_settings: Callable[..., Settings], redis: Redis
 ) -> None:
     """An entry added without ringing the doorbell (an older worker, an XADD by hand) is
-    not lost: the sweep reads every relayed answer at least every SWEEP_S. (Up to
-    SMALL_READ answers the read blocks on them all: more are relayed here.)"""
+    not lost: the sweep reads every relayed answer at least every SWEEP_S."""
     async with running_relay(make_settings()) as h:
         relay, store = h.relay, h.store
-        for n in range(SMALL_READ):
+        for n in range(3):
             h.spawn(collect(relay, f"idle{n}"))
         viewer = h.spawn(collect(relay, "unrung"))
-        await wait_for(lambda: relay.watched == SMALL_READ + 1)
+        await wait_for(lambda: relay.watched == 4)
         await asyncio.sleep(0.2)
         key = store.keys.answer("unrung")
         ids = [
@@ -620,6 +647,34 @@ async def test_the_reader_reconnects_after_its_connection_is_killed(
             ids = await producing
             got = await viewer
     assert ids_of(got) == ids
+
+
+async def test_a_quiet_doorbell_connection_is_pinged_not_dropped(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """The doorbell's connection only listens; with nothing written for a block's time the
+    sweep pings it, so its read (which outlasts a block by a margin) is not cut: the same
+    connection stays subscribed, and an entry written after the quiet still comes."""
+    async with running_relay(make_settings(block_ms=100)) as h:
+        relay, store, name = h.relay, h.store, h.reader_name
+        viewer = h.spawn(collect(relay, "quiet"))
+        await wait_for(lambda: relay.watched == 1)
+
+        async def reader() -> dict[str, Any]:
+            clients: Any = await redis.client_list()
+            return next((dict(c) for c in clients if c.get("name") == name), {})
+
+        deadline = asyncio.get_running_loop().time() + 4 * SWEEP_S
+        while (first := await reader()).get("sub") != "1":
+            assert asyncio.get_running_loop().time() < deadline, first
+            await asyncio.sleep(0.01)
+        while (now := await reader()).get("cmd") != "ping":
+            assert asyncio.get_running_loop().time() < deadline, now
+            await asyncio.sleep(0.05)
+        assert now["id"] == first["id"] and now["sub"] == "1", (first, now)
+        async with asyncio.timeout(TIMEOUT_S):
+            ids = await produce(store, "quiet", 2)
+            assert ids_of(await viewer) == ids
 
 
 @pytest.mark.parametrize("viewers", [1, 5])

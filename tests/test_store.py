@@ -15,6 +15,7 @@ from tests.support.failover import lose_last_entries
 from tokenrelay.connection import pooled_client
 from tokenrelay.errors import CallerFull, Fenced, NotFound, Overloaded, Rewound, StoreError
 from tokenrelay.keys import WORKER_GROUP, Keys, is_question_id
+from tokenrelay.relay import _netstrings
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import XRANGE_PAGE, Put, Store, answer_text, exclusive, next_entry_id
@@ -519,13 +520,20 @@ async def test_a_batch_of_many_answers_writes_each_in_order(store: Store, redis:
     stale = Put(asked[0].id, Entry(EntryType.CHUNK, "old"), starts[0][0] - 1)
     lane = store.lane()
     assert lane is not None
+    doorbell = redis.pubsub()
+    await doorbell.subscribe(store.keys.written)
+    assert (await doorbell.get_message(timeout=5) or {}).get("type") == "subscribe"
     try:
         half = len(mixed) // 2
         first = await store.write_batch([*mixed[:half], stale], lane)
         await redis.script_flush()
         second = await store.write_batch(mixed[half:])
+        rings = []
+        while message := await doorbell.get_message(ignore_subscribe_messages=True, timeout=1):
+            rings.append(_rung(message["data"].encode()))
     finally:
         await lane.aclose()
+        await doorbell.aclose()  # type: ignore[no-untyped-call]
     assert first[-1].entry_id is None and first[-1].behind is None  # fenced
     applied = first[:-1] + second
     assert [a.entry_id for a in applied] == [p.entry_id for p in mixed]
@@ -534,10 +542,29 @@ async def test_a_batch_of_many_answers_writes_each_in_order(store: Store, redis:
         assert [(e.entry_id, e.text) for e in entries] == [
             (p.entry_id, p.entry.text) for p in chain
         ]
-    # Each call rang the doorbell once, naming the answer streams it added to.
-    rings: Any = await redis.xrange(store.keys.written)
-    named = [sorted(fields) for _, fields in rings]
-    assert named and all(n == sorted(store.keys.answer(a.id) for a in asked) for n in named)
+    # Each call rang the doorbell once, naming the answer streams it added to and carrying
+    # their entries, in order, none twice: all but the first call's, whose first write of
+    # each answer follows no entry (its `after` is ""): that answer is to be read instead.
+    keys = sorted(store.keys.answer(a.id) for a in asked)
+    calls = -(-(half + 1) // WRITES_PER_CALL) + -(-(len(mixed) - half) // WRITES_PER_CALL)
+    assert len(rings) == calls, len(rings)
+    assert all(sorted(ring) == keys for ring in rings)
+    for a, chain in zip(asked, chains, strict=True):
+        key = store.keys.answer(a.id)
+        assert rings[0][key] == []
+        carried = [i for ring in rings for i in ring[key]]
+        skipped = sum(1 for p in mixed[:WRITES_PER_CALL] if p.question_id == a.id)
+        assert carried == [p.entry_id for p in chain[skipped:]]
+
+
+def _rung(message: bytes) -> dict[str, list[str]]:
+    """A doorbell message (store/answers.py, _RING): answer key -> the entry ids it carries."""
+    parts, at, out = _netstrings(message), 0, {}
+    while at < len(parts):
+        key, count = parts[at].decode(), int(parts[at + 1])
+        out[key] = [parts[at + 3 + 3 * n].decode() for n in range(count)]
+        at += 2 + (1 + 3 * count if count else 0)
+    return out
 
 
 async def test_a_stream_that_lost_acknowledged_writes_says_where_it_ends(

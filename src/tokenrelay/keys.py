@@ -144,7 +144,8 @@ class Keys:
 
     @property
     def written(self) -> str:
-        """The doorbell stream (single node): which answer streams each write added to."""
+        """The doorbell (single node): a Pub/Sub channel, not a key. Each write of answer
+        entries publishes there which answer streams it added to, with the entries."""
         return f"{self.prefix}written"
 
     @property

@@ -1,17 +1,19 @@
-"""The per-process multiplexed reader: one blocking read for every watched answer.
+"""The per-process multiplexed reader: one reading connection for every watched answer.
 
 However many viewers a gateway has, it holds one reading connection (in cluster mode,
-one per shard, see below). On a single node the read blocks on the doorbell stream
-(`Keys.written`: every write of answer entries names the streams it added to there), with
-the relayed answers themselves up to SMALL_READ of them; past that it takes the entries
-the doorbell carries, and reads just the answers it names otherwise: a blocking XREAD over
-every relayed answer cost Valkey O(answers) each time it re-armed, about once per entry.
-New answers join by waking the blocked read (CLIENT UNBLOCK from the pool) and are read at
-once; every answer relayed is read again at least every SWEEP_S, so a ring that was missed
-(the doorbell trimmed past a stalled gateway, an older worker that does not ring) only
-delays its entries. Entries fan out in memory to bounded per-viewer buffers; a viewer that
-falls behind is not queued for without end: it is told it overflowed and catches up from
-the stream itself (XRANGE).
+one per shard, see below). On a single node that connection listens to the doorbell, a
+Pub/Sub channel (`Keys.written`): every write of answer entries publishes which answer
+streams it added to, with the entries themselves where it can (store/answers.py, _RING).
+An entry that follows on from the gateway's cursor for its answer is handed over from the
+message; an answer named without its entries, or whose entries do not follow on, is due:
+read from its cursor with an XREAD of just the answers due, on the pool. Listening costs
+no command per wake: a blocking XREAD over every relayed answer cost Valkey O(answers)
+each time it re-armed, about once per entry, and a blocking read of a doorbell stream
+one round trip per wake. A new answer is due at once; every answer relayed is read again
+at least every SWEEP_S, so a ring that was missed (a reconnect, an older worker that does
+not ring) only delays its entries. Entries fan out in memory to bounded per-viewer
+buffers; a viewer that falls behind is not queued for without end: it is told it
+overflowed and catches up from the stream itself (XRANGE).
 
 Cluster mode: a command may only name keys of one hash slot, even on one node (CROSSSLOT),
 so one XREAD cannot cover answers of several slots. Answers live in their shard's slot
@@ -24,6 +26,7 @@ reading connections, whatever the number of viewers. A reader told MOVED, or cut
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -34,7 +37,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import RedisError, ResponseError, SlotNotCoveredError
 
 from tokenrelay import metrics
-from tokenrelay.connection import as_cluster, bulk, node_client, send_packed
+from tokenrelay.connection import as_cluster, bulk, call_packed, node_client, pack, send_packed
 from tokenrelay.store import XRANGE_PAGE, Store
 from tokenrelay.wire import Entry, EntryType, entry_id_after
 
@@ -46,13 +49,7 @@ XREAD_COUNT = 512
 # ~2,000 re-arms a second. At least this long per watched answer between two re-arms
 # (2 ms at 1,000 answers, 0.2 ms at 100) lets entries gather instead.
 REARM_PER_KEY_S = 2e-6
-# Doorbell entries read at once; a full page means more may have been trimmed unseen.
-BELL_COUNT = 1024
 SWEEP_S = 1.0
-# Up to this many answers relayed, the read blocks on them and the doorbell together:
-# arming it costs Valkey less than the second round trip (the reads of the answers named)
-# would cost both sides, and an entry comes with the read it woke.
-SMALL_READ = 16
 # A viewer that stops reading keeps what it was handed alive: its catch-up page and its
 # live buffer. Both are bounded by the text they hold, not only by entries (500 entries of
 # 5 KB held 2.7 MB per stalled SSE reader).
@@ -134,16 +131,6 @@ class _ReadSet:
         return b"".join((head, *(self._keys[k] for k in keys), *(self._marks[k] for k in keys)))
 
 
-def _bell_command(doorbell: str, cursor: str, block_ms: int) -> bytes:
-    """XREAD COUNT BELL_COUNT BLOCK block_ms STREAMS doorbell cursor."""
-    return b"*8\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%b$5\r\nBLOCK\r\n%b$7\r\nSTREAMS\r\n%b%b" % (
-        bulk(str(BELL_COUNT)),
-        bulk(str(block_ms)),
-        bulk(doorbell),
-        bulk(cursor),
-    )
-
-
 class Subscription:
     """A viewer's bounded buffer of live entries for one answer."""
 
@@ -180,9 +167,9 @@ class Subscription:
 
 
 class _Reader:
-    """The blocking read of one shard's watched answers (single node: of every answer): on
-    the doorbell (single node, see the module's docstring); over all of them, re-armed when
-    keys join (cluster)."""
+    """The read of one shard's watched answers (single node: of every answer): the doorbell
+    heard and the answers due read (single node, see the module's docstring); a blocking
+    read over all of them, re-armed when keys join (cluster)."""
 
     def __init__(self, relay: Relay, tag: str, client: Redis | None) -> None:
         self._relay = relay
@@ -193,6 +180,8 @@ class _Reader:
         self.read = _ReadSet()
         self._doorbell = relay.store.keys.written if client is not None else None
         self._due: set[str] = set()  # keys to read at the next turn (doorbell mode)
+        self._due_now = asyncio.Event()  # set when a key becomes due
+        self._heard_at = 0.0  # when the doorbell's connection last brought anything
         self.version = 0  # bumps whenever a key joins the read
         self._armed_version = -1
         self.has_keys = asyncio.Event()
@@ -215,10 +204,13 @@ class _Reader:
 
     def add(self, key: str, cursor: str) -> None:
         self.read.set(key, cursor)
-        self._due.add(key)
         self.version += 1
         self.has_keys.set()
-        self.wake()
+        if self._doorbell is not None:
+            self._due.add(key)
+            self._due_now.set()
+        else:
+            self.wake()
 
     def wake(self) -> None:
         if self._waking is None or self._waking.done():
@@ -289,7 +281,9 @@ class _Reader:
 
     async def _read_loop(self) -> None:
         if self._client is not None and self._doorbell is not None:
-            await self._bell_loop(self._client, self._doorbell)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._listen(self._client, self._doorbell))
+                group.create_task(self._read_due_loop())
             return
         backoff_s = 0.05
         loop = asyncio.get_running_loop()
@@ -329,117 +323,133 @@ class _Reader:
             self.has_keys.clear()
             await self.has_keys.wait()
 
-    async def _bell_loop(self, reader: Redis, doorbell: str) -> None:
-        """The single node's read: the answers due (joined, named by the doorbell, or all of
-        them every SWEEP_S), then a blocking read of the doorbell, sent together."""
-        backoff_s = 0.05
+    async def _listen(self, client: Redis, doorbell: str) -> None:
+        """Single node: hear the doorbell on the reader's own connection, from the first
+        answer relayed on; once subscribed (again), every relayed answer is due."""
+        await self._until_keys()
         loop = asyncio.get_running_loop()
-        swept_at = 0.0
-        cursor: str | None = None  # the doorbell's, once known
+        subscribe = pack(["SUBSCRIBE", doorbell])
+        backoff_s = 0.05
+        while True:
+            if client.connection is None:
+                await client.initialize()
+            conn = client.connection
+            assert conn is not None  # a single-connection client has one once initialised
+            try:
+                await send_packed(conn, subscribe)
+                while True:
+                    # Within the client's socket timeout: _read_due_loop pings when quiet.
+                    reply = await conn.read_response(disable_decoding=True, push_request=True)
+                    self._heard_at = loop.time()
+                    if not isinstance(reply, list) or len(reply) < 3:
+                        continue  # a pong
+                    if reply[0] == b"message":
+                        self._rang(reply[2])
+                    elif reply[0] == b"subscribe":  # what was written before is read now
+                        self._due.update(self.read.cursors)
+                        self._due_now.set()
+                        backoff_s = 0.05
+            except (RedisError, OSError) as e:
+                await conn.disconnect()
+                log.warning(
+                    "relay: the doorbell's connection failed (%s); again in %.2fs", e, backoff_s
+                )
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+            except BaseException:
+                await conn.disconnect()  # a half-read reply must not be taken for the next one
+                raise
+
+    def _rang(self, message: bytes) -> None:
+        """A ring (store/answers.py, _RING): an answer's entries that follow on from its
+        cursor are handed over; any other relayed answer it names is due."""
+        cursors = self.read.cursors
+        if not cursors:
+            return
+        parts = _netstrings(message)
+        at, due = 0, False
+        while at < len(parts):
+            key, count = parts[at].decode(), int(parts[at + 1])
+            at += 2
+            upto = at + 1 + 3 * count if count else at
+            last = cursors.get(key)
+            if last is None:  # not relayed here
+                at = upto
+                continue
+            if not count or parts[at].decode() != last:
+                self._due.add(key)
+                due = True
+                at = upto
+                continue
+            raw: list[list[Any]] = [
+                [parts[i].decode(), ["type", parts[i + 1].decode(), "data", parts[i + 2].decode()]]
+                for i in range(at + 1, upto, 3)
+            ]
+            at = upto
+            self.read.set(key, raw[-1][0])
+            entries = _readable(key, raw)
+            if entries:
+                self._relay.deliver(key, entries)
+        if due:
+            self._due_now.set()
+
+    async def _read_due_loop(self) -> None:
+        """Single node: read the answers due (joined, named by a ring that did not carry
+        their entries, or all of them every SWEEP_S) from their cursors, on the pool."""
+        loop = asyncio.get_running_loop()
+        redis = self._relay.store.redis
+        swept_at = loop.time()
+        backoff_s = 0.05
         while True:
             await self._until_keys()
-            try:
-                if self._reader_id is None:
-                    self._reader_id = int(await reader.client_id())
-                if cursor is None:  # what rings from now on: the due read covers the rest
-                    top: Any = await reader.xrevrange(doorbell, count=1)
-                    cursor = str(top[0][0]) if top else "0-0"
-                    swept_at = 0.0
-                if loop.time() - swept_at >= SWEEP_S:
-                    swept_at = loop.time()
-                    self._due.update(self.read.cursors)
-                self._armed_version = self.version
-                cursors = self.read.cursors
-                self.rearms += 1
-                handed = self._relay.handed
-                carry = len(cursors) > SMALL_READ
-                if not carry:  # block on them all: no second round trip
-                    self._due.clear()
-                    command = self.read.command(
-                        XREAD_COUNT, self._relay.block_ms, (doorbell, cursor)
-                    )
-                    streams = dict(cursors)
-                    reply = await self._xread(reader, command)
-                    pairs = list(reply.items() if isinstance(reply, dict) else reply or ())
-                    self._hand_over([p for p in pairs if p[0] != doorbell], streams)
-                    rung = [p for p in pairs if p[0] == doorbell]
-                else:
-                    streams = {key: cursors[key] for key in self._due if key in cursors}
-                    self._due.clear()
-                    rung = await self._read_due(
-                        reader, streams, _bell_command(doorbell, cursor, self._relay.block_ms)
-                    )
-            except (RedisError, OSError) as e:
-                self._reader_id = None
+            wait_s = swept_at + SWEEP_S - loop.time()
+            if not self._due and wait_s > 0:
+                self._due_now.clear()
+                try:
+                    async with asyncio.timeout(wait_s):
+                        await self._due_now.wait()
+                except TimeoutError:
+                    pass
+            now = loop.time()
+            if now - swept_at >= SWEEP_S:
+                swept_at = now
                 self._due.update(self.read.cursors)
+                await self._ping_when_quiet(now)
+            cursors = self.read.cursors
+            streams = {key: cursors[key] for key in self._due if key in cursors}
+            self._due.clear()
+            if not streams:
+                continue
+            self.rearms += 1
+            try:
+                command = self.read.command_for(list(streams), XREAD_COUNT)
+                (reply,) = await call_packed(redis, command, 1)
+                if isinstance(reply, Exception):
+                    raise reply
+            except (RedisError, OSError) as e:
+                self._due.update(streams)
                 log.warning("relay: Redis read failed (%s); retrying in %.2fs", e, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
                 continue
             backoff_s = 0.05
-            cursor = self._rung(rung, cursor, carry)
-            if self._relay.handed != handed:
-                await _viewers_first()
+            self._hand_over(reply, streams)
+            for key, raw in reply.items() if isinstance(reply, dict) else reply or ():
+                if len(raw) >= XREAD_COUNT:  # more to read than one reply holds
+                    self._due.add(key)
 
-    async def _read_due(self, reader: Redis, streams: dict[str, str], bell: bytes) -> Any:
-        """Read `streams` (answer key -> cursor) and hand their entries over, then wait for
-        the doorbell (`bell`, sent with them) and return its raw reply."""
-        if reader.connection is None:
-            await reader.initialize()
-        conn = reader.connection
-        assert conn is not None  # a single-connection client has one once initialised
-        keys = list(streams)
-        try:
-            if keys:
-                await send_packed(conn, self.read.command_for(keys, XREAD_COUNT) + bell)
-                reply = await conn.read_response()
-                self._hand_over(reply, streams)
-                for key, raw in reply.items() if isinstance(reply, dict) else reply or ():
-                    if len(raw) >= XREAD_COUNT:  # more to read than one reply holds
-                        self._due.add(key)
-            else:
-                await send_packed(conn, bell)
-            return await conn.read_response()  # within the client's socket timeout
-        except BaseException:
-            await conn.disconnect()  # a half-read reply must not be taken for the next one
-            raise
-
-    def _rung(self, reply: Any, cursor: str, carry: bool) -> str:
-        """The doorbell's new cursor, past its entries read. With `carry`, an entry a ring
-        carries that follows on from its answer's cursor is handed over at once; any other
-        relayed answer it names is due (read from its cursor at the next turn). Without
-        (every relayed answer was read with the doorbell), only the cursor moves."""
-        pages = reply.values() if isinstance(reply, dict) else (raw for _, raw in reply or ())
-        cursors, due = self.read.cursors, self._due
-        carried: dict[str, list[Any]] = {}
-        for page in pages:
-            if page:
-                cursor = page[-1][0]
-            if not carry:
-                continue
-            for _, flat in page:
-                for at in range(0, len(flat), 2):
-                    key = flat[at]
-                    last = cursors.get(key)
-                    if last is None:  # not relayed here
-                        continue
-                    said = flat[at + 1]
-                    if said and key not in due:
-                        after, written, kind, data = said.split(" ", 3)
-                        if after == last:
-                            carried.setdefault(key, []).append(
-                                [written, ["type", kind, "data", data]]
-                            )
-                            self.read.set(key, written)
-                            continue
-                    due.add(key)
-            if len(page) >= BELL_COUNT:  # more rang than one read holds: some may be gone
-                due.update(cursors)
-        for key, raw in carried.items():
-            entries = _readable(key, raw)
-            if entries:
-                self._relay.deliver(key, entries)
-        return cursor
+    async def _ping_when_quiet(self, now: float) -> None:
+        """A PING on the doorbell's connection when it brought nothing for a block's time:
+        its read outlasts a block by a margin (the socket timeout), so only a dead server or
+        a cut connection trips it."""
+        conn = self._client.connection if self._client is not None else None
+        if conn is None or not conn.is_connected:
+            return
+        if now - self._heard_at < self._relay.block_ms / 1000:
+            return
+        self._heard_at = now
+        with contextlib.suppress(RedisError, OSError):  # the listener's read fails too
+            await send_packed(conn, _PING)
 
     def _hand_over(self, reply: Any, streams: dict[str, str]) -> bool:
         """Move the cursors past the entries read and hand them to the viewers; False when
@@ -473,6 +483,20 @@ class _Reader:
         if isinstance(response, ResponseError):  # the parser hands error replies back
             raise response
         return response
+
+
+_PING = pack(["PING"])
+
+
+def _netstrings(message: bytes) -> list[bytes]:
+    """`<length>:<bytes>` after `<length>:<bytes>`, split."""
+    parts: list[bytes] = []
+    at, end = 0, len(message)
+    while at < end:
+        colon = message.index(b":", at)
+        at = colon + 1 + int(message[at:colon])
+        parts.append(message[colon + 1 : at])
+    return parts
 
 
 async def _viewers_first() -> None:

@@ -64,13 +64,54 @@ local function after(a, b)
 end
 """
 
-# The doorbell (single node): every write of answer entries adds one entry to the stream
-# `Keys.written` naming the answer streams it wrote (each a field; the value may carry the
-# entry itself, see _APPEND_MANY). A gateway's relay blocks on it (relay.py) instead of on
-# every relayed answer: that cost Valkey ~0.75 us a key each time it re-armed (74 us at
-# 100 answers, about once per 1.4 entries). Trimmed to about DOORBELL_MAXLEN entries; the
-# relay also reads every answer it relays now and then, so a missed ring only delays.
-DOORBELL_MAXLEN = 10_000
+# The doorbell (single node): every script call that adds answer entries publishes one
+# message on the channel `Keys.written` (ARGV[1]; "" rings nothing: a cluster) naming the
+# answer streams it added to, and carrying the entries themselves where it can. A
+# gateway's relay listens there (relay.py) instead of blocking on every relayed answer:
+# that cost Valkey ~0.75 us a key each time it re-armed, and a doorbell stream that the
+# gateway read again after every ring cost a round trip per wake. The message is a run of
+# netstrings (`<length>:<bytes>`): per answer stream, in the order first written, its key,
+# how many of its entries follow (0: one could not be carried, read the stream from your
+# cursor), then, when any, the id just before the first (the writer's previous id) and
+# each entry's id, type and data. A gateway takes them when that first "after" is its
+# cursor for the answer; a ring missed (a reconnect) only delays: every relayed answer is
+# read again at least once a second.
+_RING = """
+local ring, rung = {}, {}
+local function rang(key, prev, id, first, upto)
+  local r = rung[key]
+  local whole = prev ~= '' and upto == first + 3 and ARGV[first] == 'type'
+    and ARGV[first + 2] == 'data'
+  if r == nil then
+    ring[#ring + 1] = key
+    rung[key] = whole and {prev, id, ARGV[first + 1], ARGV[first + 3]} or false
+  elseif r then
+    if whole and prev == r[#r - 2] then
+      r[#r + 1] = id
+      r[#r + 1] = ARGV[first + 1]
+      r[#r + 1] = ARGV[first + 3]
+    else
+      rung[key] = false
+    end
+  end
+end
+local function ring_out()
+  if ARGV[1] == '' or #ring == 0 then return end
+  local parts = {}
+  local function put(s) parts[#parts + 1] = #s .. ':' .. s end
+  for _, key in ipairs(ring) do
+    local r = rung[key]
+    put(key)
+    if r then
+      put(tostring((#r - 1) / 3))
+      for _, s in ipairs(r) do put(s) end
+    else
+      put('0')
+    end
+  end
+  redis.call('PUBLISH', ARGV[1], table.concat(parts))
+end
+"""
 
 # A numbered write carries the id its worker chose and the id of the worker's previous
 # entry ("prev"); the record's last_entry_id is the last one applied. Equal: the write
@@ -115,44 +156,28 @@ _APPEND = (
     _APPEND_ONE + "return append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 5, #ARGV)"
 )
 
-# Many writes in one call (single node): one script run instead of one a write, and a
-# reader blocked on these streams is woken once, after all of them, not after the first.
-# The doorbell entry it adds (see DOORBELL_MAXLEN) has a field per answer stream written;
-# its value carries the entry when it is the one numbered entry of that answer the call
-# added: "<after> <id> <type> <data>", so that a gateway whose cursor is at <after> takes it
-# from there, with no read of the answer; else "" (read the answer from your cursor).
-# KEYS: the doorbell, then each write's answer stream and record. ARGV: maxlen, then for
-# each write: epoch, id, after, n, and its n field/value strings. Returns each write's
-# reply, in order.
+# Many writes in one call (single node): one script run instead of one a write, and one
+# ring (see _RING) for all of them. KEYS: each write's answer stream and record. ARGV: the
+# doorbell's channel, maxlen, then for each write: epoch, id, after, n, and its n
+# field/value strings. Returns each write's reply, in order.
 _APPEND_MANY = (
     _APPEND_ONE
+    + _RING
     + """
-local out, at, rung, ring = {}, 2, {}, {}
-for i = 2, #KEYS, 2 do
+local out, at = {}, 3
+for i = 1, #KEYS, 2 do
   local upto = at + 3 + tonumber(ARGV[at + 3])
-  local done = append(KEYS[i], KEYS[i + 1], ARGV[at], ARGV[1], ARGV[at + 1], ARGV[at + 2],
+  local done = append(KEYS[i], KEYS[i + 1], ARGV[at], ARGV[2], ARGV[at + 1], ARGV[at + 2],
     at + 4, upto)
-  if type(done) == 'table' and done[1] ~= '' then
-    local key, said = KEYS[i], ''
-    if fresh and upto == at + 7 and ARGV[at + 4] == 'type' and ARGV[at + 6] == 'data' then
-      said = ARGV[at + 2] .. ' ' .. done[1] .. ' ' .. ARGV[at + 5] .. ' ' .. ARGV[at + 7]
-    end
-    if rung[key] then
-      ring[rung[key]] = ''  -- more than one entry of this answer: read them from the stream
-    else
-      ring[#ring + 1] = key
-      ring[#ring + 1] = said
-      rung[key] = #ring
-    end
+  if type(done) == 'table' and done[1] ~= '' and (fresh or ARGV[at + 1] == '') then
+    rang(KEYS[i], fresh and ARGV[at + 2] or '', done[1], at + 4, upto)
   end
   out[#out + 1] = done
   at = upto + 1
 end
-if #ring > 0 then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', DOORBELL_MAXLEN, '*', unpack(ring))
-end
+ring_out()
 return out
-""".replace("DOORBELL_MAXLEN", str(DOORBELL_MAXLEN))
+"""
 )
 _APPEND_MANY_SHA = hashlib.sha1(_APPEND_MANY.encode()).hexdigest()
 # Writes per script call: a call runs alone on the server, so a long batch is cut in parts.
@@ -160,75 +185,81 @@ WRITES_PER_CALL = 100
 _MANY_SHA_BULK = bulk(_APPEND_MANY_SHA)
 # The start entry and the record's fields (status streaming, model, ...; first_entry_id
 # the start's id) in one call, as `append` checks it.
-# KEYS: answer stream, record[, doorbell]. ARGV: epoch, maxlen, id, after, n, then n record
-# field/value pairs, then the entry's field/value pairs. Returns what `append` does.
+# KEYS: answer stream, record. ARGV: the doorbell's channel (see _RING), epoch, maxlen, id,
+# after, n, then n record field/value pairs, then the entry's field/value pairs. Returns
+# what `append` does.
 _START = (
     _APPEND_ONE
+    + _RING
     + """
-local n = tonumber(ARGV[5])
-local done = append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 6 + 2 * n, #ARGV)
+local n = tonumber(ARGV[6])
+local first = 7 + 2 * n
+local done = append(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5], first, #ARGV)
 if type(done) == 'table' and done[1] ~= '' then
-  redis.call('HSET', KEYS[2], 'first_entry_id', done[1], unpack(ARGV, 6, 5 + 2 * n))
-  if KEYS[3] and fresh then
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', DOORBELL_MAXLEN, '*', KEYS[1], '')
+  redis.call('HSET', KEYS[2], 'first_entry_id', done[1], unpack(ARGV, 7, 6 + 2 * n))
+  if fresh or ARGV[4] == '' then
+    rang(KEYS[1], fresh and ARGV[5] or '', done[1], first, #ARGV)
+    ring_out()
   end
 end
 return done
-""".replace("DOORBELL_MAXLEN", str(DOORBELL_MAXLEN))
+"""
 )
 # A chunk's field count and names, and the name of its text, as _APPEND_MANY takes them.
 _CHUNK_FIELDS = b"".join(bulk(part) for part in ("4", "type", EntryType.CHUNK.value, "data"))
 
-# KEYS: answer stream, record[, doorbell, request stream, caller's asks]. ARGV: epoch,
-# maxlen, retention_s, id, after ("*": write after whatever the stream holds), n, then n
-# record field/value pairs, then the terminal entry's field/value pairs[, then (with the
-# request stream) the request's entry id, the question id]. Returns 0 when fenced, {id} when
-# written (now or before), {"", last id} when behind (see _APPEND). Written, the request is
-# acknowledged and deleted (single node: a cluster's request stream has a slot of its own)
-# and the question leaves its caller's asks.
+# KEYS: answer stream, record[, request stream, caller's asks]. ARGV: the doorbell's
+# channel (see _RING), epoch, maxlen, retention_s, id, after ("*": write after whatever
+# the stream holds), n, then n record field/value pairs, then the terminal entry's
+# field/value pairs[, then (with the request stream) the request's entry id, the question
+# id]. Returns 0 when fenced, {id} when written (now or before), {"", last id} when behind
+# (see _APPEND). Written, the request is acknowledged and deleted (single node: a
+# cluster's request stream has a slot of its own) and the question leaves its caller's
+# asks.
 _FINISH = (
     _AFTER
+    + _RING
     + """
-local tail = KEYS[4] and 2 or 0  -- the request's id and the question's, at ARGV's end
+local tail = KEYS[3] and 2 or 0  -- the request's id and the question's, at ARGV's end
 local function finish()
 local rec = redis.call('HMGET', KEYS[2], 'epoch', 'last_entry_id')
-if (rec[1] or '0') ~= ARGV[1] then return 0 end
-local id, last = ARGV[4], rec[2] or ''
+if (rec[1] or '0') ~= ARGV[2] then return 0 end
+local id, last = ARGV[5], rec[2] or ''
 if id ~= '' then
   if last ~= '' and not after(id, last) then return {id} end
-  if ARGV[5] ~= '*' and last ~= ARGV[5] then return {'', last} end
+  if ARGV[6] ~= '*' and last ~= ARGV[6] then return {'', last} end
 end
-local n = tonumber(ARGV[6])
-local from, upto = 7 + 2 * n, #ARGV - tail
+local n = tonumber(ARGV[7])
+local from, upto = 8 + 2 * n, #ARGV - tail
 local added = false
 if id ~= '' then
-  added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id, unpack(ARGV, from, upto))
+  added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], id, unpack(ARGV, from, upto))
 end
+local prev = (type(added) == 'string' and ARGV[6] ~= '*') and ARGV[6] or ''
 if type(added) ~= 'string' then
-  added = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, from, upto))
+  added = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, from, upto))
 end
-redis.call('HSET', KEYS[2], 'last_entry_id', added, unpack(ARGV, 7, 6 + 2 * n))
+redis.call('HSET', KEYS[2], 'last_entry_id', added, unpack(ARGV, 8, 7 + 2 * n))
 redis.call('HDEL', KEYS[2], 'cancel')
-if KEYS[3] then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', DOORBELL_MAXLEN, '*', KEYS[1], '')
-end
-if tonumber(ARGV[3]) > 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('EXPIRE', KEYS[2], ARGV[3])
+rang(KEYS[1], prev, added, from, upto)
+ring_out()
+if tonumber(ARGV[4]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
 return {added}
 end
 local done = finish()
-if KEYS[4] and type(done) == 'table' and done[1] ~= '' then
+if KEYS[3] and type(done) == 'table' and done[1] ~= '' then
   local request = ARGV[#ARGV - 1]
   if request ~= '' then
-    redis.call('XACK', KEYS[4], 'WORKER_GROUP', request)
-    redis.call('XDEL', KEYS[4], request)
+    redis.call('XACK', KEYS[3], 'WORKER_GROUP', request)
+    redis.call('XDEL', KEYS[3], request)
   end
-  if ARGV[#ARGV] ~= '' then redis.call('ZREM', KEYS[5], ARGV[#ARGV]) end
+  if ARGV[#ARGV] ~= '' then redis.call('ZREM', KEYS[4], ARGV[#ARGV]) end
 end
 return done
-""".replace("DOORBELL_MAXLEN", str(DOORBELL_MAXLEN)).replace("WORKER_GROUP", WORKER_GROUP)
+""".replace("WORKER_GROUP", WORKER_GROUP)
 )
 
 # A new epoch, and the id the new writer's chain starts after: the record's last_entry_id,
@@ -315,6 +346,8 @@ class Answers(StoreBase):
         self._start = self.redis.register_script(_START)
         self._begin = self.redis.register_script(_BEGIN)
         self._open = self.redis.register_script(_OPEN)
+        # The channel the writes ring (see _RING); none in a cluster (its readers re-arm).
+        self._doorbell = "" if is_cluster(self.redis) else self.keys.written
 
     # -- reading ----------------------------------------------------------
 
@@ -391,9 +424,14 @@ class Answers(StoreBase):
         """Write the `start` entry (numbered when `entry_id` is given) and mark the record
         streaming, in one call (with the other starts of the moment: a burst's)."""
         keys = [self.keys.answer(request.id), self.keys.question(request.id)]
-        if not is_cluster(self.redis):
-            keys.append(self.keys.written)
-        args: list[str | int] = [epoch, self.limits.answer_maxlen, entry_id, after, len(fields)]
+        args: list[str | int] = [
+            self._doorbell,
+            epoch,
+            self.limits.answer_maxlen,
+            entry_id,
+            after,
+            len(fields),
+        ]
         args += itertools.chain.from_iterable(fields.items())
         args += itertools.chain.from_iterable(entry.fields().items())
         reply = await self._script(self._start, keys, args)
@@ -448,12 +486,12 @@ class Answers(StoreBase):
         packs a command an argument at a time: a third of the worker's write cost)."""
         commands: list[bytes] = []
         maxlen = bulk(str(self.limits.answer_maxlen))
-        doorbell = bulk(self.keys.written)
+        doorbell = bulk(self._doorbell)
         for at in range(0, len(puts), WRITES_PER_CALL):
             part = puts[at : at + WRITES_PER_CALL]
-            keys: list[bytes] = [doorbell]
-            args: list[bytes] = [maxlen]
-            count = 1  # the arguments in `args` (one of its items may hold several)
+            keys: list[bytes] = []
+            args: list[bytes] = [doorbell, maxlen]
+            count = 2  # the arguments in `args` (one of its items may hold several)
             for put in part:
                 keys += (
                     bulk(self.keys.answer(put.question_id)),
@@ -514,6 +552,7 @@ class Answers(StoreBase):
             "ended_ms": str(now_ms()),
         }
         args: list[str | int] = [
+            self._doorbell,
             epoch,
             self.limits.answer_maxlen,
             self.limits.retention_s,
@@ -525,9 +564,9 @@ class Answers(StoreBase):
         ]
         keys = [self.keys.answer(question_id), self.keys.question(question_id)]
         single = not is_cluster(self.redis)
-        if single:  # the doorbell, and the request's ack and caller's place in the same call
+        if single:  # the request's ack and the caller's place, in the same call
             shard, request = split_request_id(request_entry_id or "")
-            keys += (self.keys.written, self.group.streams[shard], self.keys.caller_asks(caller))
+            keys += (self.group.streams[shard], self.keys.caller_asks(caller))
             args += (request, question_id if caller else "")  # "" for either: nothing to free
         result = await self._script(self._finish, keys, args)
         if not result:
