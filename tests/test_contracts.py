@@ -66,7 +66,7 @@ from tokenrelay.gateway.packets import UNREADABLE, TolerantPacket
 from tokenrelay.gateway.sockets import SOCKET_QUEUE_MAX, SocketGateway
 from tokenrelay.gateway.sse import server_stopping
 from tokenrelay.keys import Keys
-from tokenrelay.relay import _PING, _netstrings, _Reader, _ReadSet
+from tokenrelay.relay import _PING, _as_they_come, _netstrings, _Reader, _ReadSet
 from tokenrelay.services import Services
 from tokenrelay.settings import Settings
 from tokenrelay.store import Limits, Put, Store
@@ -287,6 +287,9 @@ async def test_a_doorbell_message_reads_as_the_listener_parses_it(
     payload = b"5:ab\xc3\xbcc1:0"
     async with single(redis_url, protocol=protocol, parser_class=parser) as client:
         conn = await _connection(client)
+        _as_they_come(conn)
+        if protocol == 3:  # the handler the listener sets is the one a push goes through
+            assert conn._parser.pubsub_push_handler_func.__name__ == "_as_is"  # type: ignore[attr-defined]
         await conn.send_packed_command(b"".join(conn.pack_command("SUBSCRIBE", channel)))
         read = conn.read_response
         assert await read(disable_decoding=True, push_request=True) == [

@@ -335,6 +335,7 @@ class _Reader:
                 await client.initialize()
             conn = client.connection
             assert conn is not None  # a single-connection client has one once initialised
+            _as_they_come(conn)
             try:
                 await send_packed(conn, subscribe)
                 while True:
@@ -486,6 +487,18 @@ class _Reader:
 
 
 _PING = pack(["PING"])
+
+
+async def _as_is(push: Any) -> Any:
+    return push
+
+
+def _as_they_come(conn: Any) -> None:
+    """Hand a RESP3 push (a doorbell message) back untouched: redis-py's own handler builds
+    a debug line of every push (`str(response)`) whether debug is on or not."""
+    setter = getattr(conn._parser, "set_pubsub_push_handler", None)
+    if setter is not None:  # RESP3-capable parsers; RESP2's has no pushes
+        setter(_as_is)
 
 
 def _netstrings(message: bytes) -> list[bytes]:
