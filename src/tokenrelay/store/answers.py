@@ -72,12 +72,19 @@ end
 # gateway read again after every ring cost a round trip per wake. The message is a run of
 # netstrings (`<length>:<bytes>`): per answer stream, in the order first written, its key,
 # how many of its entries follow (0: one could not be carried, read the stream from your
-# cursor), then, when any, the id just before the first (the writer's previous id) and
-# each entry's id, type and data. A gateway takes them when that first "after" is its
-# cursor for the answer; a ring missed (a reconnect) only delays: every relayed answer is
-# read again at least once a second.
+# cursor), then, when any, the id just before the first (the writer's previous id, "0-0"
+# for a stream's first entry) and each entry's id, type and data. A gateway takes them
+# when that first "after" is its cursor for the answer; a ring missed (a reconnect) only
+# delays: every relayed answer is read again at least once a second.
 _RING = """
 local ring, rung = {}, {}
+-- The id a numbered entry just added follows: its writer's previous one, or "0-0" when it
+-- is the stream's first (a viewer that has seen nothing is at "0-0"); "" when unknown.
+local function before(stream, prev)
+  if prev ~= '' then return prev end
+  if redis.call('XLEN', stream) == 1 then return '0-0' end
+  return ''
+end
 local function rang(key, prev, id, first, upto)
   local r = rung[key]
   local whole = prev ~= '' and upto == first + 3 and ARGV[first] == 'type'
@@ -170,7 +177,7 @@ for i = 1, #KEYS, 2 do
   local done = append(KEYS[i], KEYS[i + 1], ARGV[at], ARGV[2], ARGV[at + 1], ARGV[at + 2],
     at + 4, upto)
   if type(done) == 'table' and done[1] ~= '' and (fresh or ARGV[at + 1] == '') then
-    rang(KEYS[i], fresh and ARGV[at + 2] or '', done[1], at + 4, upto)
+    rang(KEYS[i], fresh and before(KEYS[i], ARGV[at + 2]) or '', done[1], at + 4, upto)
   end
   out[#out + 1] = done
   at = upto + 1
@@ -198,7 +205,7 @@ local done = append(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5], first,
 if type(done) == 'table' and done[1] ~= '' then
   redis.call('HSET', KEYS[2], 'first_entry_id', done[1], unpack(ARGV, 7, 6 + 2 * n))
   if fresh or ARGV[4] == '' then
-    rang(KEYS[1], fresh and ARGV[5] or '', done[1], first, #ARGV)
+    rang(KEYS[1], fresh and before(KEYS[1], ARGV[5]) or '', done[1], first, #ARGV)
     ring_out()
   end
 end
@@ -235,7 +242,7 @@ local added = false
 if id ~= '' then
   added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], id, unpack(ARGV, from, upto))
 end
-local prev = (type(added) == 'string' and ARGV[6] ~= '*') and ARGV[6] or ''
+local prev = (type(added) == 'string' and ARGV[6] ~= '*') and before(KEYS[1], ARGV[6]) or ''
 if type(added) ~= 'string' then
   added = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, from, upto))
 end
