@@ -649,6 +649,36 @@ async def test_the_reader_reconnects_after_its_connection_is_killed(
     assert ids_of(got) == ids
 
 
+async def test_rings_lost_while_the_doorbell_reconnects_again_and_again_are_read(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """The doorbell's connection cut every few milliseconds while three answers are written
+    as a worker writes them (numbered, their entries carried by the rings): the rings sent
+    while it was down are gone, yet every viewer gets every entry once, in order (read from
+    its cursor once the listener is subscribed again, or taken from a later ring that
+    follows on)."""
+    async with running_relay(make_settings()) as h:
+        relay, store, name = h.relay, h.store, h.reader_name
+        asked = [await store.ask("t", f"cut {n}") for n in range(3)]
+        viewers = {a.id: [h.spawn(collect(relay, a.id)) for _ in range(2)] for a in asked}
+        await wait_for(lambda: relay.watched == len(asked))
+        texts = [f"{n} " for n in range(400)]
+        writing = [h.spawn(_numbered_answer(store, a.id, texts, every_s=0.001)) for a in asked]
+        cuts = 0
+        while not all(task.done() for task in writing):
+            clients: Any = await redis.client_list()
+            ids = [c["id"] for c in clients if c.get("name") == name]
+            for reader_id in ids:
+                cuts += await redis.client_kill_filter(_id=reader_id)
+            await asyncio.sleep(0.02)
+        async with asyncio.timeout(TIMEOUT_S):
+            produced = [await task for task in writing]
+            for a, ids in zip(asked, produced, strict=True):
+                for task in viewers[a.id]:
+                    assert ids_of(await task) == ids
+    assert cuts >= 5, cuts
+
+
 async def test_a_quiet_doorbell_connection_is_pinged_not_dropped(
     make_settings: Callable[..., Settings], redis: Redis
 ) -> None:
