@@ -41,6 +41,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tokenrelay.pacing import Backoff
+
 log = logging.getLogger(__name__)
 
 BLOCK_MARGIN_S = 10.0
@@ -323,16 +325,16 @@ class _Backoff:
     def __init__(self) -> None:
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + RETRY_WINDOW_S
-        self._delay_s = RETRY_FIRST_S
+        self._delay = Backoff(RETRY_FIRST_S, RETRY_MAX_S)
 
     async def wait(self, error: Exception, what: object) -> None:
         """Sleep before the next try of `what`; raise `error` once the window is over."""
         loop = asyncio.get_running_loop()
-        if loop.time() + self._delay_s > self._deadline:
+        delay_s = self._delay.delay_s
+        if loop.time() + delay_s > self._deadline:
             raise error
-        log.warning("redis cluster: %s: %s; trying again in %.2fs", what, error, self._delay_s)
-        await asyncio.sleep(self._delay_s)
-        self._delay_s = min(self._delay_s * 2, RETRY_MAX_S)
+        log.warning("redis cluster: %s: %s; trying again in %.2fs", what, error, delay_s)
+        await self._delay.sleep()
 
 
 class ClusterClient(RedisCluster):

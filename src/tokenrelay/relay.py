@@ -38,6 +38,7 @@ from redis.exceptions import RedisError, ResponseError, SlotNotCoveredError
 
 from tokenrelay import metrics
 from tokenrelay.connection import as_cluster, bulk, call_packed, node_client, pack, send_packed
+from tokenrelay.pacing import Backoff, wait_set
 from tokenrelay.store import XRANGE_PAGE, Store
 from tokenrelay.wire import Entry, EntryType, entry_id_after
 
@@ -50,6 +51,9 @@ XREAD_COUNT = 512
 # (2 ms at 1,000 answers, 0.2 ms at 100) lets entries gather instead.
 REARM_PER_KEY_S = 2e-6
 SWEEP_S = 1.0
+# A reading connection that failed is tried again after this, doubling up to the most.
+RETRY_FIRST_S = 0.05
+RETRY_MOST_S = 2.0
 # A viewer that stops reading keeps what it was handed alive: its catch-up page and its
 # live buffer. Both are bounded by the text they hold, not only by entries (500 entries of
 # 5 KB held 2.7 MB per stalled SSE reader).
@@ -185,7 +189,7 @@ class _Reader:
         self.version = 0  # bumps whenever a key joins the read
         self._armed_version = -1
         self.has_keys = asyncio.Event()
-        self._reader_id: int | None = None
+        self._reader_id: int | None = None  # cluster: the blocked read's, to CLIENT UNBLOCK
         self._waking: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self.rearms = 0
@@ -285,7 +289,7 @@ class _Reader:
                 group.create_task(self._listen(self._client, self._doorbell))
                 group.create_task(self._read_due_loop())
             return
-        backoff_s = 0.05
+        backoff = Backoff(RETRY_FIRST_S, RETRY_MOST_S)
         loop = asyncio.get_running_loop()
         armed_at = 0.0
         while True:
@@ -308,12 +312,11 @@ class _Reader:
                 )
             except (RedisError, OSError) as e:
                 self._reader_id = None
-                log.warning("relay: Redis read failed (%s); retrying in %.2fs", e, backoff_s)
+                log.warning("relay: Redis read failed (%s); retrying in %.2fs", e, backoff.delay_s)
                 await self._relocate(e)  # cluster: MOVED, or the node went away
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 2.0)
+                await backoff.sleep()
                 continue
-            backoff_s = 0.05
+            backoff.reset()
             if self._hand_over(reply, streams):
                 await _viewers_first()
 
@@ -329,7 +332,7 @@ class _Reader:
         await self._until_keys()
         loop = asyncio.get_running_loop()
         subscribe = pack(["SUBSCRIBE", doorbell])
-        backoff_s = 0.05
+        backoff = Backoff(RETRY_FIRST_S, RETRY_MOST_S)
         while True:
             if client.connection is None:
                 await client.initialize()
@@ -349,14 +352,15 @@ class _Reader:
                     elif reply[0] == b"subscribe":  # what was written before is read now
                         self._due.update(self.read.cursors)
                         self._due_now.set()
-                        backoff_s = 0.05
+                        backoff.reset()
             except (RedisError, OSError) as e:
                 await conn.disconnect()
                 log.warning(
-                    "relay: the doorbell's connection failed (%s); again in %.2fs", e, backoff_s
+                    "relay: the doorbell's connection failed (%s); again in %.2fs",
+                    e,
+                    backoff.delay_s,
                 )
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 2.0)
+                await backoff.sleep()
             except BaseException:
                 await conn.disconnect()  # a half-read reply must not be taken for the next one
                 raise
@@ -400,17 +404,12 @@ class _Reader:
         loop = asyncio.get_running_loop()
         redis = self._relay.store.redis
         swept_at = loop.time()
-        backoff_s = 0.05
+        backoff = Backoff(RETRY_FIRST_S, RETRY_MOST_S)
         while True:
             await self._until_keys()
             wait_s = swept_at + SWEEP_S - loop.time()
             if not self._due and wait_s > 0:
-                self._due_now.clear()
-                try:
-                    async with asyncio.timeout(wait_s):
-                        await self._due_now.wait()
-                except TimeoutError:
-                    pass
+                await wait_set(self._due_now, wait_s)
             now = loop.time()
             if now - swept_at >= SWEEP_S:
                 swept_at = now
@@ -429,11 +428,10 @@ class _Reader:
                     raise reply
             except (RedisError, OSError) as e:
                 self._due.update(streams)
-                log.warning("relay: Redis read failed (%s); retrying in %.2fs", e, backoff_s)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 2.0)
+                log.warning("relay: Redis read failed (%s); retrying in %.2fs", e, backoff.delay_s)
+                await backoff.sleep()
                 continue
-            backoff_s = 0.05
+            backoff.reset()
             self._hand_over(reply, streams)
             for key, raw in reply.items() if isinstance(reply, dict) else reply or ():
                 if len(raw) >= XREAD_COUNT:  # more to read than one reply holds
@@ -513,7 +511,7 @@ def _netstrings(message: bytes) -> list[bytes]:
 
 
 async def _viewers_first() -> None:
-    """Let the viewers write what was just handed to them before the read is sent again:
+    """Cluster: let the viewers write what was just handed to them before the read is sent again:
     the re-arm's packing and send otherwise ran first (~80 us at idle, measured). Twice:
     a viewer's task runs at the first turn; engine.io's writer task, which a Socket.IO
     viewer's packet wakes, at the second."""
@@ -546,7 +544,6 @@ class Relay:
         self._readers: dict[str, _Reader] = {}
         self._subs: dict[str, set[Subscription]] = {}
         self._started = False
-        self.handed = 0  # deliver() calls: a read that handed entries over moves it
 
     @property
     def watched(self) -> int:
@@ -594,7 +591,6 @@ class Relay:
         return reader
 
     def deliver(self, key: str, entries: list[Entry]) -> None:
-        self.handed += 1
         for sub in self._subs.get(key, ()):
             sub.push(entries)
 

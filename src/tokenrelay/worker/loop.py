@@ -22,6 +22,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from tokenrelay import metrics
 from tokenrelay.connection import NodeReaders
+from tokenrelay.pacing import Backoff, wait_set
 from tokenrelay.providers.base import Provider
 from tokenrelay.providers.guard import Timeouts
 from tokenrelay.store import Store
@@ -37,6 +38,9 @@ HARD_DEADLINE_S = 5.0
 SWEEP_EVERY_MAX_S = 60.0
 # A provider told to stop that is still computing this long after is stuck (native code).
 WEDGED_AFTER_S = 10.0
+# A refused or failed XREADGROUP is tried again after this, doubling up to the most.
+READ_RETRY_FIRST_S = 0.1
+READ_RETRY_MOST_S = 5.0
 
 
 def consumer_name() -> str:
@@ -185,7 +189,7 @@ class Worker:
         return count
 
     async def _read_loop(self, shards: list[int], most: int) -> None:
-        backoff_s = 0.1
+        backoff = Backoff(READ_RETRY_FIRST_S, READ_RETRY_MOST_S)
         while True:
             count = await self._take_slots(most)
             key = self.store.group.streams[shards[0]]
@@ -205,14 +209,13 @@ class Worker:
                     self.name,
                     what,
                     e,
-                    backoff_s,
+                    backoff.delay_s,
                 )
                 self._unreserve(count)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                await backoff.sleep()
                 continue
             self._unreserve(count)
-            backoff_s = 0.1
+            backoff.reset()
             for entry_id, fields in requests:
                 self._spawn(entry_id, fields, resumed=False)
 
@@ -251,12 +254,7 @@ class Worker:
                 await self._sweep()
             except (RedisError, OSError) as e:
                 log.warning("worker %s: reclaim pass failed (%s)", self.name, e)
-            self._reclaim_now.clear()
-            try:
-                async with asyncio.timeout(interval_s):
-                    await self._reclaim_now.wait()
-            except TimeoutError:
-                pass
+            await wait_set(self._reclaim_now, interval_s)
 
     async def _reclaim(self) -> None:
         if self.free <= 0 or self._stopping:
