@@ -608,6 +608,52 @@ async def test_carried_and_read_entries_mixed_are_each_delivered_once_in_order(
         assert ids_of(one) == ids
 
 
+async def test_an_entry_added_by_hand_between_numbered_writes_is_not_skipped(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """An entry XADDed by hand (no ring) after a worker's numbered entry: the worker's next
+    entry's ring names the hand's entry as the one before it, not the worker's previous
+    one, so a gateway whose cursor stands at the worker's entry reads the answer from its
+    cursor instead of skipping the hand's entry for good."""
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        asked = await store.ask("t", "by hand, between")
+        got: list[Entry] = []
+
+        async def follow() -> None:
+            async for entry in relay.follow(asked.id):
+                got.append(entry)
+
+        viewer = h.spawn(follow())
+        await wait_for(lambda: relay.watched == 1)
+        writer = ChunkWriter(store)
+        writer.start()
+        try:
+            epoch, after = await store.begin_answer(asked.id)
+            box = writer.outbox(asked.id, epoch, after)
+            box.put(Entry(EntryType.START))
+            await box.drain()
+            await wait_for(lambda: len(got) == 1)  # the shared read's cursor is at the start
+            key = store.keys.answer(asked.id)
+            by_hand = Entry(EntryType.CHUNK, "by hand ")
+            await redis.xadd(key, by_hand.fields())  # type: ignore[arg-type]
+            await asyncio.sleep(0.002)  # the worker's next id is past the hand's
+            box.put(Entry(EntryType.CHUNK, "numbered "))
+            await box.drain()
+            end = box.number(Entry(EntryType.END))
+            await store.finish(
+                asked.id, end.entry, {}, None, epoch=epoch, entry_id=end.entry_id, after=end.after
+            )
+        finally:
+            await writer.stop()
+        ids = [e.entry_id for e in await store.read_all(asked.id)]
+        # Well within SWEEP_S: the hand's entry comes by the ring's read, not the sweep.
+        async with asyncio.timeout(SWEEP_S / 2):
+            await viewer
+    assert len(ids) == 4
+    assert ids_of(got) == ids
+
+
 async def test_an_entry_written_without_a_ring_still_comes(
     make_settings: Callable[..., Settings], redis: Redis
 ) -> None:

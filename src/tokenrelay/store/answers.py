@@ -72,34 +72,36 @@ end
 # gateway read again after every ring cost a round trip per wake. The message is a run of
 # netstrings (`<length>:<bytes>`): per answer stream, in the order first written, its key,
 # how many of its entries follow (0: one could not be carried, read the stream from your
-# cursor), then, when any, the id just before the first (the writer's previous id, "0-0"
+# cursor), then, when any, the id of the entry just before the first in the stream ("0-0"
 # for a stream's first entry) and each entry's id, type and data. A gateway takes them
-# when that first "after" is its cursor for the answer; a ring missed (a reconnect) only
+# when that first "before" is its cursor for the answer; a ring missed (a reconnect) only
 # delays: every relayed answer is read again at least once a second.
+#
+# "Before" is read from the stream, not taken from the writer's previous id: an entry added
+# by anything else in between (a write with no id, an XADD by hand) would otherwise be
+# skipped by a gateway whose cursor stood at the writer's previous entry. The entries one
+# call adds to a stream follow each other there: a script runs alone.
 _RING = """
 local ring, rung = {}, {}
--- The id a numbered entry just added follows: its writer's previous one, or "0-0" when it
--- is the stream's first (a viewer that has seen nothing is at "0-0"); "" when unknown.
-local function before(stream, prev)
-  if prev ~= '' then return prev end
-  if redis.call('XLEN', stream) == 1 then return '0-0' end
-  return ''
+-- The id of the entry just before `id` in `stream`; "0-0" when it is the first.
+local function before(stream, id)
+  local top = redis.call('XREVRANGE', stream, '(' .. id, '-', 'COUNT', 1)
+  return top[1] and top[1][1] or '0-0'
 end
-local function rang(key, prev, id, first, upto)
+-- The entry `id` (field/value pairs ARGV[first..upto]) was just added to `key`.
+local function rang(key, id, first, upto)
   local r = rung[key]
-  local whole = prev ~= '' and upto == first + 3 and ARGV[first] == 'type'
-    and ARGV[first + 2] == 'data'
+  if r == false then return end
+  local whole = upto == first + 3 and ARGV[first] == 'type' and ARGV[first + 2] == 'data'
   if r == nil then
     ring[#ring + 1] = key
-    rung[key] = whole and {prev, id, ARGV[first + 1], ARGV[first + 3]} or false
-  elseif r then
-    if whole and prev == r[#r - 2] then
-      r[#r + 1] = id
-      r[#r + 1] = ARGV[first + 1]
-      r[#r + 1] = ARGV[first + 3]
-    else
-      rung[key] = false
-    end
+    rung[key] = whole and {before(key, id), id, ARGV[first + 1], ARGV[first + 3]} or false
+  elseif whole then
+    r[#r + 1] = id
+    r[#r + 1] = ARGV[first + 1]
+    r[#r + 1] = ARGV[first + 3]
+  else
+    rung[key] = false
   end
 end
 local function ring_out()
@@ -177,7 +179,7 @@ for i = 1, #KEYS, 2 do
   local done = append(KEYS[i], KEYS[i + 1], ARGV[at], ARGV[2], ARGV[at + 1], ARGV[at + 2],
     at + 4, upto)
   if type(done) == 'table' and done[1] ~= '' and (fresh or ARGV[at + 1] == '') then
-    rang(KEYS[i], fresh and before(KEYS[i], ARGV[at + 2]) or '', done[1], at + 4, upto)
+    rang(KEYS[i], done[1], at + 4, upto)
   end
   out[#out + 1] = done
   at = upto + 1
@@ -205,7 +207,7 @@ local done = append(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5], first,
 if type(done) == 'table' and done[1] ~= '' then
   redis.call('HSET', KEYS[2], 'first_entry_id', done[1], unpack(ARGV, 7, 6 + 2 * n))
   if fresh or ARGV[4] == '' then
-    rang(KEYS[1], fresh and before(KEYS[1], ARGV[5]) or '', done[1], first, #ARGV)
+    rang(KEYS[1], done[1], first, #ARGV)
     ring_out()
   end
 end
@@ -242,13 +244,12 @@ local added = false
 if id ~= '' then
   added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], id, unpack(ARGV, from, upto))
 end
-local prev = (type(added) == 'string' and ARGV[6] ~= '*') and before(KEYS[1], ARGV[6]) or ''
 if type(added) ~= 'string' then
   added = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, from, upto))
 end
 redis.call('HSET', KEYS[2], 'last_entry_id', added, unpack(ARGV, 8, 7 + 2 * n))
 redis.call('HDEL', KEYS[2], 'cancel')
-rang(KEYS[1], prev, added, from, upto)
+rang(KEYS[1], added, from, upto)
 ring_out()
 if tonumber(ARGV[4]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[4])
