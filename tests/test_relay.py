@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
@@ -534,16 +535,15 @@ async def test_one_ring_carries_several_entries_of_an_answer(
 
 
 def _ring(*answers: tuple[str, str, list[tuple[str, str, str]]]) -> bytes:
-    """A doorbell message as store/answers.py's _RING publishes it: per answer, its key,
-    how many entries follow, then (when any) the id before them and each entry's id, type
-    and data, each part as `<length>:<bytes>`."""
-    parts: list[str] = []
-    for key, after, entries in answers:
-        parts += [key, str(len(entries))]
-        if entries:
-            parts.append(after)
-            parts += [x for entry in entries for x in entry]
-    return b"".join(b"%d:%b" % (len(p.encode()), p.encode()) for p in parts)
+    """A doorbell message as store/answers.py's _RING publishes it: per answer, its key
+    alone (nothing carried), or its key, the id before its entries and each entry's id,
+    type and data; JSON."""
+    return orjson.dumps(
+        [
+            [key, after, *(x for entry in entries for x in entry)] if entries else [key]
+            for key, after, entries in answers
+        ]
+    )
 
 
 async def test_a_carried_entry_after_a_gap_is_read_from_the_stream_instead(
@@ -576,6 +576,11 @@ async def test_a_carried_entry_after_a_gap_is_read_from_the_stream_instead(
     reader._rang(_ring((key, "6-0", [("7-0", "chunk", "b"), ("7-1", "end", "{}")])))
     assert [e.entry_id for e in sub.buffer] == ["6-0", "7-0", "7-1"] and not reader._due
     assert [e.type for e in sub.buffer][-1] is EntryType.END
+    # Not a ring (an older version's netstrings, anything else): every answer is due.
+    for unreadable in (b"5:abcde", b'{"a": 1}', b"[1]", b"[[[1]]]", b"[[]]"):
+        reader._due.clear()
+        reader._rang(unreadable)
+        assert reader._due == {key}, unreadable
     await store.redis.aclose()
 
 
@@ -608,16 +613,15 @@ async def test_carried_and_read_entries_mixed_are_each_delivered_once_in_order(
         assert ids_of(one) == ids
 
 
-async def test_an_entry_added_by_hand_between_numbered_writes_is_not_skipped(
+async def test_an_unnumbered_entry_between_numbered_writes_is_not_skipped(
     make_settings: Callable[..., Settings], redis: Redis
 ) -> None:
-    """An entry XADDed by hand (no ring) after a worker's numbered entry: the worker's next
-    entry's ring names the hand's entry as the one before it, not the worker's previous
-    one, so a gateway whose cursor stands at the worker's entry reads the answer from its
-    cursor instead of skipping the hand's entry for good."""
+    """An entry whose id Redis chose, after a worker's numbered entry: the worker's next
+    entry's ring names it as the one before, not the worker's previous entry, so a gateway
+    whose cursor stands at the worker's entry never jumps over it."""
     async with running_relay(make_settings()) as h:
         relay, store = h.relay, h.store
-        asked = await store.ask("t", "by hand, between")
+        asked = await store.ask("t", "un-numbered, between")
         got: list[Entry] = []
 
         async def follow() -> None:
@@ -634,10 +638,8 @@ async def test_an_entry_added_by_hand_between_numbered_writes_is_not_skipped(
             box.put(Entry(EntryType.START))
             await box.drain()
             await wait_for(lambda: len(got) == 1)  # the shared read's cursor is at the start
-            key = store.keys.answer(asked.id)
-            by_hand = Entry(EntryType.CHUNK, "by hand ")
-            await redis.xadd(key, by_hand.fields())  # type: ignore[arg-type]
-            await asyncio.sleep(0.002)  # the worker's next id is past the hand's
+            await store.append(asked.id, Entry(EntryType.CHUNK, "un-numbered "), epoch)
+            await asyncio.sleep(0.002)  # the worker's next id is past it
             box.put(Entry(EntryType.CHUNK, "numbered "))
             await box.drain()
             end = box.number(Entry(EntryType.END))
@@ -647,7 +649,7 @@ async def test_an_entry_added_by_hand_between_numbered_writes_is_not_skipped(
         finally:
             await writer.stop()
         ids = [e.entry_id for e in await store.read_all(asked.id)]
-        # Well within SWEEP_S: the hand's entry comes by the ring's read, not the sweep.
+        # Well within SWEEP_S: nothing waits for the sweep.
         async with asyncio.timeout(SWEEP_S / 2):
             await viewer
     assert len(ids) == 4

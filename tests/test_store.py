@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -15,11 +16,11 @@ from tests.support.failover import lose_last_entries
 from tokenrelay.connection import pooled_client
 from tokenrelay.errors import CallerFull, Fenced, NotFound, Overloaded, Rewound, StoreError
 from tokenrelay.keys import WORKER_GROUP, Keys, is_question_id
-from tokenrelay.relay import _netstrings
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
 from tokenrelay.store import XRANGE_PAGE, Put, Store, answer_text, exclusive, next_entry_id
 from tokenrelay.store.answers import WRITES_PER_CALL
+from tokenrelay.store.base import now_ms
 from tokenrelay.wire import Entry, EntryType, QuestionRequest, RecordField, Status
 
 StoreFactory = Callable[..., Store]
@@ -553,14 +554,41 @@ async def test_a_batch_of_many_answers_writes_each_in_order(store: Store, redis:
         assert carried == [p.entry_id for p in chain]
 
 
+async def test_a_ring_names_the_entry_before_in_the_stream(store: Store, redis: Redis) -> None:
+    """Every ring's carried run starts after the entry just before it in the stream, whoever
+    wrote that one: a worker's numbered entries, an entry whose id Redis chose between them,
+    and an end written after whatever the stream holds ("*")."""
+    asked = await store.ask("t", "q")
+    epoch, after = await store.begin_answer(asked.id)
+    doorbell = redis.pubsub()
+    await doorbell.subscribe(store.keys.written)
+    assert (await doorbell.get_message(timeout=5) or {}).get("type") == "subscribe"
+    try:
+        (first,) = numbered(asked.id, epoch, after, ["a "], now_ms())
+        await store.write_batch([first])
+        between = await store.append(asked.id, Entry(EntryType.CHUNK, "b "), epoch)
+        second_id = next_entry_id(between, now_ms())  # past it; follows `first` for its writer
+        second = Put(asked.id, Entry(EntryType.CHUNK, "c "), epoch, second_id, first.entry_id)
+        assert (await store.write_batch([second]))[0].entry_id == second_id
+        end_id = next_entry_id(second_id, now_ms())
+        await store.finish(
+            asked.id, Entry(EntryType.END), {}, None, epoch=epoch, entry_id=end_id, after="*"
+        )
+        runs = []
+        while message := await doorbell.get_message(ignore_subscribe_messages=True, timeout=1):
+            for ring in orjson.loads(message["data"]):
+                runs.append((ring[1] if len(ring) > 1 else None, ring[2::3]))
+    finally:
+        await doorbell.aclose()  # type: ignore[no-untyped-call]
+    stream = [e.entry_id for e in await store.read_all(asked.id)]
+    assert [e.text for e in await store.read_all(asked.id)][:3] == ["a ", "b ", "c "]
+    assert [ids for _, ids in runs] == [[i] for i in stream]  # each carried, in order
+    assert [before for before, _ in runs] == ["0-0", *stream[:-1]]
+
+
 def _rung(message: bytes) -> dict[str, list[str]]:
     """A doorbell message (store/answers.py, _RING): answer key -> the entry ids it carries."""
-    parts, at, out = _netstrings(message), 0, {}
-    while at < len(parts):
-        key, count = parts[at].decode(), int(parts[at + 1])
-        out[key] = [parts[at + 3 + 3 * n].decode() for n in range(count)]
-        at += 2 + (1 + 3 * count if count else 0)
-    return out
+    return {ring[0]: ring[2::3] for ring in orjson.loads(message)}
 
 
 async def test_a_stream_that_lost_acknowledged_writes_says_where_it_ends(

@@ -145,8 +145,11 @@ class Keys:
     @property
     def written(self) -> str:
         """The doorbell (single node): a Pub/Sub channel, not a key. Each write of answer
-        entries publishes there which answer streams it added to, with the entries."""
-        return f"{self.prefix}written"
+        entries publishes there which answer streams it added to, with the entries, as JSON
+        (store/answers.py, _RING). Named for its format: a gateway of the version before,
+        which read netstrings on `written`, hears nothing from newer workers instead of
+        messages it cannot read, and reads their entries by its sweep."""
+        return f"{self.prefix}written:json"
 
     @property
     def sweep_lock(self) -> str:

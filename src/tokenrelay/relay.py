@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode
 from redis.exceptions import RedisError, ResponseError, SlotNotCoveredError
@@ -371,26 +372,29 @@ class _Reader:
         cursors = self.read.cursors
         if not cursors:
             return
-        parts = _netstrings(message)
-        at, due = 0, False
-        while at < len(parts):
-            key, count = parts[at].decode(), int(parts[at + 1])
-            at += 2
-            upto = at + 1 + 3 * count if count else at
+        try:
+            rings = orjson.loads(message)
+            if not isinstance(rings, list) or not all(_is_ring(r) for r in rings):
+                raise ValueError("not a list of rings")
+        except ValueError as e:  # orjson's JSONDecodeError is one
+            log.warning("relay: a doorbell message that cannot be read (%s); reading all", e)
+            self._due.update(cursors)
+            self._due_now.set()
+            return
+        due = False
+        for ring in rings:
+            key = ring[0]
             last = cursors.get(key)
             if last is None:  # not relayed here
-                at = upto
                 continue
-            if not count or parts[at].decode() != last:
+            if len(ring) < 5 or ring[1] != last:
                 self._due.add(key)
                 due = True
-                at = upto
                 continue
             raw: list[list[Any]] = [
-                [parts[i].decode(), ["type", parts[i + 1].decode(), "data", parts[i + 2].decode()]]
-                for i in range(at + 1, upto, 3)
+                [ring[i], ["type", ring[i + 1], "data", ring[i + 2]]]
+                for i in range(2, len(ring) - 2, 3)
             ]
-            at = upto
             self.read.set(key, raw[-1][0])
             entries = _readable(key, raw)
             if entries:
@@ -499,15 +503,9 @@ def _as_they_come(conn: Any) -> None:
         setter(_as_is)
 
 
-def _netstrings(message: bytes) -> list[bytes]:
-    """`<length>:<bytes>` after `<length>:<bytes>`, split."""
-    parts: list[bytes] = []
-    at, end = 0, len(message)
-    while at < end:
-        colon = message.index(b":", at)
-        at = colon + 1 + int(message[at:colon])
-        parts.append(message[colon + 1 : at])
-    return parts
+def _is_ring(ring: Any) -> bool:
+    """An answer's part of a doorbell message: a list that starts with its key."""
+    return isinstance(ring, list) and bool(ring) and isinstance(ring[0], str)
 
 
 async def _viewers_first() -> None:

@@ -69,33 +69,39 @@ end
 # answer streams it added to, and carrying the entries themselves where it can. A
 # gateway's relay listens there (relay.py) instead of blocking on every relayed answer:
 # that cost Valkey ~0.75 us a key each time it re-armed, and a doorbell stream that the
-# gateway read again after every ring cost a round trip per wake. The message is a run of
-# netstrings (`<length>:<bytes>`): per answer stream, in the order first written, its key,
-# how many of its entries follow (0: one could not be carried, read the stream from your
-# cursor), then, when any, the id of the entry just before the first in the stream ("0-0"
-# for a stream's first entry) and each entry's id, type and data. A gateway takes them
-# when that first "before" is its cursor for the answer; a ring missed (a reconnect) only
-# delays: every relayed answer is read again at least once a second.
+# gateway read again after every ring cost a round trip per wake. The message is a JSON
+# array with one array of strings per answer stream, in the order first written: its key
+# alone when an entry could not be carried (read the stream from your cursor), else its
+# key, the id of the entry just before the first carried one in the stream ("0-0" for a
+# stream's first entry), then each entry's id, type and data. A gateway takes them when
+# that "before" is its cursor for the answer; a ring missed (a reconnect) only delays:
+# every relayed answer is read again at least once a second. JSON because Lua's cjson
+# encodes in C: the netstrings (`<length>:<bytes>`) built in Lua before cost Valkey
+# ~3.6 us for one entry's message, cjson ~0.5 (measured in a script's loop), and the
+# gateway parses it with orjson instead of a loop in Python.
 #
-# "Before" is read from the stream, not taken from the writer's previous id: an entry added
-# by anything else in between (a write with no id, an XADD by hand) would otherwise be
-# skipped by a gateway whose cursor stood at the writer's previous entry. The entries one
-# call adds to a stream follow each other there: a script runs alone.
+# "Before" is the record's `tail`, the last entry a script added to the stream, not the
+# writer's previous id: an entry added in between by a write with no id (Redis chose it)
+# would otherwise be jumped over by a gateway whose cursor stood at the writer's previous
+# entry. (Reading the stream's entry before instead, an XREVRANGE, cost Valkey ~2.2 us a
+# call; the field ~0.2.) The entries one call adds to a stream follow each other there: a
+# script runs alone. An entry added outside the scripts (an XADD by hand) is not in
+# `tail`: a ring may then name the entry before it as the one before, and a gateway whose
+# cursor stands there misses the hand's entry until it reads the answer again (a reload);
+# see docs/redis.md.
 _RING = """
 local ring, rung = {}, {}
--- The id of the entry just before `id` in `stream`; "0-0" when it is the first.
-local function before(stream, id)
-  local top = redis.call('XREVRANGE', stream, '(' .. id, '-', 'COUNT', 1)
-  return top[1] and top[1][1] or '0-0'
-end
--- The entry `id` (field/value pairs ARGV[first..upto]) was just added to `key`.
-local function rang(key, id, first, upto)
+-- The entry `id` (field/value pairs ARGV[first..upto]) was just added to `key`, after the
+-- entry `prior` ("" when unknown).
+local function rang(key, prior, id, first, upto)
+  if ARGV[1] == '' then return end
   local r = rung[key]
   if r == false then return end
   local whole = upto == first + 3 and ARGV[first] == 'type' and ARGV[first + 2] == 'data'
   if r == nil then
     ring[#ring + 1] = key
-    rung[key] = whole and {before(key, id), id, ARGV[first + 1], ARGV[first + 3]} or false
+    rung[key] = (whole and prior ~= '') and {key, prior, id, ARGV[first + 1], ARGV[first + 3]}
+      or false
   elseif whole then
     r[#r + 1] = id
     r[#r + 1] = ARGV[first + 1]
@@ -105,20 +111,25 @@ local function rang(key, id, first, upto)
   end
 end
 local function ring_out()
-  if ARGV[1] == '' or #ring == 0 then return end
-  local parts = {}
-  local function put(s) parts[#parts + 1] = #s .. ':' .. s end
-  for _, key in ipairs(ring) do
-    local r = rung[key]
-    put(key)
-    if r then
-      put(tostring((#r - 1) / 3))
-      for _, s in ipairs(r) do put(s) end
-    else
-      put('0')
-    end
+  if #ring == 0 then return end
+  local out = {}
+  for i, key in ipairs(ring) do out[i] = rung[key] or {key} end
+  redis.call('PUBLISH', ARGV[1], cjson.encode(out))
+end
+"""
+
+# The entry a write follows in its stream, from the record: its `tail` (the last entry a
+# script added; see _RING) while no writer that does not keep it (a version before
+# 2026-12-01, afternoon) has written since, i.e. while it is not before the record's
+# last_entry_id; "0-0" for a stream's first entry; else "" (unknown).
+_TAIL = """
+local function prior_of(stream, tail, last)
+  if tail then
+    if tail == last or last == '' or after(tail, last) then return tail end
+    return ''
   end
-  redis.call('PUBLISH', ARGV[1], table.concat(parts))
+  if redis.call('XLEN', stream) == 1 then return '0-0' end
+  return ''
 end
 """
 
@@ -134,25 +145,31 @@ end
 # the stream already holds a later id this writer does not know.
 _APPEND_ONE = (
     _AFTER
+    + _TAIL
     + """
-local fresh = false  -- whether the last append added its numbered entry just now
+local fresh = false  -- whether the last append added an entry just now
+local prior = ''  -- then, the entry it follows in the stream ("" when unknown)
 local function append(stream, record, epoch, maxlen, id, prev, first, upto)
   fresh = false
-  local rec = redis.call('HMGET', record, 'epoch', 'cancel', 'last_entry_id')
+  local rec = redis.call('HMGET', record, 'epoch', 'cancel', 'last_entry_id', 'tail')
   if (rec[1] or '0') ~= epoch then return 0 end
   local cancel = rec[2] or ''
-  if id == '' then
-    return {redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, upto)),
-      cancel}
-  end
   local last = rec[3] or ''
+  if id == '' then
+    local added = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, upto))
+    prior = prior_of(stream, rec[4], last)
+    if rec[1] then redis.call('HSET', record, 'tail', added) end  -- a record's, never made
+    fresh = true
+    return {added, cancel}
+  end
   if last ~= prev then
     if last ~= '' and not after(id, last) then return {id, cancel} end
     return {'', cancel, last}
   end
   local added = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, id, unpack(ARGV, first, upto))
   if type(added) ~= 'string' then return {'', cancel, last, 'refused'} end
-  redis.call('HSET', record, 'last_entry_id', id)
+  prior = prior_of(stream, rec[4], last)
+  redis.call('HSET', record, 'last_entry_id', id, 'tail', id)
   fresh = true
   return {id, cancel}
 end
@@ -178,9 +195,7 @@ for i = 1, #KEYS, 2 do
   local upto = at + 3 + tonumber(ARGV[at + 3])
   local done = append(KEYS[i], KEYS[i + 1], ARGV[at], ARGV[2], ARGV[at + 1], ARGV[at + 2],
     at + 4, upto)
-  if type(done) == 'table' and done[1] ~= '' and (fresh or ARGV[at + 1] == '') then
-    rang(KEYS[i], done[1], at + 4, upto)
-  end
+  if fresh then rang(KEYS[i], prior, done[1], at + 4, upto) end
   out[#out + 1] = done
   at = upto + 1
 end
@@ -206,8 +221,8 @@ local first = 7 + 2 * n
 local done = append(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[5], first, #ARGV)
 if type(done) == 'table' and done[1] ~= '' then
   redis.call('HSET', KEYS[2], 'first_entry_id', done[1], unpack(ARGV, 7, 6 + 2 * n))
-  if fresh or ARGV[4] == '' then
-    rang(KEYS[1], done[1], first, #ARGV)
+  if fresh then
+    rang(KEYS[1], prior, done[1], first, #ARGV)
     ring_out()
   end
 end
@@ -227,11 +242,12 @@ _CHUNK_FIELDS = b"".join(bulk(part) for part in ("4", "type", EntryType.CHUNK.va
 # asks.
 _FINISH = (
     _AFTER
+    + _TAIL
     + _RING
     + """
 local tail = KEYS[3] and 2 or 0  -- the request's id and the question's, at ARGV's end
 local function finish()
-local rec = redis.call('HMGET', KEYS[2], 'epoch', 'last_entry_id')
+local rec = redis.call('HMGET', KEYS[2], 'epoch', 'last_entry_id', 'tail')
 if (rec[1] or '0') ~= ARGV[2] then return 0 end
 local id, last = ARGV[5], rec[2] or ''
 if id ~= '' then
@@ -247,9 +263,10 @@ end
 if type(added) ~= 'string' then
   added = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, from, upto))
 end
-redis.call('HSET', KEYS[2], 'last_entry_id', added, unpack(ARGV, 8, 7 + 2 * n))
+local prior = prior_of(KEYS[1], rec[3], last)
+redis.call('HSET', KEYS[2], 'last_entry_id', added, 'tail', added, unpack(ARGV, 8, 7 + 2 * n))
 redis.call('HDEL', KEYS[2], 'cancel')
-rang(KEYS[1], added, from, upto)
+rang(KEYS[1], prior, added, from, upto)
 ring_out()
 if tonumber(ARGV[4]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[4])
