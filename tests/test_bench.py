@@ -318,3 +318,19 @@ def test_cluster_layout_reports_each_node_beside_one_node(tmp_path: Path) -> Non
     assert run["redis_connections"]["gateway_max"] > one["redis_connections"]["gateway_max"]
     assert "cluster (3 masters" in result.stdout
     assert "m1 " in result.stdout and "r3 " in result.stdout
+
+
+def test_pollcost_prints_each_way_s_cost_per_packet() -> None:
+    """`python -m bench.pollcost`: engine.io's poll, the gateway's and a bare queue's, each
+    with a figure per packet."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.pollcost", "--packets", "500", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    for way in ("engine.io AsyncSocket", "LeanSocket", "bare queue.get"):
+        (line,) = [line for line in out.splitlines() if way in line]
+        assert float(line.split()[-4]) > 0, line

@@ -583,6 +583,28 @@ async def test_the_lean_poll_keeps_engineio_s_poll_contract() -> None:
         assert await polling == [a]
 
 
+async def test_the_lean_poll_s_idle_limit_is_kept_across_waits() -> None:
+    """gateway/engine.py: one timer per socket keeps the idle limit. A wait that outlasts it
+    raises QueueEmpty and leaves the writer's task not cancelled; packets that come within
+    it, wait after wait, never trip it, though the timer was armed by an earlier wait."""
+    server = engineio.AsyncServer(async_mode="asgi", ping_interval=0.1, ping_timeout=0.1)
+    socket = LeanSocket(server, "sid")
+    loop = asyncio.get_running_loop()
+    a = eio_packet.Packet(eio_packet.MESSAGE, data="a")
+    for _ in range(5):  # 5 x 0.06 s: past the 0.2 s limit in all, never within one wait
+        loop.call_later(0.06, socket.queue.put_nowait, a)
+        assert await socket.poll() == [a]
+    started = loop.time()
+    with pytest.raises(engineio.exceptions.QueueEmpty):
+        await socket.poll()
+    assert 0.19 <= loop.time() - started < 1.0
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0.01)  # still runs: not cancelled
+    with pytest.raises(engineio.exceptions.QueueEmpty):  # and a later wait times out again
+        await socket.poll()
+
+
 async def test_the_gateway_s_engineio_sockets_are_lean(
     make_settings: Callable[..., Settings],
 ) -> None:

@@ -1,0 +1,80 @@
+"""What engine.io's writer pays per packet to wait for it: the socket's `poll()`.
+
+A Socket.IO viewer's every chunk is a packet put on its engine.io socket's queue, and the
+socket's writer task waits for it in `poll()`. Measured here, in this process's own CPU
+(`time.process_time`) per packet, with one packet put per turn of the event loop (the
+writer waits for each, as at 20 tokens/s): engine.io's own `AsyncSocket.poll`
+(`asyncio.wait_for`: a task and a timer per wait), the gateway's `LeanSocket.poll`
+(gateway/engine.py), and a bare `queue.get()` for the floor. The ways take turns,
+`--rounds` times over. Run it alone with `python -m bench.pollcost` (`--help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import engineio
+from engineio.async_socket import AsyncSocket
+from engineio.packet import MESSAGE, Packet
+
+from bench.loop import run
+from tokenrelay.gateway.engine import LeanSocket
+
+
+async def _per_packet(poll: Any, queue: asyncio.Queue[Any], packets: int) -> float:
+    """CPU µs per packet: a packet put, then the writer's poll takes it, `packets` times."""
+    packet = Packet(MESSAGE, data="a chunk")
+
+    async def writer() -> None:
+        taken = 0
+        while taken < packets:  # a poll returns every packet queued by then
+            taken += len(await poll())
+
+    started = time.process_time()
+    task = asyncio.create_task(writer())
+    for _ in range(packets):
+        await asyncio.sleep(0)  # the writer is waiting again
+        queue.put_nowait(packet)
+        await asyncio.sleep(0)
+    await task
+    return (time.process_time() - started) * 1e6 / packets
+
+
+async def _measure(packets: int, rounds: int) -> dict[str, list[float]]:
+    server = engineio.AsyncServer(async_mode="asgi")
+    results: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, cls in (("engine.io AsyncSocket", AsyncSocket), ("LeanSocket", LeanSocket)):
+            socket = cls(server, "sid")
+            results.setdefault(name, []).append(
+                await _per_packet(socket.poll, socket.queue, packets)
+            )
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def get(queue: asyncio.Queue[Any] = queue) -> list[Any]:
+            return [await queue.get()]
+
+        results.setdefault("bare queue.get", []).append(await _per_packet(get, queue, packets))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.pollcost", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--packets", type=int, default=20_000, help="packets per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; each way once a round")
+    args = parser.parse_args()
+    results = run(_measure(args.packets, args.rounds))
+    print(f"CPU per packet, median of {args.rounds} rounds of {args.packets:,}:")
+    for name, per in results.items():
+        spread = f"{min(per):.2f}-{max(per):.2f}"
+        print(f"  {name:<22} {statistics.median(per):6.2f} us  (rounds: {spread})")
+
+
+if __name__ == "__main__":
+    main()
