@@ -16,6 +16,7 @@ from bench import ROOT
 from bench.harness import _parse_cells, _parser, _plan
 from bench.mock import nonce_of, stamp_of
 from bench.profile import summarise
+from bench.scriptcost import PIECES
 from bench.spec import question_for
 from bench.stats import percentile, summary_ms
 from bench.sweep import FULL
@@ -334,3 +335,20 @@ def test_pollcost_prints_each_way_s_cost_per_packet() -> None:
     for way in ("engine.io AsyncSocket", "LeanSocket", "bare queue.get"):
         (line,) = [line for line in out.splitlines() if way in line]
         assert float(line.split()[-4]) > 0, line
+
+
+def test_scriptcost_prints_the_write_script_s_cost_and_its_pieces() -> None:
+    """`python -m bench.scriptcost` against an embedded Valkey: the worker's write script
+    per call (rung and not) and each piece, a figure each."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.scriptcost", "--calls", "50", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    rows = ["script call, one chunk, with a listener", "script call, one chunk, no ring"]
+    for row in [*rows, *PIECES]:
+        (line,) = [line for line in out.splitlines() if line.strip().startswith(row)]
+        assert float(line.split()[-3]) > 0, line
