@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ from engineio.async_socket import AsyncSocket
 from engineio.packet import MESSAGE, Packet
 
 from bench.loop import run
+from bench.stats import medians_table
 from tokenrelay.gateway.engine import LeanSocket
 
 
@@ -70,10 +70,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds; each way once a round")
     args = parser.parse_args()
     results = run(_measure(args.packets, args.rounds))
-    print(f"CPU per packet, median of {args.rounds} rounds of {args.packets:,}:")
-    for name, per in results.items():
-        spread = f"{min(per):.2f}-{max(per):.2f}"
-        print(f"  {name:<22} {statistics.median(per):6.2f} us  (rounds: {spread})")
+    title = f"CPU per packet, median of {args.rounds} rounds of {args.packets:,}:"
+    print(medians_table(title, results))
 
 
 if __name__ == "__main__":

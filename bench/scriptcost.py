@@ -19,7 +19,6 @@ code first on PYTHONPATH.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from bench.loop import run
+from bench.stats import medians_table
 from tokenrelay.connection import pooled_client
 from tokenrelay.services import make_store, redis_url_for
 from tokenrelay.settings import Settings
@@ -123,10 +123,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="rounds; each way once a round")
     args = parser.parse_args()
     results = run(_measure(args))
-    print(f"Valkey's CPU, us (INFO commandstats), median of {args.rounds} rounds:")
-    for name, per in results.items():
-        spread = f"{min(per):.2f}-{max(per):.2f}"
-        print(f"  {name:<44} {statistics.median(per):7.2f}  (rounds: {spread})")
+    title = f"Valkey's CPU (INFO commandstats), median of {args.rounds} rounds:"
+    print(medians_table(title, results))
 
 
 if __name__ == "__main__":

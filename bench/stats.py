@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -36,3 +37,13 @@ def summary_ms(ordered: Sequence[int]) -> dict[str, float]:
     out["max"] = round(ordered[-1] / 1e6, 3)
     out["mean"] = round(sum(ordered) / len(ordered) / 1e6, 3)
     return out
+
+
+def medians_table(title: str, results: dict[str, list[float]], unit: str = "us") -> str:
+    """`title`, then per way its median over the rounds and the rounds' spread."""
+    width = max((len(name) for name in results), default=0)
+    lines = [title]
+    for name, per in results.items():
+        spread = f"{min(per):.2f}-{max(per):.2f}"
+        lines.append(f"  {name:<{width}}  {statistics.median(per):7.2f} {unit}  (rounds: {spread})")
+    return "\n".join(lines)

@@ -3,6 +3,7 @@ produce every figure the issue asks for."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from dataclasses import astuple
@@ -321,34 +322,33 @@ def test_cluster_layout_reports_each_node_beside_one_node(tmp_path: Path) -> Non
     assert "m1 " in result.stdout and "r3 " in result.stdout
 
 
-def test_pollcost_prints_each_way_s_cost_per_packet() -> None:
-    """`python -m bench.pollcost`: engine.io's poll, the gateway's and a bare queue's, each
-    with a figure per packet."""
+def _side_bench(module: str, *args: str) -> dict[str, float]:
+    """Run `python -m bench.<module> args`; each way's median, by its name."""
     out = subprocess.run(
-        [sys.executable, "-m", "bench.pollcost", "--packets", "500", "--rounds", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    for way in ("engine.io AsyncSocket", "LeanSocket", "bare queue.get"):
-        (line,) = [line for line in out.splitlines() if way in line]
-        assert float(line.split()[-4]) > 0, line
-
-
-def test_scriptcost_prints_the_write_script_s_cost_and_its_pieces() -> None:
-    """`python -m bench.scriptcost` against an embedded Valkey: the worker's write script
-    per call (rung and not) and each piece, a figure each."""
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.scriptcost", "--calls", "50", "--rounds", "1"],
+        [sys.executable, "-m", f"bench.{module}", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     ).stdout
+    row = re.compile(r"  (.+?) +([\d.]+) us  \(rounds: .+\)")
+    found = [row.fullmatch(line) for line in out.splitlines()]
+    return {m[1]: float(m[2]) for m in found if m}
+
+
+def test_pollcost_prints_each_way_s_cost_per_packet() -> None:
+    """`python -m bench.pollcost`: engine.io's poll, the gateway's and a bare queue's, each
+    with a figure per packet."""
+    medians = _side_bench("pollcost", "--packets", "500", "--rounds", "1")
+    assert set(medians) == {"engine.io AsyncSocket", "LeanSocket", "bare queue.get"}
+    assert all(us > 0 for us in medians.values()), medians
+
+
+def test_scriptcost_prints_the_write_script_s_cost_and_its_pieces() -> None:
+    """`python -m bench.scriptcost` against an embedded Valkey: the worker's write script
+    per call (rung and not) and each piece, a figure each."""
+    medians = _side_bench("scriptcost", "--calls", "50", "--rounds", "1")
     rows = ["script call, one chunk, with a listener", "script call, one chunk, no ring"]
-    for row in [*rows, *PIECES]:
-        (line,) = [line for line in out.splitlines() if line.strip().startswith(row)]
-        assert float(line.split()[-3]) > 0, line
+    assert set(medians) == {*rows, *PIECES}
+    assert all(us > 0 for us in medians.values()), medians
