@@ -91,7 +91,11 @@ class ClientProcess:
     async def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
-            await self.proc.wait()
+            try:  # bounded: a child whose exit is never reported must not hang the bench
+                async with asyncio.timeout(EXIT_TIMEOUT_S):
+                    await self.proc.wait()
+            except TimeoutError:
+                print(f"bench: client process {self.proc.pid} did not exit", file=sys.stderr)
 
 
 class Sampler:
