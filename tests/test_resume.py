@@ -75,20 +75,15 @@ async def test_two_viewers_sse_and_socketio_see_one_answer(
     assert "".join(d["text"] for d in live if d["type"] == "chunk") == WORDS
 
 
-async def _gateway_connections(redis: Redis, before: frozenset[str] = frozenset()) -> int:
-    """Connections named as a gateway's, but for those open `before` (an earlier test's,
-    still closing, share the Valkey)."""
-    clients = await redis.client_list()
-    return sum(
-        1
-        for c in clients
-        if c.get("name", "").startswith("tokenrelay-gateway") and c["id"] not in before
-    )
-
-
 async def _gateway_connection_ids(redis: Redis) -> frozenset[str]:
     clients = await redis.client_list()
     return frozenset(c["id"] for c in clients if c.get("name", "").startswith("tokenrelay-gateway"))
+
+
+async def _gateway_connections(redis: Redis, before: frozenset[str]) -> int:
+    """Connections named as a gateway's, but for those open `before` (an earlier test's,
+    still closing, share the Valkey)."""
+    return len(await _gateway_connection_ids(redis) - before)
 
 
 async def test_redis_connections_constant_from_1_to_200_viewers(

@@ -584,8 +584,9 @@ async def test_a_ring_names_the_entry_before_in_the_stream(store: Store, redis: 
                 runs.append((ring[1] if len(ring) > 1 else None, ring[2::3]))
     finally:
         await doorbell.aclose()  # type: ignore[no-untyped-call]
-    stream = [e.entry_id for e in await store.read_all(asked.id)]
-    assert [e.text for e in await store.read_all(asked.id)][:3] == ["a ", "b ", "c "]
+    entries = await store.read_all(asked.id)
+    stream = [e.entry_id for e in entries]
+    assert [e.text for e in entries][:3] == ["a ", "b ", "c "]
     assert [ids for _, ids in runs] == [[i] for i in stream]  # each carried, in order
     assert [before for before, _ in runs] == ["0-0", *stream[:-1]]
 
