@@ -5,7 +5,10 @@ socket's writer task waits for it in `poll()`. Measured here, in this process's 
 (`time.process_time`) per packet, with one packet put per turn of the event loop (the
 writer waits for each, as at 20 tokens/s): engine.io's own `AsyncSocket.poll`
 (`asyncio.wait_for`: a task and a timer per wait), the gateway's `LeanSocket.poll`
-(gateway/engine.py), and a bare `queue.get()` for the floor. The ways take turns,
+(gateway/engine.py), and a bare `queue.get()` for the floor. Then a whole delivery to an
+idle websocket writer, as the gateway's `_emit_all` makes it: engine.io's `send` (queued;
+the real writer task wakes, polls and writes) against `LeanSocket.send_now` (written from
+the sender's task), on a websocket that takes every write at once. The ways take turns,
 `--rounds` times over. Run it alone with `python -m bench.pollcost` (`--help`).
 """
 
@@ -44,6 +47,48 @@ async def _per_packet(poll: Any, queue: asyncio.Queue[Any], packets: int) -> flo
     return (time.process_time() - started) * 1e6 / packets
 
 
+class _TakingWebSocket:
+    """engine.io's websocket wrapper over a client that takes every write at once."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.closed = asyncio.Event()
+
+    async def send(self, text: str) -> None:
+        self.sent += 1
+
+    async def wait(self) -> None:
+        await self.closed.wait()
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+async def _per_delivery(server: Any, direct: bool, packets: int) -> float:
+    """CPU µs per packet delivered to an idle websocket writer, one per turn of the loop."""
+    socket = LeanSocket(server, "sid")
+    server.sockets["sid"] = socket
+    ws = _TakingWebSocket()
+    handler = asyncio.create_task(socket._websocket_handler(ws))
+    for _ in range(10):  # the handler starts its writer, which waits for packets
+        await asyncio.sleep(0)
+    if socket._waiting is None:
+        raise RuntimeError("the socket's writer did not start")
+    text = '2["chunk",{"text":"a chunk"}]'
+    started = time.process_time()
+    for _ in range(packets):
+        if not (direct and await socket.send_now(["4" + text])):
+            await server.send("sid", text)
+        await asyncio.sleep(0)  # the writer, woken or not, is waiting again
+    spent = time.process_time() - started
+    await ws.close()
+    await handler
+    del server.sockets["sid"]
+    if ws.sent < packets:
+        raise RuntimeError(f"{packets - ws.sent} of {packets} packets were not written")
+    return spent * 1e6 / packets
+
+
 async def _measure(packets: int, rounds: int) -> dict[str, list[float]]:
     server = engineio.AsyncServer(async_mode="asgi")
     results: dict[str, list[float]] = {}
@@ -59,6 +104,9 @@ async def _measure(packets: int, rounds: int) -> dict[str, list[float]]:
             return [await queue.get()]
 
         results.setdefault("bare queue.get", []).append(await _per_packet(get, queue, packets))
+        deliveries = (("delivery, queued for the writer", False), ("delivery, send_now", True))
+        for name, direct in deliveries:
+            results.setdefault(name, []).append(await _per_delivery(server, direct, packets))
     return results
 
 

@@ -350,10 +350,16 @@ def _side_bench(module: str, *args: str) -> dict[str, float]:
 
 
 def test_pollcost_prints_each_way_s_cost_per_packet() -> None:
-    """`python -m bench.pollcost`: engine.io's poll, the gateway's and a bare queue's, each
-    with a figure per packet."""
+    """`python -m bench.pollcost`: engine.io's poll, the gateway's and a bare queue's, and a
+    delivery queued for the writer or written by send_now, each with a figure per packet."""
     medians = _side_bench("pollcost", "--packets", "500", "--rounds", "1")
-    assert set(medians) == {"engine.io AsyncSocket", "LeanSocket", "bare queue.get"}
+    assert set(medians) == {
+        "engine.io AsyncSocket",
+        "LeanSocket",
+        "bare queue.get",
+        "delivery, queued for the writer",
+        "delivery, send_now",
+    }
     assert all(us > 0 for us in medians.values()), medians
 
 

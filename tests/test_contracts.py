@@ -33,6 +33,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import engineio
+import httpx
 import orjson
 import pytest
 import socketio
@@ -61,7 +62,7 @@ from tokenrelay.connection import (
     node_client,
 )
 from tokenrelay.gateway.access import Access
-from tokenrelay.gateway.engine import LeanSocket
+from tokenrelay.gateway.engine import LeanServer, LeanSocket
 from tokenrelay.gateway.packets import UNREADABLE, TolerantPacket
 from tokenrelay.gateway.sockets import SOCKET_QUEUE_MAX, SocketGateway
 from tokenrelay.gateway.sse import server_stopping
@@ -433,8 +434,10 @@ class _Server:
 async def sio_server(
     settings: Settings | None = None,
 ) -> AsyncIterator[_Server]:
-    """With `settings`, the gateway's SocketGateway is attached (as `server.gateway`)."""
-    sio = socketio.AsyncServer(async_mode="asgi", serializer=TolerantPacket)
+    """With `settings`, the gateway's server (a LeanServer) with its SocketGateway attached
+    (as `server.gateway`); else python-socketio's own."""
+    server_class = socketio.AsyncServer if settings is None else LeanServer
+    sio = server_class(async_mode="asgi", serializer=TolerantPacket)
     port = free_port()
     server = _Server(sio, f"http://127.0.0.1:{port}")
     if settings is not None:
@@ -605,18 +608,116 @@ async def test_the_lean_poll_s_idle_limit_is_kept_across_waits() -> None:
         await socket.poll()
 
 
+class _GatedWebSocket:
+    """engine.io's websocket wrapper as LeanSocket's handler uses it: `send` waits while
+    `gate` is clear (a client that stopped reading) and may yield after writing, as a
+    websocket's drain may; `wait` (the client's next packet) waits until `closed`."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.closed = asyncio.Event()
+        self.sent: list[str] = []
+
+    async def send(self, text: str) -> None:
+        await self.gate.wait()
+        self.sent.append(text)
+        await asyncio.sleep(0)
+
+    async def wait(self) -> None:
+        await self.closed.wait()
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+async def test_a_direct_write_held_by_the_client_keeps_what_is_queued_behind_it() -> None:
+    """gateway/engine.py: while send_now's packets wait for the client, a packet queued
+    meanwhile (a ping, another emit) goes out after all of them, not between them."""
+    server = engineio.AsyncServer(async_mode="asgi")
+    socket = LeanSocket(server, "sid")
+    ws = _GatedWebSocket()
+    handler = asyncio.create_task(socket._websocket_handler(ws))
+    try:
+        await wait_for(lambda: socket._waiting is not None)  # its writer is idle
+        ws.gate.clear()
+        direct = asyncio.create_task(socket.send_now(["4a", "4b", "4c"]))
+        await wait_for(lambda: socket._sending is not None)
+        await socket.send(eio_packet.Packet(eio_packet.MESSAGE, "q"))
+        assert not await socket.send_now(["4not now"])  # one direct write at a time
+        await asyncio.sleep(0.05)
+        ws.gate.set()
+        assert await direct
+        await wait_for(lambda: len(ws.sent) == 4)
+        assert ws.sent == ["4a", "4b", "4c", "4q"]
+        assert await socket.send_now(["4d"])  # idle again
+        assert ws.sent[-1] == "4d"
+    finally:
+        await ws.close()
+        async with asyncio.timeout(5):
+            await asyncio.gather(handler, return_exceptions=True)
+
+
 async def test_the_gateway_s_engineio_sockets_are_lean(
     make_settings: Callable[..., Settings],
 ) -> None:
+    """A client on a websocket from its first packet (as `connected` is) gets a LeanSocket
+    too: LeanServer makes it one at engine.io's connect, before the websocket's handler
+    runs, which send_now needs."""
     async with sio_server(make_settings()) as server, connected(server.url) as (_client, got):
         gateway = server.gateway
         assert gateway is not None
         await wait_for(lambda: len(gateway._watches) == 1)
         (sid,) = list(gateway._watches)
         eio_sid = server.sio.manager.eio_sid_from_sid(sid, "/")
-        assert type(server.sio.eio.sockets[eio_sid]) is LeanSocket
+        socket = server.sio.eio.sockets[eio_sid]
+        assert type(socket) is LeanSocket
+        await wait_for(lambda: socket._waiting is not None)  # the writer is idle
+        assert await socket.send_now([_message("chunk", "one"), _message("chunk", "two")])
         await gateway._emit(sid, "chunk", "through the lean writer")
         await wait_for(lambda: ("chunk", "through the lean writer") in got)
+        assert got == [("chunk", "one"), ("chunk", "two"), ("chunk", "through the lean writer")]
+        # Something queued: the writer sends it, send_now writes nothing.
+        socket.queue.put_nowait(eio_packet.Packet(eio_packet.MESSAGE, _event_packet("q", 1)))
+        assert not await socket.send_now([_message("chunk", "not now")])
+        await wait_for(lambda: ("q", 1) in got)
+        assert ("chunk", "not now") not in got
+
+
+async def test_a_socket_upgraded_from_polling_writes_straight_to_its_websocket(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """As a browser's socket.io-client connects: long-polling first, then the upgrade to a
+    websocket, whose handler is LeanSocket's, so send_now reaches the client there too."""
+    async with sio_server(make_settings()) as server:
+        gateway = server.gateway
+        assert gateway is not None
+        client = socketio.AsyncClient(reconnection=False)
+        got: list[Any] = []
+
+        @client.on("chunk")  # type: ignore[untyped-decorator]
+        async def on_chunk(data: Any) -> None:
+            got.append(data)
+
+        await client.connect(server.url, transports=["polling", "websocket"])
+        try:
+            await wait_for(lambda: len(gateway._watches) == 1)
+            (sid,) = list(gateway._watches)
+            socket = server.sio.eio.sockets[server.sio.manager.eio_sid_from_sid(sid, "/")]
+            assert type(socket) is LeanSocket
+            await wait_for(lambda: socket.upgraded and socket._waiting is not None)
+            assert socket._ws is not None
+            assert await socket.send_now([_message("chunk", "straight")])
+            await gateway._emit_all(sid, [("chunk", i) for i in range(3)])
+            await wait_for(lambda: len(got) == 4)
+            assert got == ["straight", 0, 1, 2]
+        finally:
+            await client.disconnect()
+
+
+def _message(event: str, data: Any) -> str:
+    """An Engine.IO MESSAGE ("4") holding the gateway's Socket.IO EVENT packet."""
+    return "4" + _event_packet(event, data)
 
 
 # A client that stops reading: engine.io's writer blocks once the TCP buffers are full,
@@ -665,45 +766,109 @@ async def test_the_queue_counts_packets_a_stalled_client_has_not_taken() -> None
         assert queue.qsize() == 0
 
 
-async def test_the_gateway_emit_waits_while_the_queue_is_full(
+async def test_a_stalled_websocket_client_holds_the_gateway_s_emits_in_order(
     make_settings: Callable[..., Settings],
 ) -> None:
-    """SocketGateway._emit through the real engine.io: a client that stops reading holds the
-    emitter at SOCKET_QUEUE_MAX queued packets instead of queueing without bound; once the
-    client reads, everything arrives in order; `queued()` reports the queue."""
+    """SocketGateway._emit_all through the real engine.io on a websocket: its idle writer
+    is skipped (send_now), so a client that stops reading holds the emitter in the
+    websocket's flow control, with nothing queued; a packet queued meanwhile (engine.io's
+    own send) waits for the held write, so once the client reads, everything arrives in
+    the order sent."""
     async with sio_server(make_settings()) as server:
         gateway = server.gateway
         assert gateway is not None
         async with stalled_client(server.url) as ws:
             await wait_for(lambda: len(gateway.queued()) == 1)
             (sid,) = list(gateway._watches)
-            n = 600
-            sent = 0
+            eio_sid = server.sio.manager.eio_sid_from_sid(sid, "/")
+            socket = server.sio.eio.sockets[eio_sid]
+            n, per_batch = 600, 10
+            batches = 0
 
             async def emit_all() -> None:
-                nonlocal sent
-                for i in range(n):
-                    await gateway._emit(sid, "chunk", [i, BIG])
-                    sent += 1
+                nonlocal batches
+                for first in range(0, n, per_batch):
+                    await gateway._emit_all(
+                        sid, [("chunk", [i, BIG]) for i in range(first, first + per_batch)]
+                    )
+                    batches += 1
 
             emitting = asyncio.create_task(emit_all())
             try:
-                await wait_for(lambda: gateway.queued() == [SOCKET_QUEUE_MAX], timeout_s=30)
-                stalled_at = sent
-                await asyncio.sleep(0.3)
-                assert sent == stalled_at < n, "the emitter went on while the queue was full"
-                assert gateway.queued() == [SOCKET_QUEUE_MAX]
+                await wait_for(lambda: socket._sending is not None and batches > 0)
+                held_at = -1
+                while held_at != batches:  # until no batch is written for 0.3 s
+                    held_at = batches
+                    await asyncio.sleep(0.3)
+                assert held_at < n // per_batch, "the emitter went on past a stalled client"
+                assert socket._sending is not None, "the held write is not a direct one"
+                assert gateway.queued() == [0]
+                await server.sio.eio.send(eio_sid, _event_packet("queued", held_at))
                 async with asyncio.timeout(60):
-                    events = await _read_events(ws, n)
+                    events = await _read_events(ws, n + 1)
                     await emitting
             finally:
                 emitting.cancel()
-            assert [data[0] for _, data in events] == list(range(n))
-            assert all(name == "chunk" for name, _ in events)
+            chunks = [data[0] for name, data in events if name == "chunk"]
+            assert chunks == list(range(n))
+            # After the whole batch that was being written when it was queued.
+            names = [(name, data if name == "queued" else data[0]) for name, data in events]
+            queued_at = names.index(("queued", held_at))
+            assert queued_at >= (held_at + 1) * per_batch
         # Gone with its socket: nothing left to report, and an emit to it returns at once.
         await wait_for(lambda: gateway.queued() == [])
         async with asyncio.timeout(1):
             await gateway._emit(sid, "chunk", "after the end")
+
+
+async def test_the_gateway_emit_waits_while_a_polling_client_s_queue_is_full(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """On long-polling the gateway's emits go through engine.io's queue (send_now writes
+    nothing there). A client that stops polling holds the emitter at SOCKET_QUEUE_MAX queued
+    packets instead of queueing without bound; once it polls again, everything arrives in
+    order; `queued()` reports the queue."""
+    async with (
+        sio_server(make_settings()) as server,
+        httpx.AsyncClient(base_url=server.url + "/socket.io/", timeout=30) as http,
+    ):
+        gateway = server.gateway
+        assert gateway is not None
+        opened = (await http.get("", params={"EIO": "4", "transport": "polling"})).text
+        assert opened.startswith("0{")
+        params = {"EIO": "4", "transport": "polling", "sid": orjson.loads(opened[1:])["sid"]}
+        assert (await http.post("", params=params, content="40")).text == "OK"
+        assert (await http.get("", params=params)).text.startswith("40")
+        await wait_for(lambda: len(gateway.queued()) == 1)
+        (sid,) = list(gateway._watches)
+        socket = server.sio.eio.sockets[server.sio.manager.eio_sid_from_sid(sid, "/")]
+        assert type(socket) is LeanSocket and not socket.upgraded
+        assert not await socket.send_now([_message("chunk", "never")])  # a websocket's only
+        n = 200
+        sent = 0
+
+        async def emit_all() -> None:
+            nonlocal sent
+            for i in range(n):
+                await gateway._emit(sid, "chunk", i)
+                sent += 1
+
+        emitting = asyncio.create_task(emit_all())
+        try:
+            await wait_for(lambda: gateway.queued() == [SOCKET_QUEUE_MAX])
+            stalled_at = sent
+            await asyncio.sleep(0.3)
+            assert sent == stalled_at < n, "the emitter went on while the queue was full"
+            assert gateway.queued() == [SOCKET_QUEUE_MAX]
+            got: list[Any] = []
+            async with asyncio.timeout(60):
+                while len(got) < n:
+                    polled = (await http.get("", params=params)).text
+                    got += [orjson.loads(p[2:]) for p in polled.split("\x1e") if p[:2] == "42"]
+                await emitting
+        finally:
+            emitting.cancel()
+        assert got == [["chunk", i] for i in range(n)]
 
 
 # -- redis-py's cluster client: what connection.py's ClusterClient builds on ------------------

@@ -21,6 +21,7 @@ from tokenrelay import logs, metrics
 from tokenrelay.children import read_state
 from tokenrelay.gateway import error_replies
 from tokenrelay.gateway.access import Access
+from tokenrelay.gateway.engine import LeanServer
 from tokenrelay.gateway.headers import SecurityHeaders
 from tokenrelay.gateway.hosts import HostGuard, OriginPolicy, allowed_hosts
 from tokenrelay.gateway.http import router
@@ -90,7 +91,7 @@ def create_app(
     worker_count = workers
     origins = list(settings.cors_origins)
     # Explicit origins (engine.io's default trusts "Origin equals Host", and Host is forgeable).
-    sio = socketio.AsyncServer(
+    sio = LeanServer(
         async_mode="asgi", cors_allowed_origins=OriginPolicy(settings), serializer=TolerantPacket
     )
     access = Access(settings)

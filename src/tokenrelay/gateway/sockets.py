@@ -22,7 +22,7 @@ from tokenrelay.gateway import answers
 from tokenrelay.gateway.access import Access, Caller, Unauthorized, socket_address, socket_token
 from tokenrelay.gateway.answers import WholeAnswer
 from tokenrelay.gateway.conversation import follow_up
-from tokenrelay.gateway.engine import make_lean
+from tokenrelay.gateway.engine import LeanSocket
 from tokenrelay.gateway.inputs import AskInput, ask_input, idempotency_key, question_id, watch_input
 from tokenrelay.gateway.packets import UNREADABLE
 from tokenrelay.services import Services
@@ -89,13 +89,19 @@ class SocketGateway:
         default namespace ("2" + JSON array), encoded once with orjson and handed straight
         to engine.io: py-spy of the gateway at 100 answers x 20 tokens/s put a quarter of
         its CPU under sio.emit (Packet.data_is_binary walking every payload, the room
-        lookup, the stdlib json encoder) for what is one string per chunk. The entries a
-        viewer has ready are queued together, so engine.io's writer wakes once for them
+        lookup, the stdlib json encoder) for what is one string per chunk. When the
+        socket's writer is idle on a websocket, they are written from this task
+        (`LeanSocket.send_now`); else queued together, so the writer wakes once for them
         (over a websocket each packet is still its own frame: Engine.IO's framing).
         """
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
         if eio_sid is None:
             return  # disconnected: its watches are being cancelled
+        socket = self.sio.eio.sockets.get(eio_sid)
+        if isinstance(socket, LeanSocket) and await socket.send_now(
+            ["42" + dumps([event, data]) for event, data in events]  # MESSAGE, EVENT
+        ):
+            return
         queue = self._engine_queue(eio_sid)
         for event, data in events:
             delay_s = 0.005
@@ -138,9 +144,6 @@ class SocketGateway:
             raise socketio.exceptions.ConnectionRefusedError(str(e)) from e
         self._callers[sid] = caller
         self._watches[sid] = {}
-        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
-        if eio_sid is not None:
-            make_lean(self.sio.eio.sockets.get(eio_sid))
         metrics.SOCKETS.inc()
 
     async def _disconnect(self, sid: str, reason: Any = None) -> None:
