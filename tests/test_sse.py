@@ -5,10 +5,14 @@ leaves, a server that stops."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import uvicorn
 from sse_starlette import ServerSentEvent
@@ -191,3 +195,19 @@ async def test_a_server_that_stops_ends_its_open_streams() -> None:
                 await feed.closed.wait()
         finally:
             writer.close()
+
+
+def test_a_gateway_s_first_answer_imports_nothing(redis_url: str) -> None:
+    """In a fresh process, the gateway's first answer over SSE, then over Socket.IO, imports
+    no module: one imported there stalls every stream of the process, and the first viewer
+    waits for it (anyio's asyncio backend, 20-45 ms, before the gateway loaded it at start)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.first_stream", redis_url],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    imported = orjson.loads(out.strip().splitlines()[-1])
+    assert imported == {"sse": [], "socketio": []}

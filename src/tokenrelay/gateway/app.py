@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenrelay import logs, metrics
 from tokenrelay.children import read_state
-from tokenrelay.gateway import error_replies
+from tokenrelay.gateway import error_replies, sse
 from tokenrelay.gateway.access import Access
 from tokenrelay.gateway.engine import LeanServer
 from tokenrelay.gateway.headers import SecurityHeaders
@@ -100,6 +100,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_services(settings, gateway=True, workers=worker_count) as services:
             app.state.services = services
+            sse.load_anyio_backend()
             log.info(
                 "tokenrelay gateway ready (redis %s, %d in-process workers)",
                 services.redis_url.split("@")[-1],
