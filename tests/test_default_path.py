@@ -52,11 +52,16 @@ def test_local_model_library_is_the_portable_pinned_build() -> None:
 async def test_serve_with_nothing_set_answers_the_page_with_the_local_model(
     tmp_path: Path, redis_url: str
 ) -> None:
-    """`serve` as `make run` starts it; the seed page's `askQuestion` gets START, text, END."""
+    """`serve` as `make run` starts it: each worker loads the model before any question; the
+    seed page's `askQuestion` gets START, text, END."""
     async with Cluster(tmp_path, redis_url, "tokenrelay:") as cluster:
         cores = len(os.sched_getaffinity(0))
         serve = await cluster.serve(workers=cores, embedded=True, log_level="info")
         before = await processes(serve)
+        # Each worker loads the model at its start, not with its first question.
+        async with asyncio.timeout(120):
+            while serve.text().count("model SmolLM2-135M-Instruct.Q4_1 loaded in") < cores:
+                await asyncio.sleep(0.1)
         received: list[str] = []
         errors: list[Any] = []
         ended = asyncio.Event()

@@ -116,6 +116,7 @@ class Worker:
             ),
             asyncio.create_task(self._reclaim_loop(), name=f"{self.name}-reclaim"),
             asyncio.create_task(self._wedge_loop(), name=f"{self.name}-wedge"),
+            asyncio.create_task(self._load_model(), name=f"{self.name}-load"),
         ]
         log.info(
             "worker %s started: %d slots, provider %s (%s)",
@@ -294,6 +295,25 @@ class Worker:
             log.error("question %s: its request is gone from the stream; failing it", record.id)
             request = QuestionRequest(record.id, record.topic, record.question)
             await Answer(self.store, request, None).fail_lost(record)
+
+    # -- a model loaded before its first question -----------------------------
+
+    async def _load_model(self) -> None:
+        """Load a model that loads lazily (the local one: about a second, more on a busy
+        machine) now, not with the first question this worker takes; a question that comes
+        meanwhile waits for the load, as it would have. Reading requests does not wait for
+        it. A model that fails to load is the first question's to report (it tries again)."""
+        load: Callable[[], Coroutine[Any, Any, None]] | None = getattr(self._provider, "load", None)
+        if load is None:
+            return
+        started = asyncio.get_running_loop().time()
+        try:
+            await load()
+        except Exception as e:  # the first question reports it, in full
+            log.warning("worker %s: the model did not load: %s", self.name, e)
+            return
+        took_s = asyncio.get_running_loop().time() - started
+        log.info("worker %s: model %s loaded in %.1f s", self.name, self._provider.model, took_s)
 
     # -- a provider stuck in native code ---------------------------------------
 
