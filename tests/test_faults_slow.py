@@ -250,9 +250,13 @@ async def _slow_viewers(tmp_path: Path, redis_url: str, redis: Redis) -> None:
     # Every entry once (pieces written while a write was on its way share an entry; the
     # whole text is checked below).
     assert slow_counts.unfinished == 0
-    assert all(c < BIG / 2 for c in loaded["crawled"])  # they really were slow meanwhile
-    # The slow socket did push back (its queue filled), and the queue stayed at its bound.
-    assert SOCKET_QUEUE_MAX // 2 <= queued_max <= SOCKET_QUEUE_MAX + 4, loaded["queued"]
+    # They really were slow meanwhile: what they had not read stayed in Redis (the memory
+    # bound below), not in the gateway.
+    assert all(c < BIG / 2 for c in loaded["crawled"])
+    # The slow Socket.IO viewer is held where its writes wait: in the websocket's flow
+    # control when written from its own task (LeanSocket.send_now), else in engine.io's
+    # queue, which stays at its bound.
+    assert queued_max <= SOCKET_QUEUE_MAX + 4, loaded["queued"]
     # A shared 2-core box is noisy: "unchanged" is within 50 ms of the median with no big
     # viewers at all; the tail of a typical half second within twice (+100 ms) that of big
     # viewers at full speed.
