@@ -303,7 +303,9 @@ async def healthz(request: Request) -> Any:
         "processes": processes,
         "answers_in_progress": sum(w.busy for w in svc.workers),
         "viewers": svc.relay.viewers if svc.relay else 0,
-        # Socket.IO packets waiting for slow clients; bounded per socket (SOCKET_QUEUE_MAX).
+        # Socket.IO packets queued for engine.io's writer (a long-polling client, or behind a
+        # write held by a slow one); bounded per socket (SOCKET_QUEUE_MAX). A websocket client
+        # that stops reading holds its viewer's own write instead (LeanSocket.send_now).
         "queued_packets": sum(queued),
         "queued_packets_max": max(queued, default=0),
     }
