@@ -97,19 +97,20 @@ class SocketGateway:
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
         if eio_sid is None:
             return  # disconnected: its watches are being cancelled
+        packets = ["2" + dumps([event, data]) for event, data in events]
         socket = self.sio.eio.sockets.get(eio_sid)
         if isinstance(socket, LeanSocket) and await socket.send_now(
-            ["42" + dumps([event, data]) for event, data in events]  # MESSAGE, EVENT
+            ["4" + packet for packet in packets]  # each as an Engine.IO MESSAGE
         ):
             return
         queue = self._engine_queue(eio_sid)
-        for event, data in events:
+        for packet in packets:
             delay_s = 0.005
             while queue is not None and queue.qsize() >= SOCKET_QUEUE_MAX:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 0.1)
                 queue = self._engine_queue(eio_sid)
-            await self.sio.eio.send(eio_sid, "2" + dumps([event, data]))
+            await self.sio.eio.send(eio_sid, packet)
 
     def _caller(self, sid: str) -> Caller:
         caller = self._callers.get(sid)
