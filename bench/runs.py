@@ -12,7 +12,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -29,6 +29,14 @@ IDLE_TIMEOUT_S = 120.0
 GO_DELAY_S = 0.3
 EXIT_TIMEOUT_S = 30.0
 OWN_ROLES = ("gateway", "worker", "valkey", "serve")
+
+
+class Counter(Protocol):
+    """Counts something of the stack's processes over a run (bench.syscalls)."""
+
+    async def start(self) -> None: ...
+
+    async def finish(self) -> dict[str, dict[str, float]]: ...
 
 
 def run_timeout_s(cell: Cell, ramp_s: float) -> float:
@@ -147,9 +155,12 @@ async def run_one(
     most_clients: int,
     workdir: Path,
     profile_s: float = 0.0,
+    counter: Counter | None = None,
 ) -> dict[str, Any]:
     """Run `cell` over `mode`. With `profile_s`, py-spy samples the gateway and the worker
-    for that long from the start (those figures are then not clean measurements)."""
+    for that long from the start (those figures are then not clean measurements). A
+    `counter` (bench.syscalls) counts from the clients' go to the last one done; its
+    counts are `figures["syscalls"]`."""
     nonces = [secrets.token_hex(8) for _ in range(cell.answers)]
     n_proc = client_processes(cell, most_clients)
     share = -(-cell.answers // n_proc)
@@ -190,9 +201,12 @@ async def run_one(
         await asyncio.gather(*(c.send(f"go {go_ns}") for c in clients))
         if profiler is not None:
             await profiler.start()
+        if counter is not None:
+            await counter.start()
         async with asyncio.timeout(timeout_s + 60):
             await asyncio.gather(*(c.expect("done") for c in clients))
         cpu_after = stack.cpu_s()
+        counts = await counter.finish() if counter is not None else None
         await sampler.stop()
         await sampler.sample()
         summaries = await asyncio.gather(*(c.finish() for c in clients))
@@ -212,6 +226,8 @@ async def run_one(
     figures["ramp_s"] = ramp_s
     if profiler is not None:
         figures["profile"] = await profiler.finish()
+    if counts is not None:
+        figures["syscalls"] = counts
     return figures
 
 

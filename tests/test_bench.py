@@ -3,11 +3,13 @@ produce every figure the issue asks for."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
+from asyncio.subprocess import PIPE
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from bench import ROOT
+from bench import ROOT, syscalls
 from bench.harness import _parse_cells, _parser, _plan
 from bench.mock import nonce_of, stamp_of
 from bench.profile import summarise
@@ -370,3 +372,60 @@ def test_scriptcost_prints_the_write_script_s_cost_and_its_pieces() -> None:
     rows = ["script call, one chunk, with a listener", "script call, one chunk, no ring"]
     assert set(medians) == {*rows, *PIECES}
     assert all(us > 0 for us in medians.values()), medians
+
+
+def test_syscall_counts_are_the_kernel_s() -> None:
+    """`python -m bench.syscalls` reads perf's counters: a canned `perf stat -x,` output sums
+    into its columns, and a process that makes 3,000 `getpid` calls between start and
+    finish is counted with them (and not with what it did before)."""
+    canned = (
+        "12.5,msec,task-clock,12500000,100.00,0.01,CPUs utilized\n"
+        "7,,context-switches,12500000,100.00,560,/sec\n"
+        "40,,syscalls:sys_enter_write,12500000,100.00,,\n"
+        "2,,syscalls:sys_enter_writev,12500000,100.00,,\n"
+        "<not supported>,,syscalls:sys_enter_getpid,0,100.00,,\n"
+    )
+    assert syscalls.parse(canned) == {"CPU us": 12500.0, "switches": 7.0, "write": 42.0}
+    assert syscalls.per_chunk({"gateway": {"write": 42.0}}, 21) == {"gateway": {"write": 2.0}}
+    if syscalls.perf() is None:
+        pytest.skip("perf is not installed")
+    probe = subprocess.run(
+        ["perf", "stat", "-x,", "-e", "syscalls:sys_enter_getpid", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if "syscalls:sys_enter_getpid" not in probe.stderr or "<not" in probe.stderr:
+        pytest.skip(f"perf cannot read the syscall tracepoints here: {probe.stderr.strip()}")
+
+    async def count() -> dict[str, float]:
+        code = (
+            "import os, sys\n"
+            "[os.getpid() for _ in range(5000)]\n"  # before the count starts
+            "print('ready', flush=True)\n"
+            "sys.stdin.readline()\n"
+            "[os.getpid() for _ in range(3000)]\n"
+            "print('done', flush=True)\n"
+            "sys.stdin.readline()\n"
+        )
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, stdin=PIPE, stdout=PIPE
+        )
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            assert await child.stdout.readline() == b"ready\n"
+            counter = syscalls.SyscallCounter({"probe": child.pid})
+            await counter.start()
+            await asyncio.sleep(0.5)  # perf attached
+            child.stdin.write(b"go\n")
+            await child.stdin.drain()
+            assert await child.stdout.readline() == b"done\n"
+            counts = await counter.finish()
+        finally:
+            child.kill()
+            await child.wait()
+        return counts["probe"]
+
+    counted = asyncio.run(count())
+    assert 3000 <= counted["getpid"] < 3300, counted
+    assert counted["syscalls"] >= counted["getpid"], counted
