@@ -87,8 +87,12 @@ async def test_serve_with_nothing_set_answers_the_page_with_the_local_model(
                 await ended.wait()
         finally:
             await client.disconnect()
+        # uvicorn's own keep-alive is 5 s, the time httpx keeps an idle connection to reuse:
+        # a request sent on it just then was reset. The gateway keeps it 75 s.
+        kept = await _requests_on_one_connection(serve.url, idle_s=5.5)
         after = await processes(serve)
         log = serve.text()
+    assert kept == ["HTTP/1.1 200 OK", "HTTP/1.1 200 OK"], kept
     assert errors == []
     assert received[0].startswith("START:") and received[0].endswith(";<br/>")
     question_id = received[0][len("START:") : -len(";<br/>")]
@@ -98,6 +102,33 @@ async def test_serve_with_nothing_set_answers_the_page_with_the_local_model(
     assert "provider local" in log  # `auto` chose the local model, in a worker process
     assert all(after[name]["restarts"] == 0 for name in after), after
     assert after["gateway"]["pid"] == before["gateway"]["pid"]
+
+
+async def _requests_on_one_connection(url: str, idle_s: float) -> list[str]:
+    """The status lines of two `GET /healthz` on one kept-alive connection, `idle_s` apart;
+    what went wrong in place of the second when the gateway closed the connection."""
+    host = url.removeprefix("http://").rstrip("/")
+    address, _, port = host.rpartition(":")
+    reader, writer = await asyncio.open_connection(address, int(port))
+    statuses: list[str] = []
+    try:
+        for n in range(2):
+            if n:
+                await asyncio.sleep(idle_s)
+            writer.write(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            await writer.drain()
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError) as e:
+                statuses.append(f"closed after {idle_s} s idle: {e!r}")
+                break
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            assert length is not None, head
+            await reader.readexactly(int(length[1]))
+            statuses.append(head.split(b"\r\n", 1)[0].decode())
+    finally:
+        writer.close()
+    return statuses
 
 
 async def test_a_cancel_reaches_an_answer_queued_for_the_local_model_and_keeps_accounts(

@@ -563,4 +563,5 @@ def test_settings_split_and_lower_case() -> None:
     assert options["proxy_headers"] is True and options["forwarded_allow_ips"] == ["10.0.0.1"]
     options = uvicorn_options(Settings(_env_file=None))
     assert options["proxy_headers"] is False and options["server_header"] is False
+    assert options["timeout_keep_alive"] == 75  # past httpx's 5 s and nginx's 60 s
     assert json.dumps(options)  # plain values, for any process that builds its own Config

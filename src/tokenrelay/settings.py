@@ -128,6 +128,13 @@ class Settings(BaseSettings):
         description="comma-separated proxy addresses whose X-Forwarded-For/-Proto are believed;"
         " unset: none (the peer address is the client)",
     )
+    keep_alive_s: int = Field(
+        default=75,
+        ge=1,
+        description="how long the gateway keeps an idle HTTP connection open for its next "
+        "request: longer than clients and proxies keep theirs (httpx 5 s, aiohttp 15 s, "
+        "nginx's upstream keepalive 60 s), so none reuses one the gateway is closing",
+    )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="comma-separated bearer tokens; set: asking, watching, cancelling need one",
