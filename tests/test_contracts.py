@@ -8,8 +8,9 @@ file passes on it:
   on the reader's own connection (`Redis.connection`, `initialize()`,
   `send_packed_command`, `read_response`, `disconnect`), woken by CLIENT UNBLOCK of the
   id `client_id()` reports for that connection (cluster); on a single node that
-  connection is subscribed to the doorbell by a hand-packed SUBSCRIBE, and its messages
-  read with `read_response(disable_decoding=True, push_request=True)`.
+  connection, once redis-py opened it, is taken over (`conn._writer.transport`, its
+  protocol replaced, redis-py's told of the close), subscribed to the doorbell by a
+  hand-packed SUBSCRIBE, and read with hiredis.
 - python-engineio / python-socketio (gateway/sockets.py): an emit is a Socket.IO EVENT
   packet built by hand and handed to `sio.eio.send`; backpressure reads
   `sio.eio.sockets[eio_sid].queue.qsize()` after `sio.manager.eio_sid_from_sid(sid, "/")`;
@@ -60,6 +61,7 @@ from tokenrelay.connection import (
     cluster_client,
     dedicated_client,
     node_client,
+    pack,
 )
 from tokenrelay.gateway.access import Access
 from tokenrelay.gateway.engine import LeanServer, LeanSocket
@@ -67,7 +69,7 @@ from tokenrelay.gateway.packets import UNREADABLE, TolerantPacket
 from tokenrelay.gateway.sockets import SOCKET_QUEUE_MAX, SocketGateway
 from tokenrelay.gateway.sse import server_stopping
 from tokenrelay.keys import Keys
-from tokenrelay.relay import _PING, _as_they_come, _Reader, _ReadSet
+from tokenrelay.relay import _PING, _Doorbell, _Reader, _ReadSet
 from tokenrelay.services import Services
 from tokenrelay.settings import Settings
 from tokenrelay.store import Limits, Put, Store
@@ -273,38 +275,58 @@ async def test_a_packed_xread_reply_has_the_shape_the_relay_parses(
         await client.delete(a)
 
 
+class _Heard:
+    """What `_Doorbell` hands to its reader (relay.py's `_Reader._heard`), kept in order."""
+
+    def __init__(self) -> None:
+        self.replies: list[Any] = []
+        self.came = asyncio.Event()
+
+    def _heard(self, reply: Any) -> None:
+        self.replies.append(reply)
+        self.came.set()
+
+    async def next(self) -> Any:
+        async with asyncio.timeout(5):
+            while not self.replies:
+                self.came.clear()
+                await self.came.wait()
+        return self.replies.pop(0)
+
+
 @pytest.mark.parametrize("parser", _parsers())
 @pytest.mark.parametrize("protocol", [2, 3])
 async def test_a_doorbell_message_reads_as_the_listener_parses_it(
     redis_url: str, redis: Redis, keys: Keys, parser: Any, protocol: int
 ) -> None:
-    """On the connection SUBSCRIBE (packed by hand) made a subscriber, with decoding off:
-    the confirmation [b"subscribe", channel, 1], then each PUBLISH as [b"message",
-    channel, payload] with the payload's bytes as sent (RESP3: a push, returned when asked
-    for), and a PING's reply that is no list of three (RESP2 [b"pong", b""], RESP3 PONG)."""
+    """The doorbell's connection as the listener takes it over (`_Doorbell`): opened by
+    redis-py (`initialize()`, whatever its parser), its transport (the connection's
+    `_writer.transport`) then read by hiredis in the I/O callback. SUBSCRIBE (packed by
+    hand) is confirmed [b"subscribe", channel, 1], each PUBLISH comes as [b"message",
+    channel, payload] with the payload's bytes as sent (RESP3: a push), a PING's reply is no
+    list of three (RESP2 [b"pong", b""], RESP3 PONG); closing the client through redis-py
+    still completes (the close is passed on to its protocol) and ends `lost`."""
     if protocol == 3 and parser is not None and parser.__name__ == "_AsyncRESP2Parser":
         pytest.skip("the RESP2 parser does not speak RESP3")
     channel = keys.written
     payload = '[["ab\u00fcc"]]'.encode()
+    heard = _Heard()
     async with single(redis_url, protocol=protocol, parser_class=parser) as client:
         conn = await _connection(client)
-        _as_they_come(conn)
-        if protocol == 3:  # the handler the listener sets is the one a push goes through
-            assert conn._parser.pubsub_push_handler_func.__name__ == "_as_is"  # type: ignore[attr-defined]
-        await conn.send_packed_command(b"".join(conn.pack_command("SUBSCRIBE", channel)))
-        read = conn.read_response
-        assert await read(disable_decoding=True, push_request=True) == [
-            b"subscribe",
-            channel.encode(),
-            1,
-        ]
+        bell = _Doorbell(heard, conn)  # type: ignore[arg-type]
+        bell.send(pack(["SUBSCRIBE", channel]))
+        assert await heard.next() == [b"subscribe", channel.encode(), 1]
         assert await redis.publish(channel, payload) == 1
-        message = await read(disable_decoding=True, push_request=True)
+        message = await heard.next()
         assert message == [b"message", channel.encode(), payload]
         assert orjson.loads(message[2]) == [["abüc"]]
-        await conn.send_packed_command(_PING)
-        pong = await read(disable_decoding=True, push_request=True)
+        bell.send(_PING)
+        pong = await heard.next()
         assert not (isinstance(pong, list) and len(pong) >= 3), pong
+        async with asyncio.timeout(5):
+            await conn.disconnect()
+            error = await bell.lost
+    assert "closed" in str(error), error
 
 
 @pytest.mark.parametrize("parser", _parsers())

@@ -15,7 +15,9 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 
 from tests.support.failover import lose_last_entries
+from tests.support.proxy import CuttingProxy
 from tests.support.sockets import wait_for
+from tokenrelay import relay as relay_module
 from tokenrelay.connection import dedicated_client, pooled_client
 from tokenrelay.relay import BUFFER_BYTES, SWEEP_S, Relay, Subscription, _ReadSet
 from tokenrelay.services import make_store
@@ -753,6 +755,49 @@ async def test_a_quiet_doorbell_connection_is_pinged_not_dropped(
         async with asyncio.timeout(TIMEOUT_S):
             ids = await produce(store, "quiet", 2)
             assert ids_of(await viewer) == ids
+
+
+async def test_a_doorbell_connection_gone_silent_is_dropped_and_opened_again(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doorbell's connection on a network path that swallows everything (no close, no
+    reset): the sweep's PING gets no reply, and once nothing came for a block and its
+    margin the listener drops the connection and opens it again; the entries written
+    while it was deaf come all the same, once each, in order."""
+    monkeypatch.setattr(relay_module, "BLOCK_MARGIN_S", 0.5)
+    settings = make_settings(block_ms=200)
+    assert settings.redis_url is not None
+    db = settings.redis_url.rsplit("/", 1)[-1]
+    async with CuttingProxy(settings.redis_url) as proxy:
+        reader = dedicated_client(
+            f"redis://127.0.0.1:{proxy.port}/{db}", name="relay-test-silent", block_ms=200
+        )
+        pool = pooled_client(settings.redis_url, size=4, name="relay-test-silent-pool")
+        store = make_store(settings, pool)
+        relay = Relay(store, reader, block_ms=200, buffer_limit=1000)
+        relay.start()
+        try:
+            viewer = asyncio.create_task(collect(relay, "silent"))
+            await wait_for(lambda: relay.watched == 1)
+            await wait_for(lambda: proxy.connections == 1)
+            proxy.frozen = True
+            started = asyncio.get_running_loop().time()
+            ids = [
+                await store.append("silent", Entry(EntryType.START)),
+                await store.append("silent", Entry(EntryType.CHUNK, "written while deaf ")),
+            ]
+            await wait_for(lambda: proxy.connections == 2, timeout_s=5)
+            reconnected_s = asyncio.get_running_loop().time() - started
+            proxy.frozen = False
+            async with asyncio.timeout(TIMEOUT_S):
+                ids.append(await store.append("silent", Entry(EntryType.CHUNK, "and after ")))
+                ids.append(await store.append("silent", Entry(EntryType.END)))
+                assert ids_of(await viewer) == ids
+        finally:
+            await relay.stop()
+            await reader.aclose()
+            await pool.aclose(close_connection_pool=True)
+    assert reconnected_s < 3.0, reconnected_s  # a block, its margin and a sweep: not 10 s
 
 
 @pytest.mark.parametrize("viewers", [1, 5])

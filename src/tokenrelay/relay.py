@@ -26,19 +26,28 @@ reading connections, whatever the number of viewers. A reader told MOVED, or cut
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import hiredis
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError, SlotNotCoveredError
 
 from tokenrelay import metrics
-from tokenrelay.connection import as_cluster, bulk, call_packed, node_client, pack, send_packed
+from tokenrelay.connection import (
+    BLOCK_MARGIN_S,
+    as_cluster,
+    bulk,
+    call_packed,
+    node_client,
+    pack,
+    send_packed,
+)
 from tokenrelay.pacing import Backoff, wait_set
 from tokenrelay.store import XRANGE_PAGE, Store
 from tokenrelay.wire import Entry, EntryType, entry_id_after
@@ -186,7 +195,8 @@ class _Reader:
         self._doorbell = relay.store.keys.written if client is not None else None
         self._due: set[str] = set()  # keys to read at the next turn (doorbell mode)
         self._due_now = asyncio.Event()  # set when a key becomes due
-        self._heard_at = 0.0  # when the doorbell's connection last brought anything
+        self._bell: _Doorbell | None = None  # single node: the subscribed connection, while up
+        self._backoff = Backoff(RETRY_FIRST_S, RETRY_MOST_S)  # the doorbell's reconnects
         self.version = 0  # bumps whenever a key joins the read
         self._armed_version = -1
         self.has_keys = asyncio.Event()
@@ -329,42 +339,50 @@ class _Reader:
 
     async def _listen(self, client: Redis, doorbell: str) -> None:
         """Single node: hear the doorbell on the reader's own connection, from the first
-        answer relayed on; once subscribed (again), every relayed answer is due."""
+        answer relayed on; once subscribed (again), every relayed answer is due.
+
+        redis-py opens the connection (address, TLS, AUTH, HELLO, name); its transport is
+        then handed to a `_Doorbell`, which reads every message in the I/O callback. Read
+        through redis-py's `read_response`, a message cost ~70-90 us of this process's CPU
+        at one a millisecond (a timeout context, the StreamReader's wake-up, the parser's
+        coroutines); fed to hiredis in `data_received`, ~32 (a throwaway probe, one
+        subscriber, the machine's Redis)."""
         await self._until_keys()
-        loop = asyncio.get_running_loop()
-        subscribe = pack(["SUBSCRIBE", doorbell])
-        backoff = Backoff(RETRY_FIRST_S, RETRY_MOST_S)
         while True:
             if client.connection is None:
                 await client.initialize()
             conn = client.connection
             assert conn is not None  # a single-connection client has one once initialised
-            _as_they_come(conn)
             try:
-                await send_packed(conn, subscribe)
-                while True:
-                    # Within the client's socket timeout: _read_due_loop pings when quiet.
-                    reply = await conn.read_response(disable_decoding=True, push_request=True)
-                    self._heard_at = loop.time()
-                    if not isinstance(reply, list) or len(reply) < 3:
-                        continue  # a pong
-                    if reply[0] == b"message":
-                        self._rang(reply[2])
-                    elif reply[0] == b"subscribe":  # what was written before is read now
-                        self._due.update(self.read.cursors)
-                        self._due_now.set()
-                        backoff.reset()
+                if not conn.is_connected:
+                    await conn.connect()  # type: ignore[no-untyped-call]
+                bell = self._bell = _Doorbell(self, conn)
+                bell.send(pack(["SUBSCRIBE", doorbell]))
+                raise await bell.lost
             except (RedisError, OSError) as e:
                 await conn.disconnect()
                 log.warning(
                     "relay: the doorbell's connection failed (%s); again in %.2fs",
                     e,
-                    backoff.delay_s,
+                    self._backoff.delay_s,
                 )
-                await backoff.sleep()
+                await self._backoff.sleep()
             except BaseException:
                 await conn.disconnect()  # a half-read reply must not be taken for the next one
                 raise
+            finally:
+                self._bell = None
+
+    def _heard(self, reply: Any) -> None:
+        """One reply on the doorbell's connection (`_Doorbell`): a ring, the subscription's
+        confirmation, or a PING's reply."""
+        if isinstance(reply, list) and len(reply) >= 3:
+            if reply[0] == b"message":
+                self._rang(reply[2])
+            elif reply[0] == b"subscribe":  # what was written before is read now
+                self._due.update(self.read.cursors)
+                self._due_now.set()
+                self._backoff.reset()
 
     def _rang(self, message: bytes) -> None:
         """A ring (store/answers.py, _RING): an answer's entries that follow on from its
@@ -418,7 +436,7 @@ class _Reader:
             if now - swept_at >= SWEEP_S:
                 swept_at = now
                 self._due.update(self.read.cursors)
-                await self._ping_when_quiet(now)
+                self._ping_when_quiet(now)
             cursors = self.read.cursors
             streams = {key: cursors[key] for key in self._due if key in cursors}
             self._due.clear()
@@ -441,18 +459,24 @@ class _Reader:
                 if len(raw) >= XREAD_COUNT:  # more to read than one reply holds
                     self._due.add(key)
 
-    async def _ping_when_quiet(self, now: float) -> None:
-        """A PING on the doorbell's connection when it brought nothing for a block's time:
-        its read outlasts a block by a margin (the socket timeout), so only a dead server or
-        a cut connection trips it."""
-        conn = self._client.connection if self._client is not None else None
-        if conn is None or not conn.is_connected:
+    def _ping_when_quiet(self, now: float) -> None:
+        """A PING on the doorbell's connection when it brought nothing for a block's time,
+        and the connection dropped when not even that PING's reply came within the margin
+        a blocking read has (BLOCK_MARGIN_S): a dead server or a cut connection, not a
+        quiet one. The listener then connects again."""
+        bell = self._bell
+        if bell is None:
             return
-        if now - self._heard_at < self._relay.block_ms / 1000:
-            return
-        self._heard_at = now
-        with contextlib.suppress(RedisError, OSError):  # the listener's read fails too
-            await send_packed(conn, _PING)
+        quiet_s = now - bell.heard_at
+        block_s = self._relay.block_ms / 1000
+        if quiet_s >= block_s + BLOCK_MARGIN_S:
+            log.warning(
+                "relay: the doorbell's connection is silent for %.0fs; reconnecting", quiet_s
+            )
+            bell.abort()
+        elif quiet_s >= block_s and now - bell.pinged_at >= block_s:
+            bell.pinged_at = now
+            bell.send(_PING)
 
     def _hand_over(self, reply: Any, streams: dict[str, str]) -> bool:
         """Move the cursors past the entries read and hand them to the viewers; False when
@@ -491,16 +515,57 @@ class _Reader:
 _PING = pack(["PING"])
 
 
-async def _as_is(push: Any) -> Any:
-    return push
+class _Doorbell(asyncio.Protocol):
+    """The doorbell's subscribed connection, taken over from redis-py once it is open: each
+    reply is parsed by hiredis as its bytes arrive and handed to the reader at once
+    (`_Reader._heard`), in the I/O callback. `lost` gives the error the connection ended
+    with: closed, or it brought what cannot be read. Its close is passed on to redis-py's
+    own protocol, so that closing the connection through redis-py still completes."""
 
+    def __init__(self, reader: _Reader, conn: Any) -> None:
+        loop = asyncio.get_running_loop()
+        self._reader = reader
+        self._parse = hiredis.Reader()
+        self._time = loop.time
+        self.heard_at = self.pinged_at = loop.time()
+        self.lost: asyncio.Future[Exception] = loop.create_future()
+        transport: asyncio.Transport = conn._writer.transport  # redis-py's, connected
+        self._transport = transport
+        self._before: asyncio.BaseProtocol = transport.get_protocol()
+        transport.set_protocol(self)
 
-def _as_they_come(conn: Any) -> None:
-    """Hand a RESP3 push (a doorbell message) back untouched: redis-py's own handler builds
-    a debug line of every push (`str(response)`) whether debug is on or not."""
-    setter = getattr(conn._parser, "set_pubsub_push_handler", None)
-    if setter is not None:  # RESP3-capable parsers; RESP2's has no pushes
-        setter(_as_is)
+    def send(self, payload: bytes) -> None:
+        self._transport.write(payload)
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.heard_at = self._time()
+        parse = self._parse
+        try:
+            parse.feed(data)
+            while (reply := parse.gets(False)) is not False:
+                if isinstance(reply, hiredis.ReplyError):  # SUBSCRIBE refused (ACL, ...)
+                    raise RedisError(f"the doorbell's SUBSCRIBE failed: {reply}")
+                self._reader._heard(reply)
+        except (hiredis.ProtocolError, RedisError) as e:
+            self._end(RedisConnectionError(str(e)))
+        except Exception as e:  # every viewer depends on this read: start it again
+            log.exception("relay: a doorbell message failed unexpectedly")
+            self._end(RedisConnectionError(f"a doorbell message failed: {e!r}"))
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes: connection_lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(RedisConnectionError(f"the doorbell's connection closed ({exc or 'EOF'})"))
+        self._before.connection_lost(exc)  # redis-py's close (wait_closed) completes
+
+    def _end(self, error: Exception) -> None:
+        if not self.lost.done():
+            self.lost.set_result(error)
+        self._transport.abort()
 
 
 def _is_ring(ring: Any) -> bool:

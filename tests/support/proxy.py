@@ -9,19 +9,23 @@ from urllib.parse import urlsplit
 
 
 class CuttingProxy:
-    """Forwards TCP to the gateway; `cut()` aborts every open connection, as a flaky
-    network or a restarting load balancer would."""
+    """Forwards TCP to the gateway (or any server); `cut()` aborts every open connection,
+    as a flaky network or a restarting load balancer would; while `frozen`, what either
+    side sends is dropped without a close or a reset, as on a network path gone dead."""
 
     def __init__(self, target_url: str) -> None:
         self._port = urlsplit(target_url).port
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._server: asyncio.Server | None = None
         self.url = ""
+        self.port = 0
         self.connections = 0
+        self.frozen = False
 
     async def __aenter__(self) -> CuttingProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         return self
 
     async def __aexit__(
@@ -50,6 +54,8 @@ class CuttingProxy:
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):
                 while data := await source.read(65536):
+                    if self.frozen:
+                        continue
                     sink.write(data)
                     await sink.drain()
             sink.close()
