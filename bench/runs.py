@@ -115,14 +115,20 @@ class Sampler:
         self.worker: list[int] = []
         self.viewers: list[int] = []
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        """Stop sampling; safe to call twice."""
+        """Stop sampling; safe to call twice. The loop also checks a flag: a cancel that
+        lands while aiohttp's own timeout of a /healthz fires comes out of aiohttp as a
+        TimeoutError, which `Stack.viewers` takes for a failed request, and the loop went
+        on sampling, once a second, while this waited for it (a quick sweep hung 9 min)."""
         task, self._task = self._task, None
         if task is not None:
+            self._stopping = True
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
@@ -133,7 +139,7 @@ class Sampler:
         self.viewers.append(await self.stack.viewers())
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             await self.sample()
             await asyncio.sleep(SAMPLE_EVERY_S)
 

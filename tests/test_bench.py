@@ -21,6 +21,7 @@ from bench import ROOT, syscalls
 from bench.harness import _parse_cells, _parser, _plan
 from bench.mock import nonce_of, stamp_of
 from bench.profile import summarise
+from bench.runs import Sampler
 from bench.scriptcost import PIECES
 from bench.spec import question_for
 from bench.stats import percentile, summary_ms
@@ -429,3 +430,31 @@ def test_syscall_counts_are_the_kernel_s() -> None:
     counted = asyncio.run(count())
     assert 3000 <= counted["getpid"] < 3300, counted
     assert counted["syscalls"] >= counted["getpid"], counted
+
+
+def test_a_sampler_stops_though_a_sample_swallows_its_cancel() -> None:
+    """The run's sampler stops even when its cancel lands in a /healthz whose aiohttp
+    timeout fires at that moment: aiohttp then raises a TimeoutError in place of the
+    cancel, `Stack.viewers` returns -1, and the loop used to go on sampling while `stop()`
+    waited for it (a quick sweep hung 9 min in CI after its 1,000-answer cell)."""
+
+    class Swallowing:  # the two calls a sample makes, the second one as aiohttp may end it
+        async def redis_connections(self) -> dict[str, int]:
+            return {"gateway": 1, "worker": 1, "total": 2}
+
+        async def viewers(self) -> int:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                return -1
+            return 1
+
+    async def stop_while_sampling() -> None:
+        sampler = Sampler(Swallowing())  # type: ignore[arg-type]
+        sampler.start()
+        await asyncio.sleep(0.02)  # inside a sample's /healthz
+        async with asyncio.timeout(5):
+            await sampler.stop()
+        assert sampler.viewers == [-1]
+
+    asyncio.run(stop_while_sampling())
