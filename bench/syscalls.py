@@ -47,6 +47,9 @@ COLUMNS = ("CPU us", "switches", "syscalls", "read", "write", "epoll", "getpid")
 ROLES = ("gateway", "worker", "valkey", "mock")
 
 
+NO_PERF = "perf is not installed (Debian: apt-get install linux-perf)"
+
+
 def perf() -> str | None:
     return shutil.which("perf")
 
@@ -81,7 +84,7 @@ class SyscallCounter:
     async def start(self) -> None:
         exe = perf()
         if exe is None:
-            raise RuntimeError("perf is not installed (Debian: apt-get install linux-perf)")
+            raise RuntimeError(NO_PERF)
         for role, pid in self.pids.items():
             self._procs[role] = await asyncio.create_subprocess_exec(
                 exe,
@@ -137,7 +140,7 @@ def _mode(text: str) -> Mode:
 
 async def _main(args: argparse.Namespace) -> int:
     if perf() is None:
-        print("perf is not installed (Debian: apt-get install linux-perf)", file=sys.stderr)
+        print(NO_PERF, file=sys.stderr)
         return 2
     cell = Cell(args.answers, 1, args.rate, args.tokens)
     modes = [_mode(m) for m in args.modes.split(",") if m]

@@ -368,7 +368,7 @@ class _Reader:
                 )
                 await self._backoff.sleep()
             except BaseException:
-                await conn.disconnect()  # a half-read reply must not be taken for the next one
+                await conn.disconnect()  # the taken-over transport is redis-py's to close
                 raise
             finally:
                 self._bell = None
@@ -547,9 +547,10 @@ class _Doorbell(asyncio.Protocol):
             parse.feed(data)
             while (reply := parse.gets(False)) is not False:
                 if isinstance(reply, hiredis.ReplyError):  # SUBSCRIBE refused (ACL, ...)
-                    raise RedisError(f"the doorbell's SUBSCRIBE failed: {reply}")
+                    self._end(RedisConnectionError(f"the doorbell's SUBSCRIBE failed: {reply}"))
+                    return
                 self._reader._heard(reply)
-        except (hiredis.ProtocolError, RedisError) as e:
+        except hiredis.ProtocolError as e:
             self._end(RedisConnectionError(str(e)))
         except Exception as e:  # every viewer depends on this read: start it again
             log.exception("relay: a doorbell message failed unexpectedly")
