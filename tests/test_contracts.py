@@ -44,7 +44,7 @@ from engineio.async_socket import AsyncSocket
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, NodesManager
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from socketio import packet as sio_packet
 from sse_starlette.sse import AppStatus
@@ -57,9 +57,11 @@ from tests.support.valkey_cluster import ValkeyCluster
 from tokenrelay.connection import (
     BLOCK_MARGIN_S,
     ClusterClient,
+    Lane,
     as_cluster,
     cluster_client,
     dedicated_client,
+    exchange,
     node_client,
     pack,
 )
@@ -210,7 +212,7 @@ async def test_the_hand_packed_writes_are_what_redis_py_would_send(redis_url: st
                 args += [put.epoch, put.entry_id, put.after, 2 * len(fields)]
                 args += [x for pair in fields.items() for x in pair]
             expected += conn.pack_command("EVALSHA", _APPEND_MANY_SHA, len(names), *names, *args)
-        payload, calls = store._packed(puts)
+        payload, calls = store.packed_writes(puts)
     assert calls == 2 == -(-len(puts) // WRITES_PER_CALL)
     assert payload == b"".join(expected)
 
@@ -327,6 +329,66 @@ async def test_a_doorbell_message_reads_as_the_listener_parses_it(
             await conn.disconnect()
             error = await bell.lost
     assert "closed" in str(error), error
+
+
+def _as_compared(reply: Any) -> Any:
+    """A reply with its errors as (class, message): exceptions do not compare equal."""
+    if isinstance(reply, Exception):
+        return (type(reply), str(reply))
+    if isinstance(reply, list):
+        return [_as_compared(r) for r in reply]
+    return reply
+
+
+@pytest.mark.parametrize("parser", _parsers())
+@pytest.mark.parametrize("protocol", [2, 3])
+@pytest.mark.parametrize("decode", [True, False], ids=["str", "bytes"])
+async def test_a_lane_reads_replies_as_redis_py_does(
+    redis_url: str, keys: Keys, parser: Any, protocol: int, decode: bool
+) -> None:
+    """A `Lane` (connection.py) lets redis-py open its connection (whatever its parser,
+    HELLO 2 or 3) and then reads the replies itself, with hiredis in the I/O callback
+    (`_Replies`): each reply must be what redis-py's `read_response` gives on the same
+    kind of connection: strings decoded or not as the client asks, RESP3 maps and
+    booleans (a false one is a reply, not "nothing yet"), error replies as redis-py's
+    exception classes in their place (NOSCRIPT as NoScriptError, which the store's writes
+    and asks look for), and nothing out of step after an error."""
+    if protocol == 3 and parser is not None and parser.__name__ == "_AsyncRESP2Parser":
+        pytest.skip("the RESP2 parser does not speak RESP3")
+    text, record, stream = (keys.answer(f"contract-lane-{n}") for n in range(3))
+    commands: list[list[str | int]] = [
+        ["SET", text, "ab\u00fcc"],
+        ["GET", text],
+        ["HSET", record, "a", "1", "b", "\u00e9"],
+        ["HGETALL", record],
+        ["XADD", stream, "1-1", "type", "chunk", "data", "x"],
+        ["XRANGE", stream, "-", "+"],
+        ["HGETALL", text],  # WRONGTYPE
+        ["EVALSHA", "0" * 40, 0],  # NOSCRIPT
+        ["EVAL", "return {1, 'two', false, {3, 'four'}}", 0],
+        ["EVAL", "return false", 0],
+        ["EXISTS", text, record, "no such key"],
+        ["GET", "no such key"],
+    ]
+    payload = b"".join(pack(command) for command in commands)
+    async with single(
+        redis_url, protocol=protocol, parser_class=parser, decode_responses=decode
+    ) as client:
+        await client.delete(text, record, stream)
+        lane = Lane(client, "-lane")
+        try:
+            got = await lane.exchange(payload, 12)
+            await client.delete(text, record, stream)
+            expected = await exchange(await _connection(client), payload, 12)
+            assert _as_compared(got) == _as_compared(expected)
+            assert isinstance(got[7], NoScriptError)
+            assert isinstance(got[6], ResponseError) and "WRONGTYPE" in str(got[6])
+            assert await lane.exchange(pack(["ECHO", "in step"]), 1) == [
+                "in step" if decode else b"in step"
+            ]
+        finally:
+            await lane.aclose()
+            await client.delete(text, record, stream)
 
 
 @pytest.mark.parametrize("parser", _parsers())

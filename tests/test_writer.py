@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -21,7 +23,10 @@ from redis.exceptions import RedisError, ResponseError
 
 from tests.conftest import running_gateway
 from tests.support.failover import lose_last_entries
+from tests.support.proxy import CuttingProxy
+from tests.support.sockets import wait_for
 from tests.support.sse import Event, events
+from tokenrelay import connection as connection_module
 from tokenrelay.errors import Fenced, StoreError
 from tokenrelay.providers.base import Finish, Prompt
 from tokenrelay.providers.guard import Timeouts
@@ -188,6 +193,70 @@ async def test_an_outbox_coalesces_chunks_queued_behind_a_write(
     box.put(Entry(EntryType.CHUNK, "more"))
     await box.drain()
     assert box.cancel_requested  # learned from the write itself
+
+
+async def test_the_chunks_of_one_turn_reach_redis_together_by_the_next(
+    store: Store, redis_url: str
+) -> None:
+    """What one turn of the loop puts (here three answers' chunks) goes to Redis in one
+    batch, written by the next turn: no task's wake-up between the model's chunk and its
+    write. Seen by another client while this loop is held after that one turn."""
+    writer = ChunkWriter(store)
+    await writer.connect()
+    reader = SyncRedis.from_url(redis_url, decode_responses=True)
+    try:
+        boxes = []
+        for n in range(3):
+            asked = await store.ask("t", f"q{n}")
+            boxes.append(writer.outbox(asked.id, *(await store.begin_answer(asked.id))))
+        keys = [store.keys.answer(box.question_id) for box in boxes]
+        batches = writer.batches
+        for box in boxes:
+            box.put(Entry(EntryType.CHUNK, "at once "))
+        await asyncio.sleep(0)  # one turn
+        until = time.monotonic() + 2
+        while (now := [reader.xlen(k) for k in keys]) != [1, 1, 1] and time.monotonic() < until:
+            time.sleep(0.001)  # noqa: ASYNC251 (holds the loop: no task of this process runs)
+        assert now == [1, 1, 1], "a chunk waited for a later turn of the loop"
+        for box in boxes:
+            await box.drain()
+        assert writer.batches == batches + 1
+    finally:
+        reader.close()
+        await writer.stop()
+
+
+async def test_a_write_whose_reply_never_comes_is_sent_again(
+    make_settings: Callable[..., Settings], redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The network path to Redis goes silent while a batch is on its way (no close, no
+    reset): the batch's deadline ends that connection and the writer sends it again on a
+    new one; the answer holds the entry once."""
+    monkeypatch.setattr(connection_module, "LANE_TIMEOUT_S", 0.5)
+    async with CuttingProxy(make_settings().redis_url or "") as proxy:
+        client = Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0", decode_responses=True)
+        store = make_store(make_settings(), client)
+        writer = ChunkWriter(store)
+        await writer.connect()
+        try:
+            asked = await store.ask("t", "q")
+            box = writer.outbox(asked.id, *(await store.begin_answer(asked.id)))
+            box.put(Entry(EntryType.CHUNK, "before "))
+            await box.drain()
+            opened = proxy.connections
+            proxy.freeze_open()
+            started = asyncio.get_running_loop().time()
+            box.put(Entry(EntryType.CHUNK, "unheard "))
+            await wait_for(lambda: proxy.connections > opened, timeout_s=5)
+            waited_s = asyncio.get_running_loop().time() - started
+            async with asyncio.timeout(10):
+                await box.drain()
+        finally:
+            await writer.stop()
+            await client.aclose()
+    assert 0.4 <= waited_s < 2.0, waited_s
+    texts = [e.text for e in await make_store(make_settings(), redis).read_all(asked.id)]
+    assert texts == ["before ", "unheard "]
 
 
 async def test_an_outbox_of_an_old_epoch_is_fenced(store: Store, writer: ChunkWriter) -> None:

@@ -25,6 +25,8 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
+import hiredis
+from redis._parsers.base import BaseParser
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.connection import AbstractConnection
@@ -155,12 +157,120 @@ async def _closed_already(error: Exception) -> None:
 LANE_TIMEOUT_S = 5.0  # as redis-py's default socket timeout
 
 
+class _Replies(asyncio.Protocol):
+    """A lane's connection once redis-py has opened it (address, TLS, AUTH, HELLO, name):
+    the replies are parsed by hiredis as their bytes arrive, in the I/O callback, and an
+    exchange's are handed over together when its last one is in. redis-py's `read_response`
+    per reply cost a timeout context, the StreamReader's wake-up and the parser's
+    coroutines. Its close is passed on to redis-py's own protocol, so that closing the
+    connection through redis-py still completes."""
+
+    def __init__(self, conn: AbstractConnection) -> None:
+        writer = _writer_of(conn)
+        assert writer is not None  # connected
+        transport = cast(asyncio.Transport, writer.transport)
+        encoder = conn.encoder
+        options: dict[str, Any] = {
+            "replyError": BaseParser.parse_error,  # error replies as redis-py's exceptions
+            "notEnoughData": _NOT_YET,  # not False: a RESP3 reply may be False
+            "errors": encoder.encoding_errors,
+        }
+        if encoder.decode_responses:
+            options["encoding"] = encoder.encoding
+        self._parse = hiredis.Reader(**options)
+        self._transport = transport
+        self._replies: list[Any] = []
+        self._want = 0
+        self._done: asyncio.Future[list[Any]] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self.closed: Exception | None = None  # why the connection ended, once it has
+        self._before: asyncio.BaseProtocol = transport.get_protocol()
+        transport.set_protocol(self)
+
+    def of(self, conn: AbstractConnection) -> bool:
+        """Whether this reads `conn`'s current transport (a reconnect makes a new one)."""
+        writer = _writer_of(conn)
+        return writer is not None and writer.transport is self._transport
+
+    @property
+    def busy(self) -> bool:
+        return self._done is not None
+
+    def send(
+        self, payload: bytes, replies: int, within_s: float | None = None
+    ) -> asyncio.Future[list[Any]]:
+        """Send `payload`; the future gets its `replies` replies, in order. With
+        `within_s`, a reply not whole by then ends the connection (RedisTimeoutError)."""
+        if self.closed is not None:
+            raise self.closed
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._done, self._want, self._replies = done, replies, []
+        if within_s is not None:
+            self._deadline = loop.call_later(within_s, self._late, within_s)
+        self._transport.write(payload)
+        return done
+
+    def _late(self, within_s: float) -> None:
+        self._end(RedisTimeoutError(f"Redis did not answer a write within {within_s:.0f} s"))
+
+    def data_received(self, data: bytes) -> None:
+        parse, replies = self._parse, self._replies
+        try:
+            parse.feed(data)
+            while (reply := parse.gets()) is not _NOT_YET:
+                replies.append(reply)
+        except hiredis.ProtocolError as e:
+            self._end(RedisConnectionError(f"Redis sent what cannot be read: {e}"))
+            return
+        if len(replies) < self._want:
+            return
+        done, self._done = self._done, None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if done is None or len(replies) > self._want:  # a reply nobody asked for
+            self._end(RedisConnectionError("Redis sent a reply out of step"))
+        elif not done.done():  # (its caller gave up: cancelled, timed out)
+            done.set_result(replies)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes: connection_lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(RedisConnectionError(f"Redis closed the connection ({exc or 'EOF'})"))
+        self._before.connection_lost(exc)  # redis-py's close (wait_closed) completes
+
+    def _end(self, error: Exception) -> None:
+        self.closed = self.closed or error
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        done, self._done = self._done, None
+        if done is not None and not done.done():
+            done.set_exception(error)
+        self._transport.abort()
+
+
+def _writer_of(conn: AbstractConnection) -> asyncio.StreamWriter | None:
+    """redis-py's stream writer of `conn` (private: pyproject.toml's note on redis)."""
+    return cast(Any, conn)._writer  # type: ignore[no-any-return]
+
+
+class _NotYet:
+    """hiredis's answer when a reply is not whole yet."""
+
+
+_NOT_YET = _NotYet()
+
+
 class Lane:
-    """A connection of its own for one sender of packed commands (a worker's chunk writer),
-    with its client's settings: taking a pool connection and giving it back cost the writer
-    more than packing its batch (redis-py's pool records and dispatches events on both),
-    and a pool connection's socket timeout wraps every send in a task of its own. Here one
-    deadline covers a whole exchange. Opened on first use and again after a failure; one
+    """A connection of its own for one sender of packed commands (a worker's chunk writer,
+    a process's batcher), with its client's settings: taking a pool connection and giving
+    it back cost the writer more than packing its batch (redis-py's pool records and
+    dispatches events on both), and a pool connection's socket timeout wraps every send in
+    a task of its own. Here one deadline covers a whole exchange, and the replies are read
+    in the I/O callback (`_Replies`). Opened on first use and again after a failure; one
     exchange at a time. Named as its client, with `suffix`."""
 
     def __init__(self, client: Redis, suffix: str) -> None:
@@ -168,37 +278,92 @@ class Lane:
         name = f"{pool.connection_kwargs.get('client_name') or 'tokenrelay'}{suffix}"
         kwargs = {**pool.connection_kwargs, "client_name": name, "socket_timeout": None}
         self._conn: AbstractConnection = pool.connection_class(**kwargs)
+        self._replies: _Replies | None = None
         self._lock = asyncio.Lock()
 
     async def exchange(self, payload: bytes, replies: int) -> list[Any]:
-        """`exchange` on this lane's connection. One that Redis closed while it was idle (a
-        restart; a pool finds those when it hands a connection out) fails at once: the
-        payload goes once more, on a new connection. What is sent on a lane must be safe to
-        run twice (the store's numbered writes are)."""
+        """Send `payload` (commands packed by hand) and read its `replies`, in order; an
+        error reply comes back as its exception, in its place. One that Redis closed while
+        it was idle (a restart; a pool finds those when it hands a connection out) fails at
+        once: the payload goes once more, on a new connection. What is sent on a lane must
+        be safe to run twice (the store's numbered writes are)."""
         async with self._lock:
-            was_open = self._conn.is_connected
             try:
                 async with asyncio.timeout(LANE_TIMEOUT_S):
+                    was_open = self._replies is not None and self._replies.closed is None
                     try:
-                        return await exchange(self._conn, payload, replies)
+                        return await self._exchange(payload, replies)
                     except RedisConnectionError:
                         if not was_open:
                             raise
                         log.info("Redis closed the writing connection; writing on a new one")
-                        return await exchange(self._conn, payload, replies)
+                        return await self._exchange(payload, replies)
             except TimeoutError:
                 raise RedisTimeoutError(
                     f"Redis did not answer a write within {LANE_TIMEOUT_S:.0f} s"
                 ) from None
 
+    def start(self, payload: bytes, replies: int) -> asyncio.Future[list[Any]] | None:
+        """An exchange begun now, in the caller's turn (no task, no await): `payload` is
+        written at once, and the future gets its replies, in order, or the error the
+        connection ended with (then closed, and opened again by the next exchange). Tried
+        once: what fails is the caller's to send again, with `exchange`. None when the lane
+        cannot send at once (not open yet, closed, an exchange on its way)."""
+        if not self.ready:
+            return None
+        assert self._replies is not None
+        return self._replies.send(payload, replies, LANE_TIMEOUT_S)
+
+    @property
+    def ready(self) -> bool:
+        """Whether `start` can send now: open, and no exchange on its way."""
+        taken = self._replies
+        return not (
+            taken is None
+            or taken.closed is not None
+            or taken.busy
+            or self._lock.locked()
+            or not taken.of(self._conn)
+        )
+
+    async def _exchange(self, payload: bytes, replies: int) -> list[Any]:
+        """One try. A connection that fails part way is closed: a reply read later must not
+        be taken for the next exchange's."""
+        try:
+            got = await (await self._open()).send(payload, replies)
+            for reply in got:  # not a command's error: the connection's (LOADING, auth)
+                if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
+                    raise reply
+            return got
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _open(self) -> _Replies:
+        conn = self._conn
+        taken = self._replies
+        if taken is not None and taken.closed is None and taken.of(conn):
+            return taken
+        if taken is not None:  # closed by Redis while idle, or failed
+            await self._close()
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]
+        except OSError as e:
+            raise RedisConnectionError(f"Error connecting to Redis: {e}") from e
+        self._replies = _Replies(conn)
+        return self._replies
+
+    async def _close(self) -> None:
+        self._replies = None
+        await self._conn.disconnect()
+
     async def open(self) -> None:
         """Connect now (else on first use), so a process's connections do not change later."""
         async with self._lock:
-            if not self._conn.is_connected:
-                await self._conn.connect()  # type: ignore[no-untyped-call]
+            await self._open()
 
     async def aclose(self) -> None:
-        await self._conn.disconnect()
+        await self._close()
 
 
 def own_lane(client: Redis, suffix: str) -> Lane | None:

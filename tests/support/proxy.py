@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 class CuttingProxy:
     """Forwards TCP to the gateway (or any server); `cut()` aborts every open connection,
     as a flaky network or a restarting load balancer would; while `frozen`, what either
-    side sends is dropped without a close or a reset, as on a network path gone dead."""
+    side sends is dropped without a close or a reset, as on a network path gone dead;
+    `freeze_open()` does that to the connections open now, not to later ones."""
 
     def __init__(self, target_url: str) -> None:
         self._port = urlsplit(target_url).port
@@ -21,6 +22,7 @@ class CuttingProxy:
         self.port = 0
         self.connections = 0
         self.frozen = False
+        self._silent: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
 
     async def __aenter__(self) -> CuttingProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -45,6 +47,9 @@ class CuttingProxy:
             down.transport.abort()
             up.transport.abort()
 
+    def freeze_open(self) -> None:
+        self._silent |= self._pairs
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
@@ -54,7 +59,7 @@ class CuttingProxy:
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):
                 while data := await source.read(65536):
-                    if self.frozen:
+                    if self.frozen or pair in self._silent:
                         continue
                     sink.write(data)
                     await sink.drain()
@@ -64,3 +69,4 @@ class CuttingProxy:
             await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         finally:
             self._pairs.discard(pair)
+            self._silent.discard(pair)

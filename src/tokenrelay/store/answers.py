@@ -492,23 +492,29 @@ class Answers(StoreBase):
             return []
         if is_cluster(self.redis):
             results = await self._pipelined(puts)
-        else:
-            payload, calls = self._packed(puts)
+            return [_applied(put, result) for put, result in zip(puts, results, strict=True)]
+        payload, calls = self.packed_writes(puts)
+        replies = await call_packed(self.redis, payload, calls, lane)
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            # Redis lost its scripts (a restart, SCRIPT FLUSH): none of these calls ran.
+            await self.redis.script_load(_APPEND_MANY)
             replies = await call_packed(self.redis, payload, calls, lane)
-            if any(isinstance(reply, NoScriptError) for reply in replies):
-                # Redis lost its scripts (a restart, SCRIPT FLUSH): none of these calls ran.
-                await self.redis.script_load(_APPEND_MANY)
-                replies = await call_packed(self.redis, payload, calls, lane)
-            results = []
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-                results += reply
+        return self.applied(puts, replies)
+
+    def applied(self, puts: Sequence[Put], replies: list[Any]) -> list[Applied]:
+        """What each of `puts` came to, from the replies to `packed_writes(puts)` (an error
+        reply raised)."""
+        results: list[Any] = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+            results += reply
         return [_applied(put, result) for put, result in zip(puts, results, strict=True)]
 
-    def _packed(self, puts: Sequence[Put]) -> tuple[bytes, int]:
-        """EVALSHA _APPEND_MANY for `puts`, WRITES_PER_CALL a call, packed by hand (redis-py
-        packs a command an argument at a time: a third of the worker's write cost)."""
+    def packed_writes(self, puts: Sequence[Put]) -> tuple[bytes, int]:
+        """Single node: `puts` as `write_batch` sends them, and the number of replies:
+        EVALSHA _APPEND_MANY, WRITES_PER_CALL writes a call, packed by hand (redis-py packs a
+        command an argument at a time: a third of the worker's write cost)."""
         commands: list[bytes] = []
         maxlen = bulk(str(self.limits.answer_maxlen))
         doorbell = bulk(self._doorbell)

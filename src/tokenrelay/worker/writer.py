@@ -22,6 +22,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from tokenrelay.connection import Lane
 from tokenrelay.errors import Fenced, StoreError
@@ -184,11 +185,35 @@ class Outbox:
             self._writer._ready(self)
 
 
+@dataclass(slots=True)
+class _Batch:
+    """One round trip's writes: queued appends first, then what ready outboxes held."""
+
+    appends: list[_Pending]
+    boxes: list[tuple[Outbox, int]]  # each with the number of its writes
+    writes: list[Put]
+
+
 class ChunkWriter:
+    """Sends the writes of every answer of this worker, a batch at a time.
+
+    On a single node no task stands between an answer and its connection: what a turn of
+    the loop makes ready (the answers' `put`s, `append`s) is packed and written to the
+    lane's connection by a callback right after that turn, and the reply is handed out in
+    the I/O callback (`Lane.start`), which begins the next batch with whatever queued
+    meanwhile. Woken through the writer's task, redis-py's retry, the lane's lock and
+    timeout, a chunk spent ~330 us in the worker from the model's read to Redis's write at
+    one answer (traced, docs/performance.md). A batch that fails there, or meets Redis
+    without its script, is sent again by the writer's task with the store's retries; in a
+    cluster every batch goes that way (`Store.write_batch`)."""
+
     def __init__(self, store: Store) -> None:
         self._store = store
         self._queue: list[_Pending] = []
         self._boxes: dict[Outbox, None] = {}  # outboxes with entries to send, in order
+        self._sending: _Batch | None = None  # on its way
+        self._again: _Batch | None = None  # for the task to send (see `_run`)
+        self._due = False  # `_send_due` is called soon
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lane: Lane | None = None  # its own connection (single node), see connect()
@@ -211,12 +236,17 @@ class ChunkWriter:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        stopping = StoreError("the worker is stopping")
+        batches = [b for b in (self._sending, self._again) if b is not None]
+        self._sending = self._again = None
+        for batch in batches:
+            self._failed(batch, stopping)
         for pending in self._queue:
             if not pending.done.done():
                 pending.done.cancel()
         self._queue.clear()
         for box in self._boxes:
-            box._failed(StoreError("the worker is stopping"))
+            box._failed(stopping)
         self._boxes.clear()
         lane, self._lane = self._lane, None
         if lane is not None:
@@ -235,22 +265,76 @@ class ChunkWriter:
         cancelled)."""
         done: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(question_id, entry, check_cancel, epoch, done))
-        self._wake.set()
+        self._send_soon()
         return await done
 
     def _ready(self, box: Outbox) -> None:
         self._boxes[box] = None
-        self._wake.set()
+        self._send_soon()
+
+    def _send_soon(self) -> None:
+        """Begin a batch once this turn of the loop is over (what else it makes ready goes
+        with it), unless one is due or on its way already."""
+        if not self._due and self._sending is None:
+            self._due = True
+            asyncio.get_running_loop().call_soon(self._send_due)
+
+    def _send_due(self) -> None:
+        self._due = False
+        self._send_next()
+
+    def _send_next(self) -> None:
+        """Begin the next batch now, unless one is on its way (its end begins the next)."""
+        if self._sending is not None or self._task is None or not (self._queue or self._boxes):
+            return
+        batch = self._sending = self._gather()
+        sent = None
+        if self._lane is not None and self._lane.ready:
+            payload, calls = self._store.packed_writes(batch.writes)
+            sent = self._lane.start(payload, calls)
+        if sent is None:  # not open yet (or again), or a cluster: the task sends it
+            self._again = batch
+            self._wake.set()
+        else:
+            sent.add_done_callback(self._landed)
+
+    def _landed(self, sent: asyncio.Future[list[Any]]) -> None:
+        """The reply to a batch `_send_next` began (in the I/O callback's wake)."""
+        batch = self._sending
+        if batch is None or self._task is None:  # stopped meanwhile
+            return
+        replies = None if sent.cancelled() or sent.exception() else sent.result()
+        if replies is None or any(isinstance(reply, Exception) for reply in replies):
+            self._again = batch  # the task sends it again (retries, scripts, the error)
+            self._wake.set()
+            return
+        try:
+            results = self._store.applied(batch.writes, replies)
+        except Exception as e:  # replies not shaped as the script's: as a failed batch
+            log.exception("a batch of writes came back unreadable")
+            self._failed(batch, e)
+            self._sending = None
+            self._send_next()
+            return
+        self._done(batch, results)
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._queue or self._boxes:
-                await self._flush()
+            while (batch := self._again) is not None:
+                self._again = None
+                try:
+                    results = await self._store.write_batch(batch.writes, self._lane)
+                except Exception as e:  # handed to each writer of the batch: it ends its answer
+                    self._failed(batch, e)
+                    self._sending = None
+                    self._send_next()
+                else:
+                    self._done(batch, results)
 
-    async def _flush(self) -> None:
-        """One pipeline: queued appends first, then what the ready outboxes hold."""
+    def _gather(self) -> _Batch:
+        """The next batch: queued appends first, then what the ready outboxes hold."""
         appends, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         room = MAX_BATCH - len(appends)
         boxes: list[tuple[Outbox, int]] = []
@@ -264,25 +348,31 @@ class ChunkWriter:
             boxes.append((box, len(taken)))
             writes += taken
             room -= len(taken)
-        try:
-            results = await self._store.write_batch(writes, self._lane)
-        except Exception as e:  # handed to each writer of the batch, which ends its answer
-            for p in appends:
-                if not p.done.done():
-                    p.done.set_exception(e)
-            for box, _ in boxes:
-                box._failed(e)
-            return
+        return _Batch(appends, boxes, writes)
+
+    def _done(self, batch: _Batch, results: list[Applied]) -> None:
+        """Hand each write's outcome to its writer, then begin the next batch (not before:
+        an outbox that is given its outcome must have nothing else on its way)."""
         self.batches += 1
-        self.written += len(writes)
-        for p, done in zip(appends, results, strict=False):
+        self.written += len(batch.writes)
+        for p, done in zip(batch.appends, results, strict=False):
             if p.done.done():
                 continue
             if done.entry_id is None:
                 p.done.set_exception(_fenced(p.question_id))
             else:
                 p.done.set_result(Appended(done.entry_id, done.cancel))
-        at = len(appends)
-        for box, sent in boxes:
+        at = len(batch.appends)
+        for box, sent in batch.boxes:
             box._sent(results[at : at + sent])
             at += sent
+        self._sending = None
+        self._send_next()
+
+    @staticmethod
+    def _failed(batch: _Batch, error: BaseException) -> None:
+        for p in batch.appends:
+            if not p.done.done():
+                p.done.set_exception(error)
+        for box, _ in batch.boxes:
+            box._failed(error)
