@@ -12,6 +12,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from tests.support.proxy import CuttingProxy
+from tokenrelay import connection as connection_module
 from tokenrelay.connection import Lane, pooled_client
 from tokenrelay.errors import CallerFull, NotFound, Overloaded
 from tokenrelay.services import make_store
@@ -108,6 +110,52 @@ async def test_a_batch_on_a_connection_redis_closed_is_sent_again(redis: Redis) 
         assert replies == ["0", "1", "2", "3"]
     finally:
         await lane.aclose()
+
+
+async def test_a_reply_its_caller_cannot_parse_is_that_callers_error_alone(
+    together: AutoPipeline,
+) -> None:
+    """A caller's parse that fails on its reply fails that caller only; the others of the
+    batch get theirs, and the batcher goes on."""
+
+    def unreadable(reply: Any) -> Any:
+        raise ValueError(f"cannot read {reply!r}")
+
+    results = await asyncio.gather(
+        together.command("ECHO", "a"),
+        together.command("ECHO", "b", parse=unreadable),
+        together.command("ECHO", "c"),
+        return_exceptions=True,
+    )
+    assert results[0] == "a" and results[2] == "c"
+    assert isinstance(results[1], ValueError) and "cannot read 'b'" in str(results[1])
+    assert await together.command("ECHO", "after") == "after"
+
+
+async def test_a_batch_whose_reply_never_comes_is_sent_again(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The network path to Redis goes silent with a batch on its way (no close, no reset):
+    the batch's deadline ends that connection, and the batch goes again on a new one."""
+    monkeypatch.setattr(connection_module, "LANE_TIMEOUT_S", 0.5)
+    async with CuttingProxy(redis_url) as proxy:
+        client = Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0", decode_responses=True)
+        lane = Lane(client, "-batch")
+        together = AutoPipeline(client, lane)
+        try:
+            assert await together.command("ECHO", "heard") == "heard"
+            opened = proxy.connections
+            proxy.freeze_open()
+            started = asyncio.get_running_loop().time()
+            async with asyncio.timeout(10):
+                replies = await asyncio.gather(*(together.command("ECHO", n) for n in range(3)))
+            waited_s = asyncio.get_running_loop().time() - started
+        finally:
+            await lane.aclose()
+            await client.aclose()
+    assert replies == ["0", "1", "2"]
+    assert proxy.connections == opened + 1
+    assert 0.4 <= waited_s < 3.0, waited_s
 
 
 async def test_concurrent_asks_respect_the_callers_cap_and_leave_nothing_when_refused(

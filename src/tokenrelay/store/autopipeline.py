@@ -16,12 +16,13 @@ Single node only (a cluster client's pipeline splits by node, and its scripts by
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from tokenrelay.connection import Lane, call_packed, pack
 
@@ -36,27 +37,39 @@ def as_dict(reply: Any) -> Any:
     return reply
 
 
+Waiting = tuple[bytes, Parse | None, asyncio.Future[Any]]  # a command, packed, and its caller
+
+
 class AutoPipeline:
     """`command(*args)`: the reply of that one command (an error reply raised), sent with the
     commands of the moment. One batch in flight at a time, on `lane`, else on one of the
     client's pool connections. A batch whose connection fails is sent again as the client's
     own commands are (its Retry), as redis-py's pipeline was: a command whose reply was
-    lost with its connection may have run, and then runs twice (reads, and an answer's
+    lost with its connection may have run, and then runs again (reads, and an answer's
     start and end, are checked in their scripts; an ask queued twice is answered by
-    whichever delivery began last, the other one fenced)."""
+    whichever delivery began last, the other one fenced).
+
+    On an open lane a batch is begun in a callback at the end of the loop's turn that issued
+    its first command (the commands of that turn go with it) and its replies are handed out
+    in the I/O callback (`Lane.start`): no task a batch, no coroutines between the callers
+    and the socket. The pool, a lane still to open, and a batch sent again go through a
+    task (`_send_slow`)."""
 
     def __init__(self, redis: Redis, lane: Lane | None = None) -> None:
         self._redis = redis
         self._lane = lane
-        self._waiting: list[tuple[bytes, Parse | None, asyncio.Future[Any]]] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._waiting: list[Waiting] = []
+        self._busy = False  # a batch is due or on its way: what is issued meanwhile waits
+        self._slow: set[asyncio.Task[None]] = set()  # (kept from the garbage collector)
         self.batches = 0  # round trips made: a test's view of how commands were grouped
 
     async def command(self, *args: Arg, parse: Parse | None = None) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((pack(args), parse, future))
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send_all(), name="tokenrelay-autopipeline")
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._begin)
         return await future
 
     async def script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
@@ -67,34 +80,66 @@ class AutoPipeline:
         except NoScriptError:
             return await script(keys, args)
 
-    async def _send_all(self) -> None:
-        batch: list[tuple[bytes, Parse | None, asyncio.Future[Any]]] = []
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, []
-                await self._send(batch)
-                batch = []
-        finally:
-            self._sender = None
-            # Cancelled (the loop is closing): nobody is left waiting for ever.
-            for *_, future in [*batch, *self._waiting]:
-                future.cancel()
-            self._waiting = []
-
-    async def _send(self, batch: list[tuple[bytes, Parse | None, asyncio.Future[Any]]]) -> None:
-        payload = b"".join(packed for packed, _, _ in batch)
+    def _begin(self) -> None:
+        """Send what is waiting as one batch, or become idle."""
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            self._busy = False
+            return
         self.batches += 1
+        lane = self._lane
+        sent = None
+        if lane is not None and lane.ready:
+            sent = lane.start(b"".join(packed for packed, _, _ in batch), len(batch))
+        if sent is None:
+            self._send_slow(batch)
+        else:
+            sent.add_done_callback(functools.partial(self._landed, batch))
+
+    def _landed(self, batch: list[Waiting], sent: asyncio.Future[list[Any]]) -> None:
+        replies = None if sent.cancelled() or sent.exception() else sent.result()
+        if replies is None or any(
+            isinstance(reply, Exception) and not isinstance(reply, ResponseError)
+            for reply in replies
+        ):  # the connection failed, or Redis cannot serve yet (LOADING): sent again
+            self._send_slow(batch)
+            return
+        _hand_out(batch, replies)
+        self._begin()
+
+    def _send_slow(self, batch: list[Waiting]) -> None:
+        task = asyncio.create_task(self._send(batch), name="tokenrelay-autopipeline")
+        self._slow.add(task)
+        task.add_done_callback(self._slow.discard)
+
+    async def _send(self, batch: list[Waiting]) -> None:
+        payload = b"".join(packed for packed, _, _ in batch)
         try:
             replies = await call_packed(self._redis, payload, len(batch), self._lane)
         except Exception as e:  # the connection failed: every command of the batch did
             for *_, future in batch:
                 if not future.done():
                     future.set_exception(e)
-            return
-        for (_, parse, future), reply in zip(batch, replies, strict=True):
-            if future.done():  # its caller was cancelled
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply if parse is None else parse(reply))
+        except BaseException:  # cancelled (the loop is closing): nobody waits for ever
+            for *_, future in [*batch, *self._waiting]:
+                future.cancel()
+            self._waiting = []
+            self._busy = False
+            raise
+        else:
+            _hand_out(batch, replies)
+        self._begin()
+
+
+def _hand_out(batch: list[Waiting], replies: list[Any]) -> None:
+    """Each caller its reply: parsed, or the error (the reply's, or its parse's)."""
+    for (_, parse, future), reply in zip(batch, replies, strict=True):
+        if future.done():  # its caller was cancelled
+            continue
+        if isinstance(reply, Exception):
+            future.set_exception(reply)
+            continue
+        try:
+            future.set_result(reply if parse is None else parse(reply))
+        except Exception as e:  # a reply its caller cannot read: its own error, not the batch's
+            future.set_exception(e)
