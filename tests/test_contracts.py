@@ -8,9 +8,11 @@ file passes on it:
   on the reader's own connection (`Redis.connection`, `initialize()`,
   `send_packed_command`, `read_response`, `disconnect`), woken by CLIENT UNBLOCK of the
   id `client_id()` reports for that connection (cluster); on a single node that
-  connection, once redis-py opened it, is taken over (`conn._writer.transport`, its
-  protocol replaced, redis-py's told of the close), subscribed to the doorbell by a
-  hand-packed SUBSCRIBE, and read with hiredis.
+  connection, once redis-py opened it, is taken over (`connection.TakenOver`:
+  `conn._writer.transport`, its protocol replaced, redis-py's told of the close),
+  subscribed to the doorbell by a hand-packed SUBSCRIBE, and read with hiredis; so is
+  each `Lane`'s connection (connection.py), its error replies made into redis-py's
+  exceptions by `BaseParser.parse_error`.
 - python-engineio / python-socketio (gateway/sockets.py): an emit is a Socket.IO EVENT
   packet built by hand and handed to `sio.eio.send`; backpressure reads
   `sio.eio.sockets[eio_sid].queue.qsize()` after `sio.manager.eio_sid_from_sid(sid, "/")`;

@@ -157,18 +157,42 @@ async def _closed_already(error: Exception) -> None:
 LANE_TIMEOUT_S = 5.0  # as redis-py's default socket timeout
 
 
-class _Replies(asyncio.Protocol):
-    """A lane's connection once redis-py has opened it (address, TLS, AUTH, HELLO, name):
-    the replies are parsed by hiredis as their bytes arrive, in the I/O callback, and an
-    exchange's are handed over together when its last one is in. redis-py's `read_response`
-    per reply cost a timeout context, the StreamReader's wake-up and the parser's
-    coroutines. Its close is passed on to redis-py's own protocol, so that closing the
-    connection through redis-py still completes."""
+class TakenOver(asyncio.Protocol):
+    """A connection redis-py opened (address, TLS, AUTH, HELLO, name), its transport then
+    read by a protocol of tokenrelay's instead of redis-py's StreamReader: a subclass
+    parses what `data_received` brings, in the I/O callback, and `_end` is told why the
+    connection ended. Its close is passed on to redis-py's own protocol, so that closing
+    the connection through redis-py still completes (`wait_closed`). Relies on
+    `conn._writer` (private: pyproject.toml's note on redis)."""
+
+    CLOSED = "Redis closed the connection"  # the start of what `_end` is told on a close
 
     def __init__(self, conn: AbstractConnection) -> None:
         writer = _writer_of(conn)
         assert writer is not None  # connected
-        transport = cast(asyncio.Transport, writer.transport)
+        self._transport = cast(asyncio.Transport, writer.transport)
+        self._before: asyncio.BaseProtocol = self._transport.get_protocol()
+        self._transport.set_protocol(self)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes: connection_lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(RedisConnectionError(f"{self.CLOSED} ({exc or 'EOF'})"))
+        self._before.connection_lost(exc)  # redis-py's close (wait_closed) completes
+
+    def _end(self, error: Exception) -> None:
+        """The connection ended with `error` (closed, or it brought what cannot be read)."""
+        self._transport.abort()
+
+
+class _Replies(TakenOver):
+    """A lane's connection once redis-py has opened it: the replies are parsed by hiredis
+    as their bytes arrive, and an exchange's are handed over together when its last one is
+    in. redis-py's `read_response` per reply cost a timeout context, the StreamReader's
+    wake-up and the parser's coroutines."""
+
+    def __init__(self, conn: AbstractConnection) -> None:
         encoder = conn.encoder
         options: dict[str, Any] = {
             "replyError": BaseParser.parse_error,  # error replies as redis-py's exceptions
@@ -178,14 +202,12 @@ class _Replies(asyncio.Protocol):
         if encoder.decode_responses:
             options["encoding"] = encoder.encoding
         self._parse = hiredis.Reader(**options)
-        self._transport = transport
         self._replies: list[Any] = []
         self._want = 0
         self._done: asyncio.Future[list[Any]] | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self.closed: Exception | None = None  # why the connection ended, once it has
-        self._before: asyncio.BaseProtocol = transport.get_protocol()
-        transport.set_protocol(self)
+        super().__init__(conn)
 
     def of(self, conn: AbstractConnection) -> bool:
         """Whether this reads `conn`'s current transport (a reconnect makes a new one)."""
@@ -234,13 +256,6 @@ class _Replies(asyncio.Protocol):
         elif not done.done():  # (its caller gave up: cancelled, timed out)
             done.set_result(replies)
 
-    def eof_received(self) -> bool:
-        return False  # the transport closes: connection_lost
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._end(RedisConnectionError(f"Redis closed the connection ({exc or 'EOF'})"))
-        self._before.connection_lost(exc)  # redis-py's close (wait_closed) completes
-
     def _end(self, error: Exception) -> None:
         self.closed = self.closed or error
         if self._deadline is not None:
@@ -249,7 +264,7 @@ class _Replies(asyncio.Protocol):
         done, self._done = self._done, None
         if done is not None and not done.done():
             done.set_exception(error)
-        self._transport.abort()
+        super()._end(error)
 
 
 def _writer_of(conn: AbstractConnection) -> asyncio.StreamWriter | None:

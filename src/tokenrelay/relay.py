@@ -41,6 +41,7 @@ from redis.exceptions import RedisError, ResponseError, SlotNotCoveredError
 from tokenrelay import metrics
 from tokenrelay.connection import (
     BLOCK_MARGIN_S,
+    TakenOver,
     as_cluster,
     bulk,
     call_packed,
@@ -515,12 +516,13 @@ class _Reader:
 _PING = pack(["PING"])
 
 
-class _Doorbell(asyncio.Protocol):
+class _Doorbell(TakenOver):
     """The doorbell's subscribed connection, taken over from redis-py once it is open: each
     reply is parsed by hiredis as its bytes arrive and handed to the reader at once
     (`_Reader._heard`), in the I/O callback. `lost` gives the error the connection ended
-    with: closed, or it brought what cannot be read. Its close is passed on to redis-py's
-    own protocol, so that closing the connection through redis-py still completes."""
+    with: closed, or it brought what cannot be read."""
+
+    CLOSED = "the doorbell's connection closed"
 
     def __init__(self, reader: _Reader, conn: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -529,10 +531,7 @@ class _Doorbell(asyncio.Protocol):
         self._time = loop.time
         self.heard_at = self.pinged_at = loop.time()
         self.lost: asyncio.Future[Exception] = loop.create_future()
-        transport: asyncio.Transport = conn._writer.transport  # redis-py's, connected
-        self._transport = transport
-        self._before: asyncio.BaseProtocol = transport.get_protocol()
-        transport.set_protocol(self)
+        super().__init__(conn)
 
     def send(self, payload: bytes) -> None:
         self._transport.write(payload)
@@ -556,17 +555,10 @@ class _Doorbell(asyncio.Protocol):
             log.exception("relay: a doorbell message failed unexpectedly")
             self._end(RedisConnectionError(f"a doorbell message failed: {e!r}"))
 
-    def eof_received(self) -> bool:
-        return False  # the transport closes: connection_lost
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._end(RedisConnectionError(f"the doorbell's connection closed ({exc or 'EOF'})"))
-        self._before.connection_lost(exc)  # redis-py's close (wait_closed) completes
-
     def _end(self, error: Exception) -> None:
         if not self.lost.done():
             self.lost.set_result(error)
-        self._transport.abort()
+        super()._end(error)
 
 
 def _is_ring(ring: Any) -> bool:
