@@ -161,6 +161,20 @@ async def test_the_writer_survives_a_failed_batch(store: Store, writer: ChunkWri
     assert (await store.read("fine"))[-1].entry_id == after.entry_id
 
 
+async def test_what_was_queued_before_the_start_is_written_at_the_start(store: Store) -> None:
+    writer = ChunkWriter(store)
+    waiting = asyncio.create_task(writer.append("early", Entry(EntryType.CHUNK, "x")))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    writer.start()
+    try:
+        async with asyncio.timeout(5):
+            written = await waiting
+        assert [e.entry_id for e in await store.read("early")] == [written.entry_id]
+    finally:
+        await writer.stop()
+
+
 async def test_stop_cancels_appends_still_queued(store: Store) -> None:
     writer = ChunkWriter(store)  # never started: nothing will flush
     waiting = asyncio.create_task(writer.append("q", Entry(EntryType.CHUNK, "x")))

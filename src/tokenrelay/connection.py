@@ -225,6 +225,8 @@ class _Replies(TakenOver):
         `within_s`, a reply not whole by then ends the connection (RedisTimeoutError)."""
         if self.closed is not None:
             raise self.closed
+        if self._done is not None:
+            raise RuntimeError("a lane sends one exchange at a time")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._done, self._want, self._replies = done, replies, []

@@ -224,6 +224,8 @@ class ChunkWriter:
         if self._task is None:
             self._lane = self._store.lane()
             self._task = asyncio.create_task(self._run(), name="tokenrelay-chunk-writer")
+            if self._queue or self._boxes:  # queued before the start
+                self._send_soon()
 
     async def connect(self) -> None:
         """Start, with the writer's own connection (single node) open already."""
