@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from bench import ROOT, syscalls
+from bench import ROOT, hops, syscalls
 from bench.harness import _parse_cells, _parser, _plan
 from bench.mock import nonce_of, stamp_of
 from bench.profile import summarise
@@ -430,6 +430,39 @@ def test_syscall_counts_are_the_kernel_s() -> None:
     counted = asyncio.run(count())
     assert 3000 <= counted["getpid"] < 3300, counted
     assert counted["syscalls"] >= counted["getpid"], counted
+
+
+def test_a_chunk_s_steps_are_read_off_the_trace() -> None:
+    """`python -m bench.hops` reads `perf trace` lines: in the worker, each model read
+    (fd 33, the other connection it reads chunks from) to the next write on its Valkey
+    connection (fd 22, the one it writes to most), and that write to Valkey's reply; in the
+    gateway, each doorbell read to the next write to the viewer's socket. A write too far
+    from the read is not that chunk's."""
+    worker = hops.parse(
+        "     0.000 ( 0.026 ms): read(fd: 33<socket:[1]>, buf: 0x1, count: 256000) = 282\n"
+        "     0.310 ( 0.031 ms): write(fd: 22<socket:[2]>, buf: 0x2, count: 324)     = 324\n"
+        "     0.600 ( 0.020 ms): read(fd: 22<socket:[2]>, buf: 0x1, count: 256000) = 36\n"
+        "    50.000 ( 0.020 ms): read(fd: 33<socket:[1]>, buf: 0x1, count: 256000) = 283\n"
+        "    50.200 ( 0.020 ms): getpid()                                         = 7\n"
+        "    50.250 ( 0.020 ms): write(fd: 22<socket:[2]>, buf: 0x2, count: 323)     = 323\n"
+        "    50.700 ( 0.020 ms): read(fd: 22<socket:[2]>, buf: 0x1, count: 256000) = 36\n"
+        "   100.000 ( 0.020 ms): read(fd: 33<socket:[1]>, buf: 0x1, count: 256000) = 281\n"
+        "   130.000 ( 0.020 ms): write(fd: 22<socket:[2]>, buf: 0x2, count: 322)     = 322\n"
+        "   150.000 ( 0.020 ms): read(fd: 33<socket:[1]>, buf: 0x1, count: 256000) = -11\n"
+    )
+    assert [c.name for c in worker] == ["read", "write", "read"] * 2 + ["read", "write", "read"]
+    found = hops.worker_steps(worker)
+    assert [round(t) for t, _ in found] == [310, 250]
+    assert [round(b or 0) for _, b in found] == [290, 450]
+    assert "p50 280 us (min 250) over 2 chunks" in hops.summary("worker", found)
+    gateway = hops.parse(
+        "     0.000 ( 0.010 ms): read(fd: 17, buf: 0x1, count: 65536) = 120\n"
+        "     0.276 ( 0.010 ms): write(fd: 30, buf: 0x2, count: 60)   = 60\n"
+        "     5.000 ( 0.010 ms): read(fd: 17, buf: 0x1, count: 65536) = 121\n"
+        "     5.300 ( 0.010 ms): write(fd: 30, buf: 0x2, count: 61)   = 61\n"
+    )
+    assert [round(t) for t, _ in hops.gateway_steps(gateway)] == [276, 300]
+    assert hops.summary("gateway", []).endswith("no chunk followed (too few calls traced)")
 
 
 def test_a_sampler_stops_though_a_sample_swallows_its_cancel() -> None:
