@@ -18,10 +18,8 @@ kernel's syscall tracepoints (root). Run it alone with `python -m bench.hops` (`
 from __future__ import annotations
 
 import argparse
-import asyncio
 import re
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -33,7 +31,7 @@ from bench.loop import run
 from bench.runs import run_one
 from bench.spec import Cell
 from bench.stack import Stack, StackConfig
-from bench.syscalls import NO_PERF, perf
+from bench.syscalls import NO_PERF, PerfPerProcess, perf
 
 ROLES = ("worker", "gateway")
 _LINE = re.compile(r"\s*([\d.]+) \(\s*[\d.]+ ms\): (?:\S+/\d+ )?(\w+)\(fd: (\d+).*= (-?\d+)")
@@ -126,34 +124,21 @@ def summary(label: str, found: list[tuple[float, float | None]]) -> str:
     return text
 
 
-class HopTracer:
-    """`perf trace` on some processes for one run: `start()` at its go, `finish()` at its
-    end (a `bench.runs.Counter`, as bench.syscalls' SyscallCounter)."""
+class HopTracer(PerfPerProcess):
+    """`perf trace` of some processes for one run, each to a file in `folder` (a
+    `bench.runs.Counter`, as bench.syscalls' SyscallCounter)."""
 
     def __init__(self, pids: dict[str, int], folder: Path) -> None:
-        self.pids = pids
+        super().__init__(pids)
         self.folder = folder
-        self._procs: dict[str, asyncio.subprocess.Process] = {}
 
-    async def start(self) -> None:
-        exe = perf()
-        if exe is None:
-            raise RuntimeError(NO_PERF)
-        for role, pid in self.pids.items():
-            out = self.folder / f"{role}.trace"
-            self._procs[role] = await asyncio.create_subprocess_exec(
-                *(exe, "trace", "-e", "read,write,writev", "-p", str(pid), "-o", str(out)),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
+    def _argv(self, role: str, pid: int) -> list[str]:
+        out = self.folder / f"{role}.trace"
+        return ["trace", "-e", "read,write,writev", "-p", str(pid), "-o", str(out)]
 
     async def finish(self) -> dict[str, dict[str, float]]:
-        for proc in self._procs.values():
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGINT)  # perf writes what it traced and exits
-        for proc in self._procs.values():
-            await proc.wait()
-        return {}
+        await self._stop()
+        return {}  # the traces are read with `calls`
 
     def calls(self, role: str) -> list[Call]:
         path = self.folder / f"{role}.trace"

@@ -73,13 +73,16 @@ def parse(output: str) -> dict[str, float]:
     return out
 
 
-class SyscallCounter:
-    """`perf stat` on some processes for one run: `start()` at its go, `finish()` at its
-    end (the same places as bench.profile's Profiler)."""
+class PerfPerProcess:
+    """`perf` on each of some processes for one run: `start()` at its go, `finish()` at
+    its end (the same places as bench.profile's Profiler); `_argv` says how."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self._procs: dict[str, asyncio.subprocess.Process] = {}
+
+    def _argv(self, role: str, pid: int) -> list[str]:
+        raise NotImplementedError
 
     async def start(self) -> None:
         exe = perf()
@@ -88,26 +91,33 @@ class SyscallCounter:
         for role, pid in self.pids.items():
             self._procs[role] = await asyncio.create_subprocess_exec(
                 exe,
-                "stat",
-                "-x,",
-                "-e",
-                ",".join(EVENTS),
-                "-p",
-                str(pid),
+                *self._argv(role, pid),
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
             )
 
-    async def finish(self) -> dict[str, dict[str, float]]:
-        """Each role's counts since `start()`."""
+    async def _stop(self) -> dict[str, str]:
+        """Each role's perf stopped (it prints or writes what it has, and exits): what it
+        printed to stderr."""
         for proc in self._procs.values():
             if proc.returncode is None:
-                proc.send_signal(signal.SIGINT)  # perf prints its counts and exits
+                proc.send_signal(signal.SIGINT)
         out = {}
         for role, proc in self._procs.items():
             _, err = await proc.communicate()
-            out[role] = parse(err.decode(errors="replace"))
+            out[role] = err.decode(errors="replace")
         return out
+
+
+class SyscallCounter(PerfPerProcess):
+    """`perf stat` counts of some processes for one run."""
+
+    def _argv(self, role: str, pid: int) -> list[str]:
+        return ["stat", "-x,", "-e", ",".join(EVENTS), "-p", str(pid)]
+
+    async def finish(self) -> dict[str, dict[str, float]]:
+        """Each role's counts since `start()`."""
+        return {role: parse(err) for role, err in (await self._stop()).items()}
 
 
 def per_chunk(counts: dict[str, dict[str, float]], chunks: int) -> dict[str, dict[str, float]]:
