@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from tests.support.proxy import CuttingProxy
 from tokenrelay import connection as connection_module
-from tokenrelay.connection import Lane, pooled_client
+from tokenrelay.connection import Lane, pack, pooled_client
 from tokenrelay.errors import CallerFull, NotFound, Overloaded
 from tokenrelay.services import make_store
 from tokenrelay.settings import Settings
@@ -108,6 +109,21 @@ async def test_a_batch_on_a_connection_redis_closed_is_sent_again(redis: Redis) 
         assert await redis.client_kill_filter(_id=mine[0]) == 1
         replies = await asyncio.gather(*(together.command("ECHO", n) for n in range(4)))
         assert replies == ["0", "1", "2", "3"]
+    finally:
+        await lane.aclose()
+
+
+async def test_a_reply_nobody_asked_for_fails_the_exchange_at_once(redis: Redis) -> None:
+    """Redis sends more replies than the exchange waits for (out of step): the exchange
+    fails with that at once, on a connection closed for it, not at its deadline; the lane
+    then works on a new one."""
+    lane = Lane(redis, "-batch")
+    try:
+        two = pack(["ECHO", "a"]) + pack(["ECHO", "b"])
+        async with asyncio.timeout(2):  # the deadline is LANE_TIMEOUT_S, 5 s
+            with pytest.raises(RedisConnectionError, match="out of step"):
+                await lane.exchange(two, 1)
+        assert await lane.exchange(pack(["ECHO", "in step"]), 1) == ["in step"]
     finally:
         await lane.aclose()
 

@@ -221,8 +221,10 @@ class _Replies(TakenOver):
     def send(
         self, payload: bytes, replies: int, within_s: float | None = None
     ) -> asyncio.Future[list[Any]]:
-        """Send `payload`; the future gets its `replies` replies, in order. With
-        `within_s`, a reply not whole by then ends the connection (RedisTimeoutError)."""
+        """Send `payload`; the future gets its `replies` replies, in order (a command's error
+        reply in its place), or what ended the connection: a reply out of step, an error
+        reply that is the connection's rather than a command's (LOADING, auth), or, with
+        `within_s`, no whole reply by then (RedisTimeoutError)."""
         if self.closed is not None:
             raise self.closed
         if self._done is not None:
@@ -249,21 +251,28 @@ class _Replies(TakenOver):
             return
         if len(replies) < self._want:
             return
-        done, self._done = self._done, None
+        if self._done is None or len(replies) > self._want:  # a reply nobody asked for
+            self._end(RedisConnectionError("Redis sent a reply out of step"))
+            return
+        for reply in replies:  # not a command's error: the connection's (LOADING, auth)
+            if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
+                self._end(reply)
+                return
+        done = self._settled()
+        if done is not None and not done.done():  # (its caller gave up: cancelled, timed out)
+            done.set_result(replies)
+
+    def _settled(self) -> asyncio.Future[list[Any]] | None:
+        """The exchange's future, no longer on its way; its deadline disarmed."""
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        if done is None or len(replies) > self._want:  # a reply nobody asked for
-            self._end(RedisConnectionError("Redis sent a reply out of step"))
-        elif not done.done():  # (its caller gave up: cancelled, timed out)
-            done.set_result(replies)
+        done, self._done = self._done, None
+        return done
 
     def _end(self, error: Exception) -> None:
         self.closed = self.closed or error
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        done, self._done = self._done, None
+        done = self._settled()
         if done is not None and not done.done():
             done.set_exception(error)
         super()._end(error)
@@ -347,11 +356,7 @@ class Lane:
         """One try. A connection that fails part way is closed: a reply read later must not
         be taken for the next exchange's."""
         try:
-            got = await (await self._open()).send(payload, replies)
-            for reply in got:  # not a command's error: the connection's (LOADING, auth)
-                if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
-                    raise reply
-            return got
+            return await (await self._open()).send(payload, replies)
         except BaseException:
             await self._close()
             raise

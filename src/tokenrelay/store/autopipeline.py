@@ -22,7 +22,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from tokenrelay.connection import Lane, call_packed, pack
 
@@ -97,14 +97,10 @@ class AutoPipeline:
             sent.add_done_callback(functools.partial(self._landed, batch))
 
     def _landed(self, batch: list[Waiting], sent: asyncio.Future[list[Any]]) -> None:
-        replies = None if sent.cancelled() or sent.exception() else sent.result()
-        if replies is None or any(
-            isinstance(reply, Exception) and not isinstance(reply, ResponseError)
-            for reply in replies
-        ):  # the connection failed, or Redis cannot serve yet (LOADING): sent again
+        if sent.cancelled() or sent.exception():  # the connection failed, or LOADING: again
             self._send_slow(batch)
             return
-        _hand_out(batch, replies)
+        _hand_out(batch, sent.result())
         self._begin()
 
     def _send_slow(self, batch: list[Waiting]) -> None:

@@ -314,9 +314,7 @@ class ChunkWriter:
             results = self._store.applied(batch.writes, replies)
         except Exception as e:  # replies not shaped as the script's: as a failed batch
             log.exception("a batch of writes came back unreadable")
-            self._failed(batch, e)
-            self._sending = None
-            self._send_next()
+            self._given_up(batch, e)
             return
         self._done(batch, results)
 
@@ -329,9 +327,7 @@ class ChunkWriter:
                 try:
                     results = await self._store.write_batch(batch.writes, self._lane)
                 except Exception as e:  # handed to each writer of the batch: it ends its answer
-                    self._failed(batch, e)
-                    self._sending = None
-                    self._send_next()
+                    self._given_up(batch, e)
                 else:
                     self._done(batch, results)
 
@@ -368,6 +364,12 @@ class ChunkWriter:
         for box, sent in batch.boxes:
             box._sent(results[at : at + sent])
             at += sent
+        self._sending = None
+        self._send_next()
+
+    def _given_up(self, batch: _Batch, error: BaseException) -> None:
+        """The batch on its way failed for good: its writers are told, the next begins."""
+        self._failed(batch, error)
         self._sending = None
         self._send_next()
 
