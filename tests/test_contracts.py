@@ -736,8 +736,53 @@ async def test_a_direct_write_held_by_the_client_keeps_what_is_queued_behind_it(
         assert await direct
         await wait_for(lambda: len(ws.sent) == 4)
         assert ws.sent == ["4a", "4b", "4c", "4q"]
+        await wait_for(lambda: socket._waiting is not None)  # the writer is back waiting
         assert await socket.send_now(["4d"])  # idle again
         assert ws.sent[-1] == "4d"
+    finally:
+        await ws.close()
+        async with asyncio.timeout(5):
+            await asyncio.gather(handler, return_exceptions=True)
+
+
+async def test_a_write_from_a_callback_is_made_there_and_a_held_one_goes_on_in_a_task() -> None:
+    """gateway/engine.py: `write_now` called outside any task (the relay's read callback)
+    writes in that callback; held by the client (flow control), the rest of its packets go
+    out from a task, and a packet queued meanwhile goes out after all of them."""
+    server = engineio.AsyncServer(async_mode="asgi")
+    socket = LeanSocket(server, "sid")
+    ws = _GatedWebSocket()
+    handler = asyncio.create_task(socket._websocket_handler(ws))
+    loop = asyncio.get_running_loop()
+    written: list[tuple[bool, list[str]]] = []
+
+    def from_callback(texts: list[str]) -> None:
+        assert asyncio.current_task() is None
+        written.append((socket.write_now(texts), list(ws.sent)))
+
+    try:
+        await wait_for(lambda: socket._waiting is not None)  # its writer is idle
+        loop.call_soon(from_callback, ["4a"])
+        await wait_for(lambda: len(written) == 1)
+        assert written[0] == (True, ["4a"]), "not written in the callback itself"
+        await wait_for(lambda: socket._sending is None)
+        ws.gate.clear()  # the client stops reading
+        loop.call_soon(from_callback, ["4b", "4c"])
+        await wait_for(lambda: len(written) == 2)
+        assert written[1] == (True, ["4a"]) and socket._sending is not None
+        await socket.send(eio_packet.Packet(eio_packet.MESSAGE, "q"))
+        loop.call_soon(from_callback, ["4not now"])  # one direct write at a time
+        await wait_for(lambda: len(written) == 3)
+        assert not written[2][0]
+        await asyncio.sleep(0.05)
+        assert ws.sent == ["4a"]
+        ws.gate.set()
+        await wait_for(lambda: len(ws.sent) == 4)
+        assert ws.sent == ["4a", "4b", "4c", "4q"]
+        await wait_for(lambda: socket._waiting is not None and socket._sending is None)
+        loop.call_soon(from_callback, ["4d"])  # idle again
+        await wait_for(lambda: len(written) == 4)
+        assert written[3][0] and ws.sent[-1] == "4d"
     finally:
         await ws.close()
         async with asyncio.timeout(5):

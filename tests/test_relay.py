@@ -234,6 +234,114 @@ async def test_entries_ready_together_come_in_one_batch(
     assert [ids_of(batch) for batch in got] == [[start], chunks, [end]]
 
 
+# -- direct writes: live entries given to the viewer's socket in the read's callback ------
+
+
+class DirectViewer:
+    """A viewer of `Relay.batches` with a direct write (Subscription.direct): what the
+    direct write took and what the generator yielded, in the order the viewer got them,
+    and whether each direct write ran outside any task (in the read's callback)."""
+
+    def __init__(self, relay: Relay, qid: str, *, pause_s: float = 0.0) -> None:
+        self.relay, self.qid, self.pause_s = relay, qid, pause_s
+        self.got: list[tuple[str, Entry]] = []  # ("direct" | "task", entry)
+        self.in_tasks: list[bool] = []
+        self.accept = True
+
+    def write(self, batch: list[Entry]) -> bool:
+        if not self.accept:
+            return False
+        self.in_tasks.append(asyncio.current_task() is not None)
+        self.got += [("direct", e) for e in batch]
+        return True
+
+    async def run(self) -> None:
+        async for batch in self.relay.batches(self.qid, "0-0", self.write):
+            self.got += [("task", e) for e in batch]
+            if self.pause_s:
+                await asyncio.sleep(self.pause_s)
+
+    def ids(self, how: str | None = None) -> list[str]:
+        return [e.entry_id for h, e in self.got if how is None or h == how]
+
+
+async def test_live_entries_are_written_directly_in_the_read_s_callback(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """A viewer waiting live with nothing buffered has each new entry written by its direct
+    write, outside any task (the doorbell's callback, the entries carried by their ring as
+    a worker writes them): its task is not woken for them. The
+    terminal entry written so ends the viewer: nothing is yielded twice."""
+    async with running_relay(make_settings()) as h:
+        relay, store = h.relay, h.store
+        asked = await store.ask("t", "written directly")
+        viewer = DirectViewer(relay, asked.id)
+        task = h.spawn(viewer.run())
+        await wait_for(lambda: relay.viewers == 1)
+        async with asyncio.timeout(TIMEOUT_S):
+            texts = [f"{n} " for n in range(20)]
+            ids = await _numbered_answer(store, asked.id, texts, every_s=0.002)
+            await task
+    assert viewer.ids() == ids
+    assert viewer.ids("direct") == ids, "live entries went through the viewer's task"
+    assert viewer.in_tasks and not any(viewer.in_tasks)
+    assert relay.viewers == 0 and relay.watched == 0
+
+
+def test_entries_a_direct_write_refused_hold_back_all_that_follow() -> None:
+    """Once the direct write could not take an entry (the socket busy), that entry and every
+    later one wait in the buffer for the viewer's task, even if the socket is free again
+    meanwhile: nothing overtakes what waits."""
+    sub = Subscription("k", limit=100)
+    taken: list[Entry] = []
+    free = False
+
+    def write(batch: list[Entry]) -> bool:
+        if free:
+            taken.extend(batch)
+        return free
+
+    sub.direct, sub.last = write, "1-0"
+    sub.push([Entry(EntryType.CHUNK, "a", entry_id="2-0")])
+    free = True
+    sub.push([Entry(EntryType.CHUNK, "b", entry_id="3-0")])
+    assert not taken and ids_of(list(sub.buffer)) == ["2-0", "3-0"] and sub.ready.is_set()
+    sub.take()
+    sub.last = "3-0"  # as the viewer's task does once it has them
+    sub.push([Entry(EntryType.CHUNK, "b", entry_id="3-0"), Entry(EntryType.END, entry_id="4-0")])
+    assert ids_of(taken) == ["4-0"], "an entry not after the viewer's last was written again"
+    assert sub.ended and sub.direct is None and sub.last == "4-0"
+
+
+async def test_a_viewer_between_direct_and_task_writes_gets_each_entry_once_in_order(
+    make_settings: Callable[..., Settings], redis: Redis
+) -> None:
+    """The direct write refuses now and then (a busy socket), the viewer's task is slow to
+    write and overflows its small buffer, catching up from Redis: every entry reaches the
+    viewer once, in order, whichever way it came."""
+    async with running_relay(make_settings(), buffer_limit=5) as h:
+        relay, store = h.relay, h.store
+        viewer = DirectViewer(relay, "mixed", pause_s=0.02)
+        task = h.spawn(viewer.run())
+        await wait_for(lambda: relay.viewers == 1)
+        refusing = True
+
+        async def toggle() -> None:
+            while refusing:
+                viewer.accept = not viewer.accept
+                await asyncio.sleep(random.uniform(0.001, 0.03))
+
+        toggler = h.spawn(toggle())
+        async with asyncio.timeout(TIMEOUT_S):
+            ids = await produce(store, "mixed", 300, every_s=0.0005)
+            refusing = False
+            await toggler
+            viewer.accept = True
+            await task
+    assert viewer.ids() == ids, "an entry was lost, repeated or overtaken"
+    assert viewer.ids("direct") and viewer.ids("task"), "both ways were not exercised"
+
+
 async def test_history_comes_in_pages_cut_at_the_terminal_entry(
     make_settings: Callable[..., Settings], redis: Redis
 ) -> None:

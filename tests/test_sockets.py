@@ -8,9 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import running_gateway
 from tests.support.sockets import connected, wait_for
+from tokenrelay.gateway.engine import LeanSocket
 from tokenrelay.settings import Settings
 
 TEXT = "A stream keeps <b>every</b> chunk; ids are cursors."
@@ -180,3 +182,38 @@ async def test_ask_with_watch_holds_a_watch(make_settings: Callable[..., Setting
         await asyncio.sleep(0.4)  # 20 tokens/s: eight more entries if it still watched
         assert sum(1 for e, _ in got if e == "answer") == seen
         assert not any(d["type"] == "end" for e, d in got if e == "answer")
+
+
+async def test_live_entries_are_written_to_the_websocket_from_the_read_s_callback(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both protocols' live entries reach the client written from the relay's read callback
+    (outside any task: no viewer task woken per entry), whole and in order."""
+    outside: list[int] = []  # packets written by write_now outside any task
+    write_now = LeanSocket.write_now
+
+    def counting(self: LeanSocket, texts: list[str]) -> bool:
+        written = write_now(self, texts)
+        if written and asyncio.current_task() is None:
+            outside.append(len(texts))
+        return written
+
+    monkeypatch.setattr(LeanSocket, "write_now", counting)
+    settings = make_settings(scripted_text=TEXT, scripted_rate=200.0)
+    async with running_gateway(settings) as url, connected(url) as (client, got):
+        await client.emit("askQuestion", {"topic": "Redis", "topicQuestion": "seed"})
+        await wait_for(lambda: any(str(d).startswith("<br/>;END:") for _, d in got))
+        seed = [d for e, d in got if e == "chunk"]
+        assert "".join(seed[1:-1]) == TEXT
+        seed_outside = sum(outside)
+        assert seed_outside >= len(seed) // 2, (seed_outside, len(seed))
+        got.clear()
+        await client.call("ask", {"topic": "Redis", "question": "watched", "watch": True})
+        await wait_for(lambda: any(d["type"] == "end" for e, d in got if e == "answer"))
+        answers = [d for e, d in got if e == "answer"]
+        assert "".join(a["text"] for a in answers if a["type"] == "chunk") == TEXT
+        ids = [a["entry_id"] for a in answers]
+        assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-")))) and len(
+            set(ids)
+        ) == len(ids)
+        assert sum(outside) - seed_outside >= len(answers) // 2, (outside, len(answers))

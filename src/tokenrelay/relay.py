@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import hiredis
@@ -146,10 +146,29 @@ class _ReadSet:
         return b"".join((head, *(self._keys[k] for k in keys), *(self._marks[k] for k in keys)))
 
 
-class Subscription:
-    """A viewer's bounded buffer of live entries for one answer."""
+Direct = Callable[[list[Entry]], bool]
 
-    __slots__ = ("_bytes", "_limit", "buffer", "key", "overflowed", "ready")
+
+class Subscription:
+    """A viewer's bounded buffer of live entries for one answer.
+
+    While its viewer waits for entries with nothing buffered, `direct` (when the viewer
+    has one) is given the new entries as they are read, in the read's own callback: the
+    viewer's socket is written without waking its task. `direct` says False, writing
+    nothing, when it cannot write now; the entries are then buffered, and so is all that
+    follows until the task has taken them: order is kept."""
+
+    __slots__ = (
+        "_bytes",
+        "_limit",
+        "buffer",
+        "direct",
+        "ended",
+        "key",
+        "last",
+        "overflowed",
+        "ready",
+    )
 
     def __init__(self, key: str, limit: int) -> None:
         self.key = key
@@ -158,10 +177,32 @@ class Subscription:
         self.buffer: deque[Entry] = deque()
         self.overflowed = False
         self.ready = asyncio.Event()
+        self.direct: Direct | None = None
+        self.last = ""  # the last entry the viewer was given (or written directly)
+        self.ended = False  # the terminal entry was written directly
 
     def push(self, entries: list[Entry]) -> None:
         if self.overflowed:
             return
+        direct = self.direct
+        if direct is not None and not self.buffer:
+            last = self.last
+            batch = _through_terminal([e for e in entries if entry_id_after(e.entry_id, last)])
+            if not batch:
+                return
+            try:
+                written = direct(batch)
+            except Exception:  # before anything is written: its task writes them instead
+                log.exception("relay: a direct write to a viewer failed; its task writes")
+                self.direct = written = None
+            if written:
+                _count(batch)
+                self.last = batch[-1].entry_id
+                if batch[-1].terminal:
+                    self.ended = True
+                    self.direct = None
+                    self.ready.set()
+                return
         size = _size(entries)
         if len(self.buffer) + len(entries) > self._limit or self._bytes + size > BUFFER_BYTES:
             # Drop rather than grow: the viewer re-reads these from Redis.
@@ -683,7 +724,7 @@ class Relay:
                 yield entry
 
     async def batches(
-        self, question_id: str, after: str = "0-0"
+        self, question_id: str, after: str = "0-0", direct: Direct | None = None
     ) -> AsyncGenerator[list[Entry], None]:
         """`follow`'s entries, each time as many as are ready (never an empty list): what the
         viewer can write at once. The last batch ends with the terminal entry.
@@ -691,6 +732,10 @@ class Relay:
         History first (XRANGE), then live entries from the shared read; any live
         entry not after the last one delivered is dropped, so there is no gap at
         the hand-over and no duplicate.
+
+        `direct` (see Subscription): live entries are given to it in the read's callback
+        while the viewer waits with nothing buffered, and are not yielded here. The
+        generator ends without yielding the terminal entry when `direct` wrote it.
         """
         key = self.store.keys.answer(question_id)
         last = after
@@ -710,12 +755,18 @@ class Relay:
                     yield batch
                     if batch[-1].terminal:
                         return
-                async for live in self._live(sub, last):  # until the viewer overflows
-                    for batch in await self._short_of(question_id, last, cursor, size, live):
-                        last = batch[-1].entry_id
+                sub.last = last
+                # Until the viewer overflows or `direct` wrote the terminal entry. Direct
+                # writes only once the stream is read up to the shared read's cursor.
+                while (live := await _next_live(sub, cursor, direct)) is not None:
+                    for batch in await self._short_of(question_id, sub.last, cursor, size, live):
+                        sub.last = batch[-1].entry_id
                         yield batch
                         if batch[-1].terminal:
                             return
+                if sub.ended:
+                    return
+                last = sub.last
             finally:
                 self._unsubscribe(sub)
 
@@ -756,24 +807,28 @@ class Relay:
             if beyond or len(page) < count:
                 return
 
-    @staticmethod
-    async def _live(sub: Subscription, after: str) -> AsyncIterator[list[Entry]]:
-        """Live entries after `after`, everything the shared read has handed over each time;
-        ends when the viewer's buffer overflowed (it catches up from Redis then)."""
-        last = after
-        while True:
+
+async def _next_live(sub: Subscription, cursor: str, direct: Direct | None) -> list[Entry] | None:
+    """The next live entries after `sub.last`, everything the shared read has handed over
+    (never an empty list); None when the viewer's buffer overflowed (it catches up from
+    Redis then) or `direct` wrote the terminal entry. While this waits with nothing
+    buffered, and the viewer has read up to the shared read's `cursor`, `direct` is given
+    the new entries instead."""
+    while True:
+        if direct is not None and not sub.buffer and not entry_id_after(cursor, sub.last):
+            sub.direct = direct
+        try:
             await sub.ready.wait()
-            sub.ready.clear()
-            if sub.overflowed:
-                return
-            batch: list[Entry] = []
-            for entry in sub.take():
-                if entry_id_after(entry.entry_id, last):
-                    last = entry.entry_id
-                    batch.append(entry)
-            batch = _counted(batch)
-            if batch:
-                yield batch
+        finally:
+            sub.direct = None
+        sub.ready.clear()
+        if sub.overflowed or sub.ended:
+            return None
+        last = sub.last
+        batch = _through_terminal([e for e in sub.take() if entry_id_after(e.entry_id, last)])
+        if batch:
+            _count(batch)
+            return batch
 
 
 # prometheus_client's labels() takes a lock and checks its arguments on every call: the
@@ -781,10 +836,22 @@ class Relay:
 _RELAYED = {kind: metrics.RELAYED.labels(kind.value) for kind in EntryType}
 
 
-def _counted(entries: list[Entry]) -> list[Entry]:
-    """`entries` up to the first terminal one, each counted as relayed."""
+def _through_terminal(entries: list[Entry]) -> list[Entry]:
+    """`entries` up to the first terminal one."""
     for n, entry in enumerate(entries):
-        _RELAYED[entry.type].inc()
         if entry.terminal:
             return entries[: n + 1]
     return entries
+
+
+def _count(entries: list[Entry]) -> None:
+    """Each entry counted as relayed."""
+    for entry in entries:
+        _RELAYED[entry.type].inc()
+
+
+def _counted(entries: list[Entry]) -> list[Entry]:
+    """`entries` up to the first terminal one, each counted as relayed."""
+    batch = _through_terminal(entries)
+    _count(batch)
+    return batch

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tokenrelay.errors import AnswerTimeout
 from tokenrelay.gateway.access import Access, Caller
 from tokenrelay.gateway.inputs import AskInput, reachable_cursor
-from tokenrelay.relay import Relay
+from tokenrelay.relay import Direct, Relay
 from tokenrelay.services import Services
 from tokenrelay.store import Store, answer_text
 from tokenrelay.wire import FINISHED_STATUSES, Context, Entry, EntryType, QuestionRecord
@@ -91,15 +91,15 @@ async def follow(svc: Services, record: QuestionRecord, cursor: str) -> AsyncIte
 
 
 def follow_batches(
-    svc: Services, record: QuestionRecord, cursor: str
+    svc: Services, record: QuestionRecord, cursor: str, direct: Direct | None = None
 ) -> AsyncIterator[list[Entry]]:
     """`follow`'s entries, as many at a time as are ready: a viewer writes each batch at once.
     The relay's generator itself (no layer of ours around it: each costs a resumption per
-    batch, on the way to the viewer's socket)."""
+    batch, on the way to the viewer's socket). `direct`: see `Relay.batches`."""
     if at_end(record, cursor):
         return _nothing()
     assert svc.relay is not None
-    return svc.relay.batches(record.id, cursor)
+    return svc.relay.batches(record.id, cursor, direct)
 
 
 async def _nothing() -> AsyncIterator[list[Entry]]:

@@ -10,16 +10,18 @@ came for ping_interval + ping_timeout, or when cancelled), waiting in the writer
 task, and not at all when packets are already queued; the wait's time limit is one timer
 per socket, moved forward rather than made anew for each wait.
 
-`LeanSocket.send_now` skips the writer altogether when it is idle: a viewer's entries are
-written to the websocket from the viewer's own task, not queued for the writer to wake
-for (one task switch per delivery less). `LeanServer` makes every engine.io socket a
-LeanSocket before its transport starts, so a client that opens a websocket straight away
-gets it too.
+`LeanSocket.write_now` skips the writer altogether when it is idle: a viewer's entries are
+written to the websocket in the turn that has them, from the relay's doorbell callback or
+the viewer's own task (`send_now`), not queued for the writer to wake for. `LeanServer`
+makes every engine.io socket a LeanSocket before its transport starts, so a client that
+opens a websocket straight away gets it too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import types
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 import socketio
@@ -45,12 +47,17 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
         finally:
             self._ws = None
 
-    async def send_now(self, texts: list[str]) -> bool:
-        """Write these encoded Engine.IO packets to the websocket now, in order, when the
-        writer is idle (waiting, nothing queued, no other direct write under way); False,
-        writing nothing, when it is not (queue them instead). A client that stopped
-        reading holds this in the websocket's flow control, as it would the writer. A
-        websocket that fails is left to engine.io's reader, which sees the close."""
+    def write_now(self, texts: list[str]) -> bool:
+        """Write these encoded Engine.IO packets to the websocket in this turn of the loop, in
+        order, when the writer is idle (waiting, nothing queued, no other direct write under
+        way); False, writing nothing, when it is not (queue them instead). Callable from a
+        callback: the relay writes a live viewer's entries from the doorbell's read itself.
+
+        The websocket's send is a coroutine that finishes at once while the client reads; it
+        is run here, not in a task. A client that stopped reading holds it in the
+        websocket's flow control: the rest of the write then goes on in a task, and what
+        comes next waits behind it (`_sending`). A websocket that fails is left to
+        engine.io's reader, which sees the close."""
         ws = self._ws
         if (
             ws is None
@@ -62,15 +69,28 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             or self.closed
         ):
             return False
-        done = self._sending = asyncio.get_running_loop().create_future()
+        writing = _write_all(ws, texts)
         try:
-            for text in texts:
-                await ws.send(text)
-        except Exception:  # the client is gone; engine.io's reader ends the socket
-            pass
-        finally:
+            held = writing.send(None)
+        except StopIteration:
+            return True
+        done = self._sending = asyncio.get_running_loop().create_future()
+
+        def finished(_: asyncio.Future[None]) -> None:
             self._sending = None
             done.set_result(None)
+
+        asyncio.ensure_future(_go_on(writing, held)).add_done_callback(finished)
+        return True
+
+    async def send_now(self, texts: list[str]) -> bool:
+        """`write_now` from a task: True once written (a client that stopped reading holds
+        this in the websocket's flow control, as it would the writer); False, writing
+        nothing, when the writer is not idle."""
+        if not self.write_now(texts):
+            return False
+        if self._sending is not None:
+            await asyncio.shield(self._sending)
         return True
 
     async def poll(self) -> list[Any]:
@@ -123,6 +143,37 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             waiting.cancel()
         else:
             self._timer = loop.call_at(self._deadline, self._check_idle)
+
+
+async def _write_all(ws: Any, texts: list[str]) -> None:
+    try:
+        for text in texts:
+            await ws.send(text)
+    except Exception:  # the client is gone; engine.io's reader ends the socket
+        pass
+
+
+@types.coroutine
+def _go_on(writing: Coroutine[Any, Any, None], held: Any) -> Generator[Any, Any, None]:
+    """The rest of `writing`, a coroutine already started that yielded `held` (what it
+    waits for): run as a task's own, each wait passed on to the task and each wake-up
+    back to the coroutine."""
+    while True:
+        try:
+            sent = yield held
+        except GeneratorExit:
+            writing.close()
+            raise
+        except BaseException as e:  # the task cancelled: the coroutine sees it where it waits
+            try:
+                held = writing.throw(e)
+            except StopIteration:
+                return
+        else:
+            try:
+                held = writing.send(sent)
+            except StopIteration:
+                return
 
 
 def make_lean(socket: object) -> None:

@@ -25,6 +25,7 @@ from tokenrelay.gateway.conversation import follow_up
 from tokenrelay.gateway.engine import LeanSocket
 from tokenrelay.gateway.inputs import AskInput, ask_input, idempotency_key, question_id, watch_input
 from tokenrelay.gateway.packets import UNREADABLE
+from tokenrelay.relay import Direct
 from tokenrelay.services import Services
 from tokenrelay.wire import Context, Entry, EntryType, QuestionRecord, dumps
 
@@ -111,6 +112,23 @@ class SocketGateway:
                 delay_s = min(delay_s * 2, 0.1)
                 queue = self._engine_queue(eio_sid)
             await self.sio.eio.send(eio_sid, packet)
+
+    def _direct(
+        self, sid: str, events: Callable[[list[Entry]], list[tuple[str, Any]]]
+    ) -> Direct | None:
+        """A viewer's direct write (relay.Subscription): its entries' events written to its
+        websocket in the relay's read callback, as `_emit_all` packs them, while engine.io's
+        writer is idle (`LeanSocket.write_now`); None when the socket is not a LeanSocket."""
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
+        socket = self.sio.eio.sockets.get(eio_sid) if eio_sid is not None else None
+        if not isinstance(socket, LeanSocket):
+            return None
+        write_now = socket.write_now
+
+        def write(batch: list[Entry]) -> bool:
+            return write_now(["42" + dumps([event, data]) for event, data in events(batch)])
+
+        return write
 
     def _caller(self, sid: str) -> Caller:
         caller = self._callers.get(sid)
@@ -218,8 +236,12 @@ class SocketGateway:
         """Plain-string `chunk` events: START marker, the text, END marker (the seed's page)."""
         relay = self._services().relay
         assert relay is not None
-        async for batch in relay.batches(qid):
-            await self._emit_all(sid, [e for entry in batch for e in _seed_events(qid, entry)])
+
+        def events(batch: list[Entry]) -> list[tuple[str, Any]]:
+            return [e for entry in batch for e in _seed_events(qid, entry)]
+
+        async for batch in relay.batches(qid, "0-0", self._direct(sid, events)):
+            await self._emit_all(sid, events(batch))
 
     # -- ask / watch / cancel -------------------------------------------------
 
@@ -293,8 +315,14 @@ class SocketGateway:
         return {"ok": True, "id": qid, "status": record.status.value}
 
     async def _relay_answer(self, sid: str, record: QuestionRecord, after: str) -> None:
-        async for batch in answers.follow_batches(self._services(), record, after):
-            await self._emit_all(sid, [("answer", entry.event(record.id)) for entry in batch])
+        qid = record.id
+
+        def events(batch: list[Entry]) -> list[tuple[str, Any]]:
+            return [("answer", entry.event(qid)) for entry in batch]
+
+        direct = self._direct(sid, events)
+        async for batch in answers.follow_batches(self._services(), record, after, direct):
+            await self._emit_all(sid, events(batch))
 
     async def _unwatch(self, sid: str, data: Any) -> dict[str, Any]:
         qid = question_id(data.get("id") if isinstance(data, dict) else data)
