@@ -202,6 +202,8 @@ class _Replies(TakenOver):
         if encoder.decode_responses:
             options["encoding"] = encoder.encoding
         self._parse = hiredis.Reader(**options)
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
+        self._loop = asyncio.get_running_loop()
         self._replies: list[Any] = []
         self._want = 0
         self._done: asyncio.Future[list[Any]] | None = None
@@ -229,7 +231,7 @@ class _Replies(TakenOver):
             raise self.closed
         if self._done is not None:
             raise RuntimeError("a lane sends one exchange at a time")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         done = loop.create_future()
         self._done, self._want, self._replies = done, replies, []
         if within_s is not None:

@@ -217,11 +217,14 @@ class ChunkWriter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lane: Lane | None = None  # its own connection (single node), see connect()
+        # Kept once started: asyncio.get_running_loop() is a getpid() system call on 3.11.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
         self.written = 0
 
     def start(self) -> None:
         if self._task is None:
+            self._loop = asyncio.get_running_loop()
             self._lane = self._store.lane()
             self._task = asyncio.create_task(self._run(), name="tokenrelay-chunk-writer")
             if self._queue or self._boxes:  # queued before the start
@@ -279,7 +282,7 @@ class ChunkWriter:
         with it), unless one is due or on its way already."""
         if not self._due and self._sending is None:
             self._due = True
-            asyncio.get_running_loop().call_soon(self._send_due)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._send_due)
 
     def _send_due(self) -> None:
         self._due = False
