@@ -38,7 +38,7 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
     _waiting: asyncio.Task[Any] | None = None  # the writer's task, while poll waits
     _timed_out = False
     _ws: Any = None  # engine.io's websocket wrapper, while the websocket transport runs
-    _sending: asyncio.Future[None] | None = None  # while send_now writes
+    _sending: asyncio.Future[None] | None = None  # while a held direct write goes on
 
     async def _websocket_handler(self, ws: Any) -> Any:
         self._ws = ws
@@ -100,7 +100,7 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
         else:
             first = queue.get_nowait()
         queue.task_done()
-        if self._sending is not None:  # queued while send_now writes: after what it writes
+        if self._sending is not None:  # queued while a direct write is held: after it
             await asyncio.shield(self._sending)
         if first is None:
             return []

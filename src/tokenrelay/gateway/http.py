@@ -305,7 +305,7 @@ async def healthz(request: Request) -> Any:
         "viewers": svc.relay.viewers if svc.relay else 0,
         # Socket.IO packets queued for engine.io's writer (a long-polling client, or behind a
         # write held by a slow one); bounded per socket (SOCKET_QUEUE_MAX). A websocket client
-        # that stops reading holds its viewer's own write instead (LeanSocket.send_now).
+        # that stops reading holds its viewer's own write instead (LeanSocket.write_now).
         "queued_packets": sum(queued),
         "queued_packets_max": max(queued, default=0),
     }
