@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import running_gateway
 from tests.support.sse import Parser, events
+from tokenrelay.gateway.sse import EventStream
 from tokenrelay.providers.scripted import split_tokens
 from tokenrelay.settings import Settings
 
@@ -252,3 +253,32 @@ async def test_a_viewer_gets_the_entries_it_has_ready_in_one_write(gateway: str)
     assert len(seen) >= 5 and chunks_stat >= len(seen) - 2
     assert len(Parser().feed(pieces[0])) > 1, "the first page in one write"
     assert len(pieces) < len(seen), "entries ready together share a write"
+
+
+async def test_live_entries_are_sent_from_the_read_s_callback(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SSE viewer's live entries are sent from the relay's read callback (outside any
+    task: the stream's task is not woken per entry), whole and in order."""
+    outside: list[int] = []
+    write_now = EventStream.write_now
+
+    def counting(self: EventStream, body: bytes) -> bool:
+        written = write_now(self, body)
+        if written and asyncio.current_task() is None:
+            outside.append(body.count(b"\r\n\r\n"))
+        return written
+
+    monkeypatch.setattr(EventStream, "write_now", counting)
+    async with (
+        running_gateway(make_settings(scripted_text=TEXT, scripted_rate=200.0)) as url,
+        httpx.AsyncClient(base_url=url) as client,
+    ):
+        r = await client.post("/api/questions", json={"question": "live"})
+        qid = r.json()["id"]
+        seen = [e async for e in events(client, f"/api/questions/{qid}/events")]
+    assert seen[0].event == "start" and seen[-1].event == "end"
+    assert "".join(e.data["text"] for e in seen if e.event == "chunk") == TEXT
+    ids = [tuple(map(int, str(e.id).split("-"))) for e in seen]
+    assert ids == sorted(set(ids)), "an entry repeated or out of order"
+    assert sum(outside) >= len(seen) // 2, (outside, len(seen))

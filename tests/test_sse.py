@@ -19,8 +19,10 @@ from sse_starlette import ServerSentEvent
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Route
+from starlette.types import Message
 
 from tests.support.net import free_port
+from tests.support.sockets import wait_for
 from tests.support.sse import Parser
 from tokenrelay.gateway import sse
 from tokenrelay.gateway.sse import EventStream
@@ -211,3 +213,71 @@ def test_a_gateway_s_first_answer_imports_nothing(redis_url: str) -> None:
     ).stdout
     imported = orjson.loads(out.strip().splitlines()[-1])
     assert imported == {"sse": [], "socketio": []}
+
+
+async def test_a_write_from_a_callback_is_sent_there_and_a_held_one_holds_what_follows() -> None:
+    """`EventStream.write_now` called outside any task (the relay's read callback) sends in
+    that callback; while a send the client holds goes on, another write_now sends nothing
+    (False) and the stream's own next piece waits for it; after the end, nothing is sent.
+    The ASGI `send` here waits while `gate` is clear, as a paused transport's drain does."""
+    sent: list[bytes] = []
+    gate = asyncio.Event()
+    gate.set()
+    disconnected = asyncio.Event()
+    sending: list[bytes] = []  # the sends under way: ASGI allows one at a time
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            sending.append(message["body"])
+            assert len(sending) == 1, f"sends overlap: {sending}"
+            await gate.wait()
+            sent.append(message["body"])
+            await asyncio.sleep(0)
+            sending.remove(message["body"])
+
+    async def receive() -> Message:
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    feed = Feed()
+    writers: list[sse.WriteNow] = []
+
+    def chunks(write_now: sse.WriteNow) -> AsyncIterator[bytes]:
+        writers.append(write_now)
+        return feed.chunks()
+
+    stream = EventStream(chunks, ping_s=0)
+    task = asyncio.create_task(stream({"type": "http", "method": "GET"}, receive, send))
+    loop = asyncio.get_running_loop()
+    results: list[tuple[bool, list[bytes]]] = []
+
+    def from_callback(body: bytes) -> None:
+        assert asyncio.current_task() is None
+        results.append((writers[0](body), list(sent)))
+
+    try:
+        await wait_for(lambda: bool(writers))
+        loop.call_soon(from_callback, b"a")
+        await wait_for(lambda: len(results) == 1)
+        assert results[0] == (True, [b"a"]), "not sent in the callback itself"
+        gate.clear()  # the client stops reading
+        loop.call_soon(from_callback, b"b")
+        await wait_for(lambda: len(results) == 2)
+        assert results[1] == (True, [b"a"])
+        loop.call_soon(from_callback, b"c")  # one send at a time
+        await wait_for(lambda: len(results) == 3)
+        assert results[2][0] is False
+        await feed.queue.put(b"q")  # the stream's own piece, behind the held one
+        await asyncio.sleep(0.05)
+        assert sent == [b"a"]
+        gate.set()
+        await wait_for(lambda: len(sent) == 3)
+        assert sent == [b"a", b"b", b"q"]
+        await feed.queue.put(None)  # the end
+        async with asyncio.timeout(TIMEOUT_S):
+            await task
+        assert sent == [b"a", b"b", b"q", b""]
+        assert writers[0](b"after the end") is False
+    finally:
+        disconnected.set()
+        await asyncio.gather(task, return_exceptions=True)

@@ -20,13 +20,13 @@ opens a websocket straight away gets it too.
 from __future__ import annotations
 
 import asyncio
-import types
-from collections.abc import Coroutine, Generator
 from typing import Any
 
 import socketio
 from engineio import exceptions
 from engineio.async_socket import AsyncSocket
+
+from tokenrelay.gateway.eager import eagerly
 
 
 class LeanSocket(AsyncSocket):  # type: ignore[misc]
@@ -54,7 +54,7 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
         callback: the relay writes a live viewer's entries from the doorbell's read itself.
 
         The websocket's send is a coroutine that finishes at once while the client reads; it
-        is run here, not in a task. A client that stopped reading holds it in the
+        is run here, not in a task (`eagerly`). A client that stopped reading holds it in the
         websocket's flow control: the rest of the write then goes on in a task, and what
         comes next waits behind it (`_sending`). A websocket that fails is left to
         engine.io's reader, which sees the close."""
@@ -69,10 +69,8 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             or self.closed
         ):
             return False
-        writing = _write_all(ws, texts)
-        try:
-            held = writing.send(None)
-        except StopIteration:
+        rest = eagerly(_write_all(ws, texts))
+        if rest is None:
             return True
         done = self._sending = asyncio.get_running_loop().create_future()
 
@@ -80,7 +78,7 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             self._sending = None
             done.set_result(None)
 
-        asyncio.ensure_future(_go_on(writing, held)).add_done_callback(finished)
+        rest.add_done_callback(finished)
         return True
 
     async def send_now(self, texts: list[str]) -> bool:
@@ -151,29 +149,6 @@ async def _write_all(ws: Any, texts: list[str]) -> None:
             await ws.send(text)
     except Exception:  # the client is gone; engine.io's reader ends the socket
         pass
-
-
-@types.coroutine
-def _go_on(writing: Coroutine[Any, Any, None], held: Any) -> Generator[Any, Any, None]:
-    """The rest of `writing`, a coroutine already started that yielded `held` (what it
-    waits for): run as a task's own, each wait passed on to the task and each wake-up
-    back to the coroutine."""
-    while True:
-        try:
-            sent = yield held
-        except GeneratorExit:
-            writing.close()
-            raise
-        except BaseException as e:  # the task cancelled: the coroutine sees it where it waits
-            try:
-                held = writing.throw(e)
-            except StopIteration:
-                return
-        else:
-            try:
-                held = writing.send(sent)
-            except StopIteration:
-                return
 
 
 def make_lean(socket: object) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import orjson
@@ -17,7 +17,7 @@ from tokenrelay.gateway import answers, sse
 from tokenrelay.gateway.access import Access, Caller
 from tokenrelay.gateway.conversation import follow_up
 from tokenrelay.gateway.inputs import ask_input, idempotency_key, question_id, require_json
-from tokenrelay.gateway.sse import EventStream
+from tokenrelay.gateway.sse import EventStream, WriteNow
 from tokenrelay.services import Services
 from tokenrelay.store import answer_text
 from tokenrelay.wire import Entry, EntryType, QuestionRecord, parse_cursor
@@ -272,11 +272,26 @@ def wants_events(accept: str | None) -> bool:
     return False
 
 
-async def _event_stream(svc: Services, record: QuestionRecord, cursor: str) -> AsyncIterator[bytes]:
-    """The answer's SSE events after `cursor`: every entry ready goes out in one write (one
-    send through the middleware and one socket write per batch rather than per entry)."""
-    async for batch in answers.follow_batches(svc, record, cursor):
-        yield b"".join(entry_event(entry, record.id) for entry in batch)
+def _event_stream(
+    svc: Services, record: QuestionRecord, cursor: str
+) -> Callable[[WriteNow], AsyncIterator[bytes]]:
+    """The answer's SSE events after `cursor`, for an EventStream: every entry ready goes
+    out in one write (one send through the middleware and one socket write per batch
+    rather than per entry); a live viewer's entries are written from the relay's read
+    callback when the response has no other send under way (`EventStream.write_now`)."""
+    qid = record.id
+
+    def encode(batch: list[Entry]) -> bytes:
+        return b"".join(entry_event(entry, qid) for entry in batch)
+
+    async def events(write_now: WriteNow) -> AsyncIterator[bytes]:
+        def direct(batch: list[Entry]) -> bool:
+            return write_now(encode(batch))
+
+        async for batch in answers.follow_batches(svc, record, cursor, direct):
+            yield encode(batch)
+
+    return events
 
 
 def entry_event(entry: Entry, qid: str) -> bytes:

@@ -9,6 +9,8 @@ sse-starlette wrote (`\\r\\n` line ends), so `Last-Event-ID` resumes as before.
 
 Each response is a race (sse-starlette's): the stream, a ping comment every `ping_s`,
 the client's disconnect and the server's stop; the first to finish cancels the others.
+A live viewer's entries are sent from the relay's read callback instead of the stream's
+task when it can (`EventStream.write_now`, relay.Subscription).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import datetime
 import re
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
 from sse_starlette.sse import EventSourceResponse
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+
+from tokenrelay.gateway.eager import eagerly
 
 PING_S = 15.0
 SEP = b"\r\n"
@@ -70,14 +74,24 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
+WriteNow = Callable[[bytes], bool]
+
+
 class EventStream(Response):
-    """`text/event-stream` of the bytes `chunks` yields, each sent in one message."""
+    """`text/event-stream` of the bytes `chunks` yields, each sent in one message.
+
+    `chunks` may also be made with the response's `write_now` (a function of it that gives
+    the iterator): bytes given to `write_now` are sent in the caller's own turn of the
+    loop, from a callback as well as a task (the relay's direct write, relay.Subscription),
+    when no other send is under way; it says False, sending nothing, when one is. A send
+    the client's flow control holds goes on in a task, and every later send waits for it.
+    """
 
     media_type = "text/event-stream"
 
     def __init__(
         self,
-        chunks: AsyncIterator[bytes],
+        chunks: AsyncIterator[bytes] | Callable[[WriteNow], AsyncIterator[bytes]],
         *,
         headers: Mapping[str, str] | None = None,
         ping_s: float = PING_S,
@@ -87,7 +101,8 @@ class EventStream(Response):
         self.ping_s = ping_s
         self.status_code = status_code
         self.background = None
-        self._last = asyncio.Lock()
+        self._send: Send | None = None  # once the headers are sent
+        self._writing: asyncio.Future[None] | None = None  # a send under way, while it is
         self._ended = False
         # What sse-starlette sets: proxies must neither cache nor buffer the stream.
         values = {"Cache-Control": "no-store", **(headers or {})}
@@ -100,17 +115,22 @@ class EventStream(Response):
         if scope.get("method") == "HEAD":  # headers only: a stream would never end
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
+        chunks = (
+            self.chunks if isinstance(self.chunks, AsyncIterator) else self.chunks(self.write_now)
+        )
+        self._send = send
         racers: list[Awaitable[Any]] = [
-            self._stream(send),
+            self._stream(chunks),
             _disconnected(receive),
             server_stopping(),
         ]
         if self.ping_s > 0:
-            racers.append(self._ping(send))
+            racers.append(self._ping())
         tasks = [asyncio.ensure_future(racer) for racer in racers]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._send = None
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -121,18 +141,50 @@ class EventStream(Response):
         if self.background is not None:
             await self.background()
 
-    async def _stream(self, send: Send) -> None:
-        async for chunk in self.chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        async with self._last:  # not while a ping is being written
-            self._ended = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+    def write_now(self, body: bytes) -> bool:
+        """Send `body` now, when no other send is under way and the stream has not ended;
+        False, sending nothing, else."""
+        send = self._send
+        if send is None or self._writing is not None or self._ended:
+            return False
+        message = {"type": "http.response.body", "body": body, "more_body": True}
+        try:
+            rest = eagerly(send(message))
+        except Exception:  # before anything was sent: the stream's task sends it, and fails
+            return False
+        if rest is not None:  # held by the client: what comes next waits for it
+            self._writing = asyncio.get_running_loop().create_future()
+            rest.add_done_callback(self._written)
+        return True
 
-    async def _ping(self, send: Send) -> None:
-        while True:
+    def _written(self, rest: asyncio.Future[None]) -> None:
+        if not rest.cancelled():
+            rest.exception()  # a client gone: the disconnect ends the response
+        done, self._writing = self._writing, None
+        if done is not None:
+            done.set_result(None)
+
+    async def _body(self, body: bytes, *, more_body: bool = True) -> None:
+        """Send `body` once no other send is under way; nothing after the end."""
+        while self._writing is not None:
+            await asyncio.shield(self._writing)
+        send = self._send
+        if send is None or self._ended:
+            return
+        self._ended = not more_body
+        done = self._writing = asyncio.get_running_loop().create_future()
+        try:
+            await send({"type": "http.response.body", "body": body, "more_body": more_body})
+        finally:
+            self._writing = None
+            done.set_result(None)
+
+    async def _stream(self, chunks: AsyncIterator[bytes]) -> None:
+        async for chunk in chunks:
+            await self._body(chunk)
+        await self._body(b"", more_body=False)
+
+    async def _ping(self) -> None:
+        while not self._ended:
             await asyncio.sleep(self.ping_s)
-            ping = comment(f"ping - {datetime.datetime.now(datetime.UTC)}")
-            async with self._last:
-                if self._ended:
-                    return
-                await send({"type": "http.response.body", "body": ping, "more_body": True})
+            await self._body(comment(f"ping - {datetime.datetime.now(datetime.UTC)}"))
