@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -135,6 +136,65 @@ async def test_history_lists_typed_records_newest_first(gateway_url: str) -> Non
     newest = history[0]
     assert newest.status == "done" and newest.topic == "Valkey" and newest.question == "Second?"
     assert newest.chunks == 40 and newest.ttft_ms is not None and newest.provider == "scripted"
+
+
+async def test_an_ask_whose_reply_is_lost_is_asked_again_and_made_once(
+    gateway_url: str,
+) -> None:
+    """The ask reaches the gateway, which makes the question; its reply is lost and the
+    connection cut. The client asks again with the same Idempotency-Key and streams the
+    question the first try made: one question, the answer whole."""
+    async with CuttingProxy(gateway_url) as proxy, Client(gateway_url) as direct:
+        client = Client(proxy.url, max_backoff_s=0.05)
+        proxy.mute_replies = True
+        asking = asyncio.create_task(client.ask("Lost reply?"))
+        try:
+            async with asyncio.timeout(10):
+                while not [q for q in await direct.history() if q.question == "Lost reply?"]:
+                    await asyncio.sleep(0.02)
+            assert not asking.done()
+            proxy.mute_replies = False
+            proxy.cut()
+            async with asyncio.timeout(20):
+                stream = await asking
+                events = [e async for e in stream]
+        finally:
+            asking.cancel()
+            await client.aclose()
+        made = [q for q in await direct.history() if q.question == "Lost reply?"]
+    assert [q.id for q in made] == [stream.id], "asked twice, or not the question made"
+    assert chunk_text(events) == TEXT and events[-1].type == "end"
+    assert proxy.connections >= 2
+
+
+async def test_a_full_queue_is_asked_again_after_its_retry_after(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """503 with Retry-After (the queue full) is tried again, at most `max_backoff_s` apart,
+    until the queue has room; with no tries left the 503 is raised."""
+    posts: list[int] = []
+
+    async def record(response: httpx.Response) -> None:
+        if response.request.method == "POST":
+            posts.append(response.status_code)
+
+    settings = make_settings(scripted_text=TEXT, scripted_rate=40.0, max_queued=1)
+    async with running_gateway(settings) as url:
+        http = httpx.AsyncClient(base_url=url, event_hooks={"response": [record]})
+        async with (
+            http,
+            Client(url, http=http, max_backoff_s=0.1, reconnect_attempts=100) as client,
+        ):
+            first = await client.ask("Takes the only place")
+            impatient = Client(url, max_backoff_s=0.05, reconnect_attempts=1)
+            with pytest.raises(RequestRejected) as full:
+                await impatient.ask("No room?")
+            await impatient.aclose()
+            second = await client.ask("Waits for room", stream=False)
+            rest = [e async for e in first]
+    assert full.value.status == 503
+    assert second.text == TEXT and rest[-1].type == "end"
+    assert posts[0] == 200 and posts[-1] == 200 and 503 in posts[1:-1], posts
 
 
 async def test_errors_are_typed_and_readable(make_settings: Callable[..., Settings]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, fields
 from types import TracebackType
@@ -254,6 +255,7 @@ class Client:
         topic: str | None = None,
         stream: Literal[True] = True,
         follows: str | None = None,
+        idempotency_key: str | None = None,
     ) -> AnswerStream: ...
     @overload
     async def ask(
@@ -263,6 +265,7 @@ class Client:
         topic: str | None = None,
         stream: Literal[False],
         follows: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Answer: ...
     async def ask(
         self,
@@ -271,6 +274,7 @@ class Client:
         topic: str | None = None,
         stream: bool = True,
         follows: str | None = None,
+        idempotency_key: str | None = None,
     ) -> AnswerStream | Answer:
         """Ask; returns as soon as the gateway took the question (its `id` is known).
 
@@ -280,24 +284,56 @@ class Client:
         `stream=False` waits for the whole answer instead, over the same resumable stream.
         `follows`: a question id whose answer is done; this one is a follow-up in its
         thread, and the model sees the thread's earlier questions and answers.
-        Asking is never retried by itself: a retry could ask the question twice.
+
+        The ask is tried again when the gateway cannot be reached or its reply is lost
+        (a restart, a cut connection) and when it says to come back (429, 502, 503, 504,
+        after its `Retry-After`), up to `reconnect_attempts` times in a row, always with
+        the same `Idempotency-Key`: the gateway makes the question once, however many of
+        the tries reach it, and each gets that one question. `idempotency_key` (1-255
+        printable ASCII characters) makes that hold across your own retries too; else a
+        new key is made for each call.
         """
         body: dict[str, Any] = {"question": question}
         if topic is not None:
             body["topic"] = topic
         if follows is not None:
             body["follows"] = follows
-        answer = await self._ask_streaming(body)
+        key = idempotency_key or uuid.uuid4().hex
+        answer = await self._ask_streaming(body, key)
         return answer if stream else await answer.collect()
 
-    async def _ask_streaming(self, body: dict[str, Any]) -> AnswerStream:
-        request = self._http.build_request(
-            "POST", "/api/questions", json=body, headers={"Accept": "text/event-stream"}
-        )
-        try:
-            response = await self._http.send(request, stream=True)
-        except httpx.TransportError as e:
-            raise self._unreachable(e) from e
+    async def _ask_streaming(self, body: dict[str, Any], key: str) -> AnswerStream:
+        headers = {"Accept": "text/event-stream", "Idempotency-Key": key}
+        failures = 0
+        while True:
+            request = self._http.build_request("POST", "/api/questions", json=body, headers=headers)
+            wait_s: float | None = None
+            try:
+                response = await self._http.send(request, stream=True)
+            except httpx.TransportError as e:
+                problem: ClientError = self._unreachable(e)
+            else:
+                if response.status_code not in _ASK_AGAIN:
+                    return await self._asked(response)
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+                wait_s = _retry_after_s(response)
+                try:
+                    self._reply(response)
+                    problem = self._not_tokenrelay(response)
+                except RequestRejected as e:
+                    problem = e
+            failures += 1
+            if failures > self.reconnect_attempts:
+                raise problem
+            await asyncio.sleep(
+                min(wait_s, self.max_backoff_s) if wait_s is not None else self.backoff_s(failures)
+            )
+
+    async def _asked(self, response: httpx.Response) -> AnswerStream:
+        """The ask's response: its stream, or the question it names to watch."""
         question_id = response.headers.get("x-question-id")
         if response.status_code == 200 and question_id:
             return AnswerStream(self, question_id, opened=response)
@@ -395,6 +431,19 @@ async def _read_events(response: httpx.Response, question_id: str) -> AsyncItera
                 str(event.get("text", "")),
                 event,
             )
+
+
+# What an ask is tried again after: too many asks now, a proxy without its gateway, a full
+# queue or Redis unavailable, a proxy's timeout.
+_ASK_AGAIN = frozenset({429, 502, 503, 504})
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    """The response's `Retry-After` in seconds, when it gives a number of them."""
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "")))
+    except ValueError:
+        return None
 
 
 def _json_or_empty(raw: bytes) -> Any:

@@ -12,7 +12,9 @@ class CuttingProxy:
     """Forwards TCP to the gateway (or any server); `cut()` aborts every open connection,
     as a flaky network or a restarting load balancer would; while `frozen`, what either
     side sends is dropped without a close or a reset, as on a network path gone dead;
-    `freeze_open()` does that to the connections open now, not to later ones."""
+    `freeze_open()` does that to the connections open now, not to later ones; while
+    `mute_replies`, only what the server sends back is dropped (a request that arrives and
+    a reply that is lost)."""
 
     def __init__(self, target_url: str) -> None:
         self._port = urlsplit(target_url).port
@@ -22,6 +24,7 @@ class CuttingProxy:
         self.port = 0
         self.connections = 0
         self.frozen = False
+        self.mute_replies = False
         self._silent: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
 
     async def __aenter__(self) -> CuttingProxy:
@@ -56,17 +59,19 @@ class CuttingProxy:
         pair = (writer, up_writer)
         self._pairs.add(pair)
 
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        async def pipe(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, reply: bool
+        ) -> None:
             with contextlib.suppress(OSError):
                 while data := await source.read(65536):
-                    if self.frozen or pair in self._silent:
+                    if self.frozen or pair in self._silent or (reply and self.mute_replies):
                         continue
                     sink.write(data)
                     await sink.drain()
             sink.close()
 
         try:
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
         finally:
             self._pairs.discard(pair)
             self._silent.discard(pair)
