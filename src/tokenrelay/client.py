@@ -24,6 +24,7 @@ import httpx
 import orjson
 
 from tokenrelay.errors import TokenRelayError
+from tokenrelay.providers.retry import retry_after_s
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 TERMINAL_TYPES = frozenset({"end", "error", "cancelled"})
@@ -319,7 +320,7 @@ class Client:
                     await response.aread()
                 finally:
                     await response.aclose()
-                wait_s = _retry_after_s(response)
+                wait_s = retry_after_s(response.headers)
                 try:
                     self._reply(response)
                     problem = self._not_tokenrelay(response)
@@ -436,14 +437,6 @@ async def _read_events(response: httpx.Response, question_id: str) -> AsyncItera
 # What an ask is tried again after: too many asks now, a proxy without its gateway, a full
 # queue or Redis unavailable, a proxy's timeout.
 _ASK_AGAIN = frozenset({429, 502, 503, 504})
-
-
-def _retry_after_s(response: httpx.Response) -> float | None:
-    """The response's `Retry-After` in seconds, when it gives a number of them."""
-    try:
-        return max(0.0, float(response.headers.get("retry-after", "")))
-    except ValueError:
-        return None
 
 
 def _json_or_empty(raw: bytes) -> Any:
