@@ -11,22 +11,35 @@ the same; this is 3.11.
 from __future__ import annotations
 
 import asyncio
+import functools
 import types
 from collections.abc import Awaitable, Coroutine, Generator
 from typing import Any
 
 
 def eagerly(coro: Awaitable[None]) -> asyncio.Future[None] | None:
-    """Run `coro` now as far as it goes: None when it finished, else the task that runs the
-    rest. What it raises before its first wait, this raises. (An awaitable that is not a
-    coroutine cannot be stepped: it is awaited in a task.)"""
+    """Run `coro` now as far as it goes: None when it finished; else its rest runs in a
+    task, and the future returned is done once that task is, however it ended (what it
+    raised is dropped: a writer learns of a client gone from its disconnect). What `coro`
+    raises before its first wait, this raises. (An awaitable that is not a coroutine cannot
+    be stepped: all of it runs in the task.)"""
     if not isinstance(coro, Coroutine):
-        return asyncio.ensure_future(coro)
-    try:
-        held = coro.send(None)
-    except StopIteration:
-        return None
-    return asyncio.ensure_future(_go_on(coro, held))
+        rest: asyncio.Future[None] = asyncio.ensure_future(coro)
+    else:
+        try:
+            held = coro.send(None)
+        except StopIteration:
+            return None
+        rest = asyncio.ensure_future(_go_on(coro, held))
+    ended = asyncio.get_running_loop().create_future()
+    rest.add_done_callback(functools.partial(_ended, ended))
+    return ended
+
+
+def _ended(ended: asyncio.Future[None], rest: asyncio.Future[None]) -> None:
+    if not rest.cancelled():
+        rest.exception()  # retrieved, so that asyncio does not log it as never retrieved
+    ended.set_result(None)
 
 
 @types.coroutine

@@ -69,17 +69,14 @@ class LeanSocket(AsyncSocket):  # type: ignore[misc]
             or self.closed
         ):
             return False
-        rest = eagerly(_write_all(ws, texts))
-        if rest is None:
-            return True
-        done = self._sending = asyncio.get_running_loop().create_future()
-
-        def finished(_: asyncio.Future[None]) -> None:
-            self._sending = None
-            done.set_result(None)
-
-        rest.add_done_callback(finished)
+        held = eagerly(_write_all(ws, texts))
+        if held is not None:  # what comes next waits for it
+            self._sending = held
+            held.add_done_callback(self._held_ended)
         return True
+
+    def _held_ended(self, _: asyncio.Future[None]) -> None:
+        self._sending = None
 
     async def send_now(self, texts: list[str]) -> bool:
         """`write_now` from a task: True once written (a client that stopped reading holds

@@ -149,20 +149,16 @@ class EventStream(Response):
             return False
         message = {"type": "http.response.body", "body": body, "more_body": True}
         try:
-            rest = eagerly(send(message))
+            held = eagerly(send(message))
         except Exception:  # before anything was sent: the stream's task sends it, and fails
             return False
-        if rest is not None:  # held by the client: what comes next waits for it
-            self._writing = asyncio.get_running_loop().create_future()
-            rest.add_done_callback(self._written)
+        if held is not None:  # held by the client: what comes next waits for it
+            self._writing = held
+            held.add_done_callback(self._held_ended)
         return True
 
-    def _written(self, rest: asyncio.Future[None]) -> None:
-        if not rest.cancelled():
-            rest.exception()  # a client gone: the disconnect ends the response
-        done, self._writing = self._writing, None
-        if done is not None:
-            done.set_result(None)
+    def _held_ended(self, _: asyncio.Future[None]) -> None:
+        self._writing = None
 
     async def _body(self, body: bytes, *, more_body: bool = True) -> None:
         """Send `body` once no other send is under way; nothing after the end."""
