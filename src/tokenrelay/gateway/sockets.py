@@ -98,7 +98,7 @@ class SocketGateway:
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, "/")
         if eio_sid is None:
             return  # disconnected: its watches are being cancelled
-        packets = ["2" + dumps([event, data]) for event, data in events]
+        packets = [_event_packet(event, data) for event, data in events]
         socket = self.sio.eio.sockets.get(eio_sid)
         if isinstance(socket, LeanSocket) and await socket.send_now(
             ["4" + packet for packet in packets]  # each as an Engine.IO MESSAGE
@@ -126,7 +126,8 @@ class SocketGateway:
         write_now = socket.write_now
 
         def write(batch: list[Entry]) -> bool:
-            return write_now(["42" + dumps([event, data]) for event, data in events(batch)])
+            # each as an Engine.IO MESSAGE, as `_emit_all` writes them
+            return write_now(["4" + _event_packet(event, data) for event, data in events(batch)])
 
         return write
 
@@ -340,6 +341,11 @@ class SocketGateway:
         await answers.attach(svc, self._access, self._caller(sid), qid)
         record = await svc.store.request_cancel(qid)
         return {"ok": True, "id": qid, "status": record.status.value}
+
+
+def _event_packet(event: str, data: Any) -> str:
+    """What `sio.emit(event, data)` sends: a Socket.IO EVENT for the default namespace."""
+    return "2" + dumps([event, data])
 
 
 def _seed_events(qid: str, entry: Entry) -> list[tuple[str, Any]]:
