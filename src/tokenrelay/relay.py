@@ -186,8 +186,7 @@ class Subscription:
             return
         direct = self.direct
         if direct is not None and not self.buffer:
-            last = self.last
-            batch = _through_terminal([e for e in entries if entry_id_after(e.entry_id, last)])
+            batch = _fresh(entries, self.last)
             if not batch:
                 return
             try:
@@ -824,8 +823,7 @@ async def _next_live(sub: Subscription, cursor: str, direct: Direct | None) -> l
         sub.ready.clear()
         if sub.overflowed or sub.ended:
             return None
-        last = sub.last
-        batch = _through_terminal([e for e in sub.take() if entry_id_after(e.entry_id, last)])
+        batch = _fresh(sub.take(), sub.last)
         if batch:
             _count(batch)
             return batch
@@ -834,6 +832,11 @@ async def _next_live(sub: Subscription, cursor: str, direct: Direct | None) -> l
 # prometheus_client's labels() takes a lock and checks its arguments on every call: the
 # counter of each entry type is looked up once.
 _RELAYED = {kind: metrics.RELAYED.labels(kind.value) for kind in EntryType}
+
+
+def _fresh(entries: list[Entry], last: str) -> list[Entry]:
+    """The entries after `last` (what the viewer has), up to the first terminal one."""
+    return _through_terminal([e for e in entries if entry_id_after(e.entry_id, last)])
 
 
 def _through_terminal(entries: list[Entry]) -> list[Entry]:
